@@ -1,0 +1,3 @@
+"""ecr-twisted: a streaming reverse proxy that publishes private AWS ECR registries on your own domain."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,42 @@
+"""Registry errors, declared once, and the one function that writes the error envelope."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RegistryError:
+    code: str
+    message: str
+    status: int
+
+
+NOT_FOUND = RegistryError("NOT_FOUND", "no such registry API endpoint", 404)
+UNSUPPORTED = RegistryError("UNSUPPORTED", "the operation is unsupported", 405)
+NAME_INVALID = RegistryError("NAME_INVALID", "invalid repository name", 400)
+DIGEST_INVALID = RegistryError("DIGEST_INVALID", "provided digest did not match uploaded content", 400)
+TAG_INVALID = RegistryError("TAG_INVALID", "manifest tag did not match URI", 400)
+BLOB_UNKNOWN = RegistryError("BLOB_UNKNOWN", "blob unknown to registry", 404)
+RANGE_INVALID = RegistryError("RANGE_INVALID", "requested range not satisfiable", 416)
+DENIED = RegistryError("DENIED", "requested access to the resource is denied", 403)
+UPSTREAM_AUTH = RegistryError(
+    "UNAUTHORIZED", "the upstream registry rejected the proxy's ECR credentials", 502
+)
+NO_TOKEN = RegistryError("UNAVAILABLE", "no valid ECR token is held yet; retry shortly", 503)
+UPSTREAM_UNREACHABLE = RegistryError("UNAVAILABLE", "the upstream registry is unreachable", 502)
+UPSTREAM_TIMEOUT = RegistryError("UNAVAILABLE", "the upstream registry did not answer in time", 504)
+UPSTREAM_BROKEN = RegistryError("UNAVAILABLE", "the upstream registry closed the connection", 502)
+STORAGE_ERROR = RegistryError("UNAVAILABLE", "blob storage answered with an error", 502)
+INTERNAL = RegistryError("UNKNOWN", "internal proxy error", 500)
+
+JSON_FIELDS = [(b"Content-Type", b"application/json; charset=utf-8")]
+
+
+def envelope(err: RegistryError, detail: str | None = None) -> bytes:
+    """The registry's `{"errors":[...]}` body; `detail` must never carry secrets."""
+    entry: dict[str, object] = {"code": err.code, "message": err.message}
+    if detail:
+        entry["detail"] = detail
+    return json.dumps({"errors": [entry]}, separators=(",", ":")).encode("utf-8")

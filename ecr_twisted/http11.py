@@ -1,0 +1,281 @@
+"""Strict HTTP/1.1 message heads and body framing for the relay.
+
+This parser is the proxy's security boundary: anything a careful server would refuse
+(obs-fold, repeated or conflicting Content-Length, Transfer-Encoding other than chunked,
+Content-Length together with Transfer-Encoding, bad chunk sizes, oversized heads) raises
+`BadMessage`, so one client's bytes can never be read as another request. Bodies are not
+decoded: framing is tracked so the raw bytes can be passed through unchanged.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+MAX_HEAD = 64 * 1024
+MAX_FIELDS = 128
+MAX_CHUNK_LINE = 4096
+
+# RFC 9110 token characters; field values may hold visible characters, SP and HTAB
+# (obs-text allowed) but never CR, LF or NUL.
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00\r\n]*?)[ \t]*\Z")
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (/[!-~]*) HTTP/(1\.[01])\Z")
+_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([^\x00\r\n]*))?\Z")
+_DIGITS = re.compile(rb"[0-9]{1,19}\Z")
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00\r\n]*)?\Z")
+
+METHODS = frozenset(
+    {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
+)
+
+
+class BadMessage(Exception):
+    """A message that must be refused; `status` is what a server answers."""
+
+    def __init__(self, reason: str, status: int = 400) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+# Body framing kinds.
+NO_BODY = 0
+LENGTH = 1
+CHUNKED = 2
+UNTIL_CLOSE = 3  # responses only
+
+
+class Head:
+    """A parsed request or response head; field names are kept lower-cased beside the raw ones."""
+
+    __slots__ = (
+        "method",
+        "target",
+        "version",
+        "status",
+        "reason",
+        "fields",
+        "framing",
+        "length",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.target = b""
+        self.version = b"1.1"
+        self.status = 0
+        self.reason = b""
+        # (lower-cased name, name as sent, value)
+        self.fields: list[tuple[bytes, bytes, bytes]] = []
+        self.framing = NO_BODY
+        self.length = 0
+
+    def get(self, lname: bytes) -> bytes | None:
+        for n, _, v in self.fields:
+            if n == lname:
+                return v
+        return None
+
+    def get_all(self, lname: bytes) -> list[bytes]:
+        return [v for n, _, v in self.fields if n == lname]
+
+    def connection_tokens(self) -> set[bytes]:
+        tokens: set[bytes] = set()
+        for value in self.get_all(b"connection"):
+            for t in value.split(b","):
+                t = t.strip().lower()
+                if t:
+                    tokens.add(t)
+        return tokens
+
+    def keep_alive(self) -> bool:
+        tokens = self.connection_tokens()
+        if self.version == b"1.0":
+            return b"keep-alive" in tokens
+        return b"close" not in tokens
+
+
+def _parse_fields(lines: list[bytes], head: Head) -> None:
+    if len(lines) > MAX_FIELDS:
+        raise BadMessage("too many header fields", 431)
+    fields = head.fields
+    for line in lines:
+        if line[:1] in (b" ", b"\t"):
+            raise BadMessage("obsolete line folding is not accepted")
+        m = _FIELD.match(line)
+        if m is None:
+            raise BadMessage("malformed header field")
+        name, value = m.group(1), m.group(2)
+        fields.append((name.lower(), name, value))
+
+
+def _framing(head: Head, is_request: bool) -> None:
+    lengths = head.get_all(b"content-length")
+    codings = head.get_all(b"transfer-encoding")
+    if codings:
+        if lengths:
+            raise BadMessage("both Content-Length and Transfer-Encoding")
+        if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
+            raise BadMessage("only Transfer-Encoding: chunked is accepted", 501)
+        if head.version == b"1.0":
+            raise BadMessage("Transfer-Encoding in an HTTP/1.0 message")
+        head.framing = CHUNKED
+        return
+    if lengths:
+        if len(lengths) != 1 or _DIGITS.match(lengths[0]) is None:
+            raise BadMessage("invalid or repeated Content-Length")
+        head.length = int(lengths[0])
+        head.framing = LENGTH if head.length else NO_BODY
+        return
+    head.framing = NO_BODY if is_request else UNTIL_CLOSE
+
+
+def split_head(buf: bytes) -> tuple[bytes, int] | None:
+    """Find the end of a head in `buf`: (head bytes without the blank line, bytes used)."""
+    end = buf.find(b"\r\n\r\n")
+    if end < 0:
+        if len(buf) > MAX_HEAD:
+            raise BadMessage("message head too large", 431)
+        return None
+    if end > MAX_HEAD:
+        raise BadMessage("message head too large", 431)
+    return buf[:end], end + 4
+
+
+def parse_request_head(raw: bytes) -> Head:
+    lines = raw.split(b"\r\n")
+    m = _REQUEST_LINE.match(lines[0])
+    if m is None:
+        raise BadMessage("malformed request line")
+    head = Head()
+    head.method, head.target, head.version = m.group(1), m.group(2), m.group(3)
+    if head.method not in METHODS:
+        raise BadMessage("method not supported", 501)
+    _parse_fields(lines[1:], head)
+    hosts = head.get_all(b"host")
+    if len(hosts) > 1 or (head.version == b"1.1" and not hosts):
+        raise BadMessage("exactly one Host field is required")
+    _framing(head, True)
+    return head
+
+
+def parse_response_head(raw: bytes, request_method: bytes) -> Head:
+    lines = raw.split(b"\r\n")
+    m = _STATUS_LINE.match(lines[0])
+    if m is None:
+        raise BadMessage("malformed status line", 502)
+    head = Head()
+    head.version = m.group(1)
+    head.status = int(m.group(2))
+    head.reason = m.group(3) or b""
+    try:
+        _parse_fields(lines[1:], head)
+        _framing(head, False)
+    except BadMessage as e:
+        raise BadMessage(e.reason, 502) from None
+    if (
+        request_method == b"HEAD"
+        or head.status < 200
+        or head.status in (204, 304)
+    ):
+        head.framing = NO_BODY
+        head.length = 0
+    return head
+
+
+def serialize_head(first_line: bytes, fields: Iterator[tuple[bytes, bytes]] | list[tuple[bytes, bytes]]) -> bytes:
+    parts = [first_line]
+    for name, value in fields:
+        parts.append(name + b": " + value)
+    parts.append(b"\r\n")
+    return b"\r\n".join(parts)
+
+
+class BodyReader:
+    """Tracks where a body ends in a byte stream, without copying or decoding it.
+
+    `feed(data, offset)` returns how many bytes starting at `offset` belong to the body;
+    `done` turns true at its end. With `dechunk=True`, `payload` receives the decoded chunk
+    data instead (for HTTP/1.0 clients, which cannot read chunked framing).
+    """
+
+    __slots__ = ("framing", "remaining", "done", "_state", "_line", "_dechunk", "payload")
+
+    # chunked states
+    _SIZE, _DATA, _DATA_CRLF, _TRAILER = range(4)
+
+    def __init__(self, framing: int, length: int = 0, dechunk: bool = False) -> None:
+        self.framing = framing
+        self.remaining = length
+        self.done = framing == NO_BODY
+        self._state = self._SIZE
+        self._line = b""
+        self._dechunk = dechunk
+        self.payload: list[bytes] = []
+
+    def feed(self, data: bytes, offset: int = 0) -> int:
+        if self.done:
+            return 0
+        n = len(data) - offset
+        if self.framing == LENGTH:
+            if n >= self.remaining:
+                n = self.remaining
+                self.remaining = 0
+                self.done = True
+            else:
+                self.remaining -= n
+            return n
+        if self.framing == UNTIL_CLOSE:
+            return n
+        return self._feed_chunked(data, offset)
+
+    def _feed_chunked(self, data: bytes, start: int) -> int:
+        i = start
+        end = len(data)
+        while i < end and not self.done:
+            state = self._state
+            if state == self._DATA:
+                take = min(self.remaining, end - i)
+                if self._dechunk:
+                    self.payload.append(data[i : i + take])
+                i += take
+                self.remaining -= take
+                if self.remaining == 0:
+                    self._state = self._DATA_CRLF
+                continue
+            # line-oriented states: size line, CRLF after data, trailer lines
+            nl = data.find(b"\n", i)
+            if nl < 0:
+                self._line += data[i:end]
+                if len(self._line) > MAX_CHUNK_LINE:
+                    raise BadMessage("chunk line too long")
+                return end - start
+            line = self._line + data[i:nl + 1]
+            self._line = b""
+            i = nl + 1
+            if len(line) > MAX_CHUNK_LINE:
+                raise BadMessage("chunk line too long")
+            if not line.endswith(b"\r\n"):
+                raise BadMessage("bare LF in chunked body")
+            line = line[:-2]
+            if state == self._SIZE:
+                m = _CHUNK_SIZE.match(line)
+                if m is None:
+                    raise BadMessage("invalid chunk size")
+                size = int(m.group(1), 16)
+                if size == 0:
+                    self._state = self._TRAILER
+                else:
+                    self.remaining = size
+                    self._state = self._DATA
+            elif state == self._DATA_CRLF:
+                if line:
+                    raise BadMessage("chunk data longer than its size")
+                self._state = self._SIZE
+            else:  # trailer section: ends at an empty line
+                if not line:
+                    self.done = True
+                elif line[:1] in (b" ", b"\t") or _FIELD.match(line) is None:
+                    raise BadMessage("malformed trailer field")
+        return i - start

@@ -1,0 +1,49 @@
+"""The operator's listener: /metrics, /healthz and /readyz, apart from registry traffic."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+
+class _Leaf(Resource):
+    isLeaf = True
+
+    def __init__(self, render: Callable[[Any], bytes]) -> None:
+        super().__init__()
+        self._render = render
+
+    def render_GET(self, request: Any) -> bytes:
+        return self._render(request)
+
+    def render_HEAD(self, request: Any) -> bytes:
+        return self._render(request)
+
+
+def ops_site(registry: CollectorRegistry, ready: Callable[[], bool]) -> Site:
+    def metrics(request: Any) -> bytes:
+        request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
+        return generate_latest(registry)
+
+    def healthz(request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain")
+        return b"ok\n"
+
+    def readyz(request: Any) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain")
+        if ready():
+            return b"ready\n"
+        request.setResponseCode(503)
+        return b"not ready: no ECR token valid for at least 5 more minutes\n"
+
+    root = Resource()
+    root.putChild(b"metrics", _Leaf(metrics))
+    root.putChild(b"healthz", _Leaf(healthz))
+    root.putChild(b"readyz", _Leaf(readyz))
+    site = Site(root)
+    site.displayTracebacks = False
+    site.noisy = False
+    return site

@@ -1,0 +1,350 @@
+"""What the proxy does with a registry request: route, rewrite, authenticate upstream, map errors.
+
+It talks to the data path only through `streaming.Exchange`, so it does not care how
+body bytes move.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urljoin
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from . import errors, routes
+from .errors import RegistryError
+from .http11 import Head
+from .metrics import Metrics
+from .streaming import Exchange, Fields, Origin, UpstreamError, UpstreamResponse
+from .tokens import Token, TokenKeeper
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+# Framing (content-length, transfer-encoding) is re-written by the data path from the
+# message itself; host and authorization are replaced; expect is answered by the proxy.
+REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"host", b"authorization", b"expect"}
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"www-authenticate"}
+# Headers of the client's blob request that make sense to object storage.
+STORAGE_REQUEST_KEEP = frozenset(
+    {b"range", b"if-range", b"if-none-match", b"if-match", b"if-modified-since", b"user-agent", b"accept"}
+)
+REDIRECTS = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 3
+
+_HOST = re.compile(rb"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
+_SECRET_PARAM = re.compile(
+    rb"((?:^|[?&])(?:x-amz-[a-z-]*|signature|_state|token|access_token)=)[^&#]*", re.IGNORECASE
+)
+
+
+def redact_target(target: bytes) -> str:
+    """A request target fit for logs: values of signature/state/token parameters removed."""
+    if b"?" in target:
+        target = _SECRET_PARAM.sub(rb"\1REDACTED", target)
+    return target.decode("ascii", "replace")
+
+
+def redact_url(url: bytes) -> str:
+    """An upstream URL fit for logs: scheme, host and path only."""
+    return url.split(b"?", 1)[0].decode("ascii", "replace")
+
+
+@dataclass
+class ProxyConfig:
+    upstream: Origin | None = None  # --upstream; otherwise the token's proxyEndpoint
+    public_base: bytes | None = None  # --public-url, e.g. b"https://registry.example.com"
+    trust_forwarded: bool = False
+    blob_mode: str = "stream"  # or "redirect"
+    request_timeout: float = 60.0
+    upload_timeout: float = 900.0  # ECR can take minutes to commit a large layer
+
+
+class _Ctx:
+    """Per-request state of the handler."""
+
+    __slots__ = ("kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "timeout", "target")
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.match: routes.Match | None = None
+        self.token: Token | None = None
+        self.origin: Origin | None = None
+        self.fields: Fields = []
+        self.retried = False
+        self.sent_at = 0.0
+        self.redirects = 0
+        self.timeout = 60.0
+        self.target = "registry"
+
+
+def _rewriter(upstream: Origin, public: bytes) -> tuple[tuple[bytes, ...], bytes]:
+    bases = [upstream.base]
+    default = 443 if upstream.scheme == "https" else 80
+    if upstream.port == default:
+        bases.append(upstream.base + b":%d" % default)
+    return tuple(bases), public
+
+
+def rewrite_location(value: bytes, bases: tuple[bytes, ...], public: bytes) -> bytes:
+    """Point an absolute URL on the upstream at the public URL; path and query stay byte for byte."""
+    for base in bases:
+        if value.startswith(base) and value[len(base) : len(base) + 1] in (b"", b"/", b"?", b"#"):
+            return public + value[len(base) :]
+    return value
+
+
+def rewrite_link(value: bytes, bases: tuple[bytes, ...], public: bytes) -> bytes:
+    for base in bases:
+        value = value.replace(b"<" + base + b"/", b"<" + public + b"/")
+    return value
+
+
+class RegistryProxy:
+    """The `streaming.Handler` of the registry API."""
+
+    log = Logger()
+
+    def __init__(self, config: ProxyConfig, tokens: TokenKeeper, metrics: Metrics, clock: Any) -> None:
+        self.config = config
+        self.tokens = tokens
+        self.metrics = metrics
+        self.clock = clock
+        self._token_origin: tuple[str, Origin] | None = None
+
+    # -- entry points from the data path
+    def handle(self, ex: Exchange) -> None:
+        self.metrics.in_flight.inc()
+        req = ex.request
+        path = req.target.split(b"?", 1)[0]
+        m = routes.match(req.method, path)
+        ctx = _Ctx(m.route.kind if m.route is not None else routes.OTHER)
+        ex.ctx = ctx
+        if m.error is not None:
+            if m.error == "method":
+                return self._fail(ex, errors.UNSUPPORTED)
+            if m.error == "name":
+                return self._fail(ex, errors.NAME_INVALID)
+            return self._fail(ex, errors.NOT_FOUND)
+        ctx.match = m
+        token = self.tokens.token_for_request()
+        if token is None:
+            return self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
+        try:
+            origin = self._origin(token)
+        except ValueError:
+            self.log.error("the ECR token names no usable proxyEndpoint; set --upstream")
+            return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
+        ctx.origin = origin
+        ctx.token = token
+        ctx.timeout = self.config.upload_timeout if ctx.kind == routes.UPLOAD else self.config.request_timeout
+        skip = req.connection_tokens() if req.get(b"connection") is not None else ()
+        fields = [(n, v) for ln, n, v in req.fields if ln not in REQUEST_DROP and ln not in skip]
+        fields.append((b"Host", origin.netloc))
+        ctx.fields = fields
+        self._send(ex, ctx)
+
+    def finished(self, ex: Exchange) -> None:
+        self.metrics.in_flight.dec()
+        ctx = ex.ctx
+        kind = ctx.kind if ctx is not None else routes.OTHER
+        status = ex.status or 499  # 499: the client left before any response
+        duration = self.clock.seconds() - ex.started
+        self.metrics.observe_request(ex.request.method, kind, status, duration, ex.bytes_in, ex.bytes_out)
+        if ex.error is not None and ex.status:
+            self.metrics.upstream_errors.labels("aborted").inc()
+        self.log.info(
+            "{method} {target} {status} {bytes_out} {duration:.3f}s upstream={upstream}{error}",
+            method=ex.request.method.decode("ascii"),
+            target=redact_target(ex.request.target),
+            status=status,
+            bytes_out=ex.bytes_out,
+            duration=duration,
+            upstream=ex.upstream_status or "-",
+            error=f" error={ex.error!r}" if ex.error else "",
+        )
+
+    # -- upstream round trips
+    def _origin(self, token: Token) -> Origin:
+        if self.config.upstream is not None:
+            return self.config.upstream
+        cached = self._token_origin
+        if cached is not None and cached[0] == token.endpoint:
+            return cached[1]
+        origin = Origin.from_url(token.endpoint)
+        self._token_origin = (token.endpoint, origin)
+        return origin
+
+    def _send(self, ex: Exchange, ctx: _Ctx) -> None:
+        assert ctx.token is not None and ctx.origin is not None
+        req = ex.request
+        ctx.sent_at = self.clock.seconds()
+        ctx.target = "registry"
+        d = ex.forward(
+            ctx.origin, req.method, req.target, ctx.fields + [(b"Authorization", ctx.token.header)], ctx.timeout
+        )
+        d.addCallbacks(self._registry_response, self._upstream_failed, (ex, ctx), None, (ex, ctx))
+        d.addErrback(self._bug, ex)
+
+    def _registry_response(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
+        self.metrics.observe_upstream("registry", self.clock.seconds() - ctx.sent_at)
+        head = resp.head
+        status = head.status
+        if status in (401, 403):
+            resp.discard()
+            return self._refused(ex, ctx, status)
+        if (
+            status in REDIRECTS
+            and ctx.kind == routes.BLOB
+            and self.config.blob_mode == "stream"
+            and ex.request.method in (b"GET", b"HEAD")
+        ):
+            location = head.get(b"location")
+            if location:
+                resp.discard()
+                return self._follow(ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1")))
+        resp.relay(status, self._response_fields(head, ex, ctx))
+
+    def _refused(self, ex: Exchange, ctx: _Ctx, status: int) -> None:
+        """The upstream refused our token: refresh it once (shared) and retry once when safe."""
+        if not ctx.retried:
+            ctx.retried = True
+            refreshed = self.tokens.force_refresh(ctx.token)
+            if not ex.has_body:
+                refreshed.addCallback(self._retry, ex, ctx, status)
+                refreshed.addErrback(self._bug, ex)
+                return
+        self.log.warn(
+            "upstream answered {status} to {method} {target} after a token refresh",
+            status=status,
+            method=ex.request.method.decode("ascii"),
+            target=redact_target(ex.request.target),
+        )
+        self._fail(ex, errors.UPSTREAM_AUTH if status == 401 else errors.DENIED)
+
+    def _retry(self, token: Token | None, ex: Exchange, ctx: _Ctx, status: int) -> None:
+        if token is None:
+            return self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
+        ctx.token = token
+        self._send(ex, ctx)
+
+    def _follow(self, ex: Exchange, ctx: _Ctx, url: str) -> None:
+        """Fetch a redirected blob ourselves, without the registry's Authorization."""
+        try:
+            origin = Origin.from_url(url)
+        except ValueError:
+            return self._fail(ex, errors.STORAGE_ERROR, "redirect to an unusable URL")
+        raw = url.encode("latin-1")
+        scheme_end = raw.index(b"//") + 2
+        slash = raw.find(b"/", scheme_end)
+        target = raw[slash:] if slash >= 0 else b"/"
+        req = ex.request
+        fields = [(n, v) for ln, n, v in req.fields if ln in STORAGE_REQUEST_KEEP]
+        fields.append((b"Host", origin.netloc))
+        ctx.redirects += 1
+        ctx.sent_at = self.clock.seconds()
+        ctx.target = "storage"
+        d = ex.forward(origin, req.method, target, fields, self.config.request_timeout)
+        d.addCallbacks(self._storage_response, self._upstream_failed, (ex, ctx), None, (ex, ctx))
+        d.addErrback(self._bug, ex)
+
+    def _storage_response(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
+        self.metrics.observe_upstream("storage", self.clock.seconds() - ctx.sent_at)
+        head = resp.head
+        status = head.status
+        if status in REDIRECTS and ctx.redirects < MAX_REDIRECTS:
+            location = head.get(b"location")
+            if location:
+                resp.discard()
+                return self._follow(ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1")))
+        if status in (200, 206, 304):
+            fields = [
+                (n, v)
+                for ln, n, v in head.fields
+                if ln not in RESPONSE_DROP and not ln.startswith(b"x-amz-") and ln != b"location"
+            ]
+            if head.get(b"docker-content-digest") is None and ctx.match is not None and ctx.match.digest:
+                fields.append((b"Docker-Content-Digest", ctx.match.digest.encode("ascii")))
+            return resp.relay(status, fields)
+        # Storage error bodies can quote the signed request: never pass them on.
+        resp.discard()
+        self.log.warn("blob storage answered {status} for {url}", status=status, url=redact_url(ex.request.target))
+        if status == 404:
+            return self._fail(ex, errors.BLOB_UNKNOWN)
+        if status == 416:
+            return self._fail(ex, errors.RANGE_INVALID)
+        self._fail(ex, errors.STORAGE_ERROR, f"storage status {status}")
+
+    def _upstream_failed(self, reason: Failure, ex: Exchange, ctx: _Ctx) -> None:
+        err = reason.value
+        if not isinstance(err, UpstreamError):
+            return self._bug(reason, ex)
+        if ex.error is None:
+            ex.error = f"{ctx.target} {err}"
+        self.metrics.upstream_errors.labels(err.kind).inc()
+        if err.kind == "timeout":
+            return self._fail(ex, errors.UPSTREAM_TIMEOUT)
+        if err.kind == "unreachable":
+            return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
+        self._fail(ex, errors.UPSTREAM_BROKEN)
+
+    def _bug(self, reason: Failure, ex: Exchange) -> None:
+        self.log.failure("proxy bug while handling a request", reason)
+        ex.error = ex.error or "internal error"
+        self._fail(ex, errors.INTERNAL)
+
+    # -- responses
+    def _public(self, ex: Exchange) -> bytes:
+        if self.config.public_base is not None:
+            return self.config.public_base
+        req = ex.request
+        scheme = b"https" if ex.is_tls else b"http"
+        host = req.get(b"host") or b""
+        if self.config.trust_forwarded:
+            proto = req.get(b"x-forwarded-proto")
+            if proto:
+                proto = proto.split(b",", 1)[0].strip().lower()
+                if proto in (b"http", b"https"):
+                    scheme = proto
+            fhost = req.get(b"x-forwarded-host")
+            if fhost:
+                host = fhost.split(b",", 1)[0].strip()
+        if not _HOST.match(host):
+            host = b"invalid-host"
+        return scheme + b"://" + host
+
+    def _response_fields(self, head: Head, ex: Exchange, ctx: _Ctx) -> Fields:
+        skip = head.connection_tokens() if head.get(b"connection") is not None else ()
+        out: Fields = []
+        rewrite: tuple[tuple[bytes, ...], bytes] | None = None
+        for ln, n, v in head.fields:
+            if ln in RESPONSE_DROP or ln in skip:
+                continue
+            if ln == b"location" or ln == b"link":
+                if rewrite is None:
+                    assert ctx.origin is not None
+                    rewrite = _rewriter(ctx.origin, self._public(ex))
+                v = (rewrite_location if ln == b"location" else rewrite_link)(v, *rewrite)
+            out.append((n, v))
+        return out
+
+    def _fail(
+        self, ex: Exchange, err: RegistryError, detail: str | None = None, extra: Fields | None = None
+    ) -> None:
+        fields = list(errors.JSON_FIELDS)
+        if extra:
+            fields.extend(extra)
+        ex.respond(err.status, fields, errors.envelope(err, detail))

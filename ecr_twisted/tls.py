@@ -1,0 +1,91 @@
+"""TLS for both legs: TLS 1.2+ towards clients, verified (or explicitly not) towards upstreams."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from OpenSSL import SSL
+from twisted.internet import ssl
+from twisted.internet._sslverify import IOpenSSLTrustRoot  # public via ssl.trustRootFromCertificates users
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
+
+from .streaming import Origin
+
+
+def _read_pem_chain(path: str) -> list[ssl.Certificate]:
+    with open(path, "rb") as f:
+        data = f.read()
+    marker = b"-----END CERTIFICATE-----"
+    certs = []
+    for block in data.split(marker)[:-1]:
+        start = block.find(b"-----BEGIN CERTIFICATE-----")
+        if start >= 0:
+            certs.append(ssl.Certificate.loadPEM(block[start:] + marker + b"\n"))
+    if not certs:
+        raise ValueError(f"{path}: no PEM certificate found")
+    return certs
+
+
+def server_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
+    """Server TLS from PEM files (certificate first, then any intermediates); TLS 1.2 minimum."""
+    chain = _read_pem_chain(cert_file)
+    with open(key_file, "rb") as f:
+        key = ssl.KeyPair.load(f.read(), ssl.FILETYPE_PEM)
+    return ssl.CertificateOptions(
+        privateKey=key.original,
+        certificate=chain[0].original,
+        extraCertChain=[c.original for c in chain[1:]],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+
+
+@implementer(IOpenSSLTrustRoot)
+class PlatformPlusCA:
+    """The system's trust store plus one extra CA file (private CAs, VPC endpoints, tests)."""
+
+    def __init__(self, ca_file: str) -> None:
+        _read_pem_chain(ca_file)  # fail early on a bad file
+        self.ca_file = ca_file
+
+    def _addCACertsToContext(self, context: SSL.Context) -> None:
+        context.set_default_verify_paths()
+        context.load_verify_locations(self.ca_file)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _Unverified:
+    """TLS without certificate checks, for `--upstream-insecure` only."""
+
+    def __init__(self, hostname: str) -> None:
+        self._hostname = hostname.encode("idna")
+        self._ctx = ssl.CertificateOptions(verify=False, raiseMinimumTo=ssl.TLSVersion.TLSv1_2).getContext()
+
+    def clientConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        conn = SSL.Connection(self._ctx, None)
+        conn.set_app_data(tlsProtocol)
+        conn.set_tlsext_host_name(self._hostname)
+        conn.set_connect_state()
+        return conn
+
+
+def client_creator_factory(ca_file: str | None, insecure: bool) -> Callable[[Origin], Any]:
+    """How the upstream pool makes TLS connections; creators are cached per host name."""
+    trust: Any = PlatformPlusCA(ca_file) if ca_file else ssl.platformTrust()
+    cache: dict[str, Any] = {}
+
+    def creator(origin: Origin) -> Any:
+        found = cache.get(origin.host)
+        if found is None:
+            if insecure:
+                found = _Unverified(origin.host)
+            else:
+                found = ssl.optionsForClientTLS(
+                    origin.host,
+                    trustRoot=trust,
+                    extraCertificateOptions={"raiseMinimumTo": ssl.TLSVersion.TLSv1_2},
+                )
+            cache[origin.host] = found
+        return found
+
+    return creator

@@ -1,0 +1,255 @@
+"""The ECR token: fetched through botocore in a thread, refreshed long before it expires.
+
+The schedule is plain arithmetic on `now` (testable without a reactor); the keeper runs it
+from a `LoopingCall` whose tick catches everything, so one failure never stops refreshing.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+READY_MARGIN = 300.0  # /readyz wants a token valid for at least this long
+
+
+@dataclass(frozen=True)
+class Token:
+    """One GetAuthorizationToken answer. Never printed: `repr` hides the secret."""
+
+    authorization: str = field(repr=False)  # base64("AWS:<password>"), as ECR returns it
+    expires_at: float
+    endpoint: str
+    fetched_at: float
+    header: bytes = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "header", b"Basic " + self.authorization.encode("ascii"))
+
+    @property
+    def lifetime(self) -> float:
+        return self.expires_at - self.fetched_at
+
+    def usable(self, now: float) -> bool:
+        # A token whose expiry was already past when it arrived (clock skew, or moto's
+        # fixed 2015 date) is used until replaced: the upstream is the judge of it.
+        return now < self.expires_at or self.lifetime <= 0
+
+
+def refresh_due(token: Token, fraction: float, min_interval: float) -> float:
+    """When to fetch the next token: after `fraction` of its lifetime, never sooner than `min_interval`."""
+    return token.fetched_at + max(min_interval, token.lifetime * fraction)
+
+
+def backoff(failures: int, base: float, cap: float, rand: Callable[[], float]) -> float:
+    """Capped exponential backoff with jitter (half fixed, half random) after `failures` failures."""
+    step = min(cap, base * (2 ** max(0, failures - 1)))
+    return step / 2 + rand() * step / 2
+
+
+def parse_authorization_data(data: dict[str, Any], now: float) -> Token:
+    """Turn one `authorizationData` entry into a Token, checking what it holds."""
+    raw = str(data["authorizationToken"]).strip()
+    try:
+        user, _, password = base64.b64decode(raw, validate=True).decode("utf-8").partition(":")
+    except Exception:
+        raise ValueError("authorizationToken is not base64 of user:password") from None
+    if not user or not password:
+        raise ValueError("authorizationToken is not base64 of user:password")
+    expires = data.get("expiresAt")
+    expires_at = expires.timestamp() if hasattr(expires, "timestamp") else float(expires)
+    endpoint = str(data.get("proxyEndpoint") or "").strip()
+    return Token(authorization=raw, expires_at=expires_at, endpoint=endpoint, fetched_at=now)
+
+
+class TokenFetcher(Protocol):
+    def fetch(self) -> Deferred[Token]: ...
+
+
+class BotocoreTokenFetcher:
+    """Calls ecr:GetAuthorizationToken in a thread; credentials come from botocore's own chain."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        threadpool: Any,
+        region: str | None,
+        registry_id: str | None = None,
+        endpoint_url: str | None = None,
+        session_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self._reactor = reactor
+        self._threadpool = threadpool
+        self._region = region
+        self._registry_id = registry_id
+        self._endpoint_url = endpoint_url
+        self._session_factory = session_factory
+        self._client: Any = None
+
+    def _make_client(self) -> Any:
+        if self._session_factory is not None:
+            session = self._session_factory()
+        else:
+            import botocore.session
+
+            session = botocore.session.get_session()
+        kwargs: dict[str, Any] = {}
+        if self._region:
+            kwargs["region_name"] = self._region
+        if self._endpoint_url:
+            kwargs["endpoint_url"] = self._endpoint_url
+        return session.create_client("ecr", **kwargs)
+
+    def _fetch_blocking(self) -> dict[str, Any]:
+        if self._client is None:
+            self._client = self._make_client()
+        kwargs: dict[str, Any] = {}
+        if self._registry_id:
+            # Deprecated but honoured: it makes proxyEndpoint name this registry, which
+            # matters when the credentials belong to another account.
+            kwargs["registryIds"] = [self._registry_id]
+        answer = self._client.get_authorization_token(**kwargs)
+        entries = answer.get("authorizationData") or []
+        if not entries:
+            raise ValueError("GetAuthorizationToken returned no authorizationData")
+        return entries[0]
+
+    def fetch(self) -> Deferred[Token]:
+        d = deferToThreadPool(self._reactor, self._threadpool, self._fetch_blocking)
+        return d.addCallback(parse_authorization_data, self._reactor.seconds())
+
+
+class TokenKeeper:
+    """Holds the current token and keeps it fresh."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: Any,
+        fetcher: TokenFetcher,
+        *,
+        on_result: Callable[[str, Token | None], None] = lambda result, token: None,
+        fraction: float = 0.5,
+        min_interval: float = 60.0,
+        backoff_base: float = 2.0,
+        backoff_cap: float = 300.0,
+        tick: float = 1.0,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._clock = clock
+        self._fetcher = fetcher
+        self._on_result = on_result
+        self._fraction = fraction
+        self._min_interval = min_interval
+        self._backoff_base = backoff_base
+        self._backoff_cap = backoff_cap
+        self._tick = tick
+        self._rand = rand
+        self.current: Token | None = None
+        self.failures = 0
+        self.next_attempt = 0.0
+        self._inflight: Deferred[Token | None] | None = None
+        self._waiters: list[Deferred[Token | None]] = []
+        self._loop = LoopingCall(self._check)
+        self._loop.clock = clock
+
+    # -- lifecycle
+    def start(self) -> Deferred[Any]:
+        return self._loop.start(self._tick, now=True)
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    # -- queries
+    def token_for_request(self) -> Token | None:
+        token = self.current
+        if token is not None and token.usable(self._clock.seconds()):
+            return token
+        return None
+
+    def ready(self, now: float | None = None) -> bool:
+        token = self.current
+        if token is None:
+            return False
+        now = self._clock.seconds() if now is None else now
+        return token.expires_at - now >= READY_MARGIN
+
+    # -- refreshing
+    def _check(self) -> None:
+        try:
+            if self._inflight is None and self._clock.seconds() >= self.next_attempt:
+                self._refresh()
+        except Exception:
+            self.log.failure("token refresh check failed")
+
+    def force_refresh(self, stale: Token | None) -> Deferred[Token | None]:
+        """Refresh now because `stale` was refused upstream; concurrent callers share one call.
+
+        If the current token is already another one than `stale`, answer with it at once.
+        """
+        if self.current is not None and self.current is not stale:
+            return succeed(self.current)
+        d: Deferred[Token | None] = Deferred()
+        self._waiters.append(d)
+        if self._inflight is None:
+            self._refresh()
+        return d
+
+    def _refresh(self) -> None:
+        d = self._inflight = Deferred()
+        try:
+            fetched = self._fetcher.fetch()
+        except Exception:
+            fetched = Deferred()
+            fetched.errback(Failure())
+        fetched.addCallbacks(self._fetched, self._failed)
+        fetched.addErrback(self._bug)
+        fetched.addBoth(self._settle, d)
+
+    def _fetched(self, token: Token) -> Token:
+        self.current = token
+        self.failures = 0
+        self.next_attempt = refresh_due(token, self._fraction, self._min_interval)
+        self._on_result("success", token)
+        self.log.info(
+            "ECR token refreshed; expires in {hours:.1f} h, next refresh in {next:.0f} s",
+            hours=token.lifetime / 3600,
+            next=self.next_attempt - self._clock.seconds(),
+        )
+        return token
+
+    def _failed(self, reason: Failure) -> None:
+        self.failures += 1
+        delay = backoff(self.failures, self._backoff_base, self._backoff_cap, self._rand)
+        self.next_attempt = self._clock.seconds() + delay
+        self._on_result("failure", None)
+        # the message of a botocore error names the operation, never the credentials
+        self.log.warn(
+            "ECR token refresh failed ({kind}: {msg}); attempt {n}, retrying in {delay:.1f} s",
+            kind=reason.type.__name__,
+            msg=reason.getErrorMessage(),
+            n=self.failures,
+            delay=delay,
+        )
+        return None
+
+    def _bug(self, reason: Failure) -> None:
+        self.log.failure("token bookkeeping failed", reason)
+        return None
+
+    def _settle(self, result: Any, d: Deferred[Token | None]) -> None:
+        self._inflight = None
+        waiters, self._waiters = self._waiters, []
+        current = self.current
+        for w in waiters:
+            w.callback(current if isinstance(result, Token) else None)
+        d.callback(None)
