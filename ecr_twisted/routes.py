@@ -51,6 +51,7 @@ ROUTES: tuple[Route, ...] = (
 )
 
 # A path shaped like an API call whose name part fails the grammar.
+_NAME = re.compile(NAME.encode())
 _SHAPED = re.compile(rb"/v2/(?P<name>.+?)/(?:manifests|blobs|tags|referrers)/")
 
 
@@ -86,6 +87,7 @@ def match(method: bytes, path: bytes) -> Match:
             reference=groups["reference"].decode("ascii") if groups.get("reference") else None,
             digest=groups["digest"].decode("ascii") if groups.get("digest") else None,
         )
-    if _SHAPED.match(path):
+    shaped = _SHAPED.match(path)
+    if shaped is not None and _NAME.fullmatch(shaped.group("name")) is None:
         return Match(None, error="name")
     return NOT_FOUND

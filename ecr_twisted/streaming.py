@@ -455,8 +455,10 @@ class UpstreamPool:
         max_per_origin: int = 64,
         connect_timeout: float = 10.0,
         idle_timeout: float = 50.0,
+        connector: Callable[[Origin, "UpstreamConnection"], Deferred[Any]] | None = None,
     ) -> None:
         self.reactor = reactor
+        self._open = connector or self._open_socket
         self.tls_for = tls_for
         self.max_per_origin = max_per_origin
         self.connect_timeout = connect_timeout
@@ -485,20 +487,22 @@ class UpstreamPool:
     def _connect(self, origin: Origin) -> Deferred[UpstreamConnection]:
         key = origin.key
         self._count[key] = self._count.get(key, 0) + 1
-        endpoint: Any = HostnameEndpoint(self.reactor, origin.host, origin.port, timeout=self.connect_timeout)
-        if origin.scheme == "https":
-            if self.tls_for is None:
-                self._count[key] -= 1
-                return fail(UpstreamError("unreachable", "TLS upstreams are not configured"))
-            endpoint = wrapClientTLS(self.tls_for(origin), endpoint)
-        d = endpoint.connect(_OneConnection(UpstreamConnection(self, origin)))
+        conn = UpstreamConnection(self, origin)
 
         def failed(reason: Failure) -> Failure:
             self._count[key] -= 1
             self._wake(key)
             return reason
 
-        return d.addErrback(failed)
+        return self._open(origin, conn).addCallback(lambda _: conn).addErrback(failed)
+
+    def _open_socket(self, origin: Origin, conn: "UpstreamConnection") -> Deferred[Any]:
+        endpoint: Any = HostnameEndpoint(self.reactor, origin.host, origin.port, timeout=self.connect_timeout)
+        if origin.scheme == "https":
+            if self.tls_for is None:
+                return fail(UpstreamError("unreachable", "TLS upstreams are not configured"))
+            endpoint = wrapClientTLS(self.tls_for(origin), endpoint)
+        return endpoint.connect(_OneConnection(conn))
 
     def release(self, conn: UpstreamConnection) -> None:
         if not conn.connected_:

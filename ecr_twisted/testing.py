@@ -1,0 +1,114 @@
+"""Test doubles for ecr-twisted, shipped with the package so its users can test against it too.
+
+Everything here runs on a `MemoryReactorClock` and in-memory transports: no sockets, no
+threads, no wall-clock time.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from .metrics import Metrics
+from .proxy import ProxyConfig, RegistryProxy
+from .streaming import ClientConnection, Origin, RelayFactory, UpstreamConnection, UpstreamPool
+from .tokens import Token, TokenKeeper
+
+UPSTREAM = Origin("https", "123456789012.dkr.ecr.eu-west-1.amazonaws.com")
+
+
+def make_token(password: str = "secret-password", *, now: float = 0.0, lifetime: float = 12 * 3600,
+               endpoint: str = "https://123456789012.dkr.ecr.eu-west-1.amazonaws.com") -> Token:
+    auth = base64.b64encode(b"AWS:" + password.encode()).decode()
+    return Token(authorization=auth, expires_at=now + lifetime, endpoint=endpoint, fetched_at=now)
+
+
+class FakeTokenFetcher:
+    """A TokenFetcher whose answers the test decides: queue tokens or exceptions, or hold calls open."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.results: list[Token | BaseException] = []
+        self.pending: list[Deferred[Token]] = []
+        self.hold = False
+
+    def fetch(self) -> Deferred[Token]:
+        self.calls += 1
+        d: Deferred[Token] = Deferred()
+        if self.hold or not self.results:
+            self.pending.append(d)
+            return d
+        self._fire(d, self.results.pop(0))
+        return d
+
+    def answer(self, result: Token | BaseException) -> None:
+        """Fire the oldest held call."""
+        self._fire(self.pending.pop(0), result)
+
+    @staticmethod
+    def _fire(d: Deferred[Token], result: Token | BaseException) -> None:
+        if isinstance(result, BaseException):
+            d.errback(Failure(result))
+        else:
+            d.callback(result)
+
+
+class MemoryUpstreams:
+    """A pool connector that connects upstream protocols to in-memory transports.
+
+    `connections` lists (origin, protocol, transport) in connection order; a test reads
+    what the proxy sent with `transport.value()` and answers with `protocol.dataReceived`.
+    Set `refuse` to make the next connects fail.
+    """
+
+    def __init__(self) -> None:
+        self.connections: list[tuple[Origin, UpstreamConnection, StringTransport]] = []
+        self.refuse: BaseException | None = None
+
+    def __call__(self, origin: Origin, conn: UpstreamConnection) -> Deferred[Any]:
+        if self.refuse is not None:
+            d: Deferred[Any] = Deferred()
+            d.errback(Failure(self.refuse))
+            return d
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", origin.port))
+        conn.makeConnection(transport)
+        self.connections.append((origin, conn, transport))
+        return succeed(conn)
+
+    def last(self) -> tuple[UpstreamConnection, StringTransport]:
+        _, conn, transport = self.connections[-1]
+        return conn, transport
+
+
+class Harness:
+    """A whole proxy (handler, pool, relay) on a MemoryReactorClock, with helpers to play both peers."""
+
+    def __init__(self, config: ProxyConfig | None = None, token: Token | None = None) -> None:
+        self.reactor = MemoryReactorClock()
+        self.reactor.advance(1_000_000)
+        self.registry = CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.fetcher = FakeTokenFetcher()
+        self.keeper = TokenKeeper(self.reactor, self.fetcher)
+        self.keeper.current = token or make_token(now=self.reactor.seconds())
+        self.keeper.next_attempt = float("inf")
+        self.upstreams = MemoryUpstreams()
+        self.pool = UpstreamPool(self.reactor, None, connector=self.upstreams, max_per_origin=4)
+        self.config = config or ProxyConfig(upstream=UPSTREAM)
+        self.handler = RegistryProxy(self.config, self.keeper, self.metrics, self.reactor)
+        self.factory = RelayFactory(self.handler, self.reactor, self.pool)
+
+    def client(self) -> tuple[ClientConnection, StringTransport]:
+        proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        proto.makeConnection(transport)
+        return proto, transport
+
+    def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
+        return self.registry.get_sample_value(name, labels or {})
