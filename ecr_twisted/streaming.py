@@ -279,13 +279,14 @@ class UpstreamConnection(Protocol):
         self._reader = None
         if extra:
             self._keep = False  # bytes past the response: never trust this connection again
-        if relayed:
-            attempt.exchange._upstream_body_done(self)
+        # back to the pool first, so a pipelined request that starts next can reuse it
         if self._keep and self.request_complete:
             self.transport.resumeProducing()
             self.pool.release(self)
         else:
             self.abort()
+        if relayed:
+            attempt.exchange._upstream_body_done(self)
 
     def abort(self) -> None:
         self._keep = False

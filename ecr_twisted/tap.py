@@ -220,7 +220,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     metrics = Metrics(registry)
     fetcher = BotocoreTokenFetcher(
         reactor,
-        reactor.getThreadPool(),
+        None,  # the reactor's own pool, looked up when the first fetch runs
         region=options["region"],
         registry_id=options["registry-id"],
         endpoint_url=options["ecr-endpoint-url"],

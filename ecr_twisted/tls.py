@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet._sslverify import IOpenSSLTrustRoot  # public via ssl.trustRootFromCertificates users
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -31,7 +31,7 @@ def server_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
     """Server TLS from PEM files (certificate first, then any intermediates); TLS 1.2 minimum."""
     chain = _read_pem_chain(cert_file)
     with open(key_file, "rb") as f:
-        key = ssl.KeyPair.load(f.read(), ssl.FILETYPE_PEM)
+        key = ssl.KeyPair.load(f.read(), crypto.FILETYPE_PEM)
     return ssl.CertificateOptions(
         privateKey=key.original,
         certificate=chain[0].original,

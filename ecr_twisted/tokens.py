@@ -79,7 +79,7 @@ class BotocoreTokenFetcher:
     def __init__(
         self,
         reactor: Any,
-        threadpool: Any,
+        threadpool: Any | None,
         region: str | None,
         registry_id: str | None = None,
         endpoint_url: str | None = None,
@@ -122,7 +122,8 @@ class BotocoreTokenFetcher:
         return entries[0]
 
     def fetch(self) -> Deferred[Token]:
-        d = deferToThreadPool(self._reactor, self._threadpool, self._fetch_blocking)
+        pool = self._threadpool if self._threadpool is not None else self._reactor.getThreadPool()
+        d = deferToThreadPool(self._reactor, pool, self._fetch_blocking)
         return d.addCallback(parse_authorization_data, self._reactor.seconds())
 
 

@@ -1,0 +1,288 @@
+"""The handler: header tables, token injection, refresh-and-retry, redirects, error envelopes."""
+
+import json
+
+import pytest
+from twisted.logger import globalLogPublisher
+
+from ecr_twisted import errors
+from ecr_twisted.proxy import ProxyConfig, redact_target, rewrite_link, rewrite_location
+from ecr_twisted.streaming import Origin
+from ecr_twisted.testing import UPSTREAM, Harness, make_token
+
+DIGEST = b"sha256:" + b"cd" * 32
+BLOB = b"/v2/app/blobs/" + DIGEST
+
+
+@pytest.fixture
+def logged():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+
+
+def split(raw: bytes) -> tuple[bytes, dict[bytes, list[bytes]], bytes]:
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    fields: dict[bytes, list[bytes]] = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(b": ")
+        fields.setdefault(name.lower(), []).append(value)
+    return lines[0], fields, body
+
+
+def test_request_headers_are_rewritten_for_ecr() -> None:
+    h = Harness()
+    proto, _ = h.client()
+    proto.dataReceived(
+        b"GET /v2/app/manifests/1.2 HTTP/1.1\r\n"
+        b"Host: registry.example.com\r\n"
+        b"Authorization: Basic Y2xpZW50OnBhc3N3b3Jk\r\n"
+        b"Accept: application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json\r\n"
+        b"Range: bytes=0-10\r\n"
+        b"Docker-Distribution-Api-Version: registry/2.0\r\n"
+        b"Connection: keep-alive, X-Private\r\n"
+        b"X-Private: drop me\r\n"
+        b"Keep-Alive: timeout=5\r\n"
+        b"Proxy-Authorization: Basic eA==\r\n"
+        b"TE: trailers\r\n"
+        b"Upgrade: h2c\r\n\r\n"
+    )
+    _, upstream = h.upstreams.last()
+    line, fields, _ = split(upstream.value())
+    assert line == b"GET /v2/app/manifests/1.2 HTTP/1.1"
+    assert fields[b"host"] == [UPSTREAM.netloc]
+    assert fields[b"authorization"] == [h.keeper.current.header]
+    assert fields[b"accept"][0].startswith(b"application/vnd.oci.image.index.v1+json, ")
+    assert fields[b"range"] == [b"bytes=0-10"]
+    assert fields[b"docker-distribution-api-version"] == [b"registry/2.0"]
+    for gone in (b"connection", b"x-private", b"keep-alive", b"proxy-authorization", b"te", b"upgrade"):
+        assert gone not in fields, gone
+
+
+def test_response_headers_are_rewritten_for_the_client() -> None:
+    h = Harness(ProxyConfig(upstream=UPSTREAM, public_base=b"https://registry.example.com"))
+    proto, client = h.client()
+    proto.dataReceived(b"POST /v2/app/blobs/uploads/ HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    up, _ = h.upstreams.last()
+    state = b"_state=AbC%2Fd%3D%3D&x=1"
+    up.dataReceived(
+        b"HTTP/1.1 202 Accepted\r\n"
+        b"Location: " + UPSTREAM.base + b"/v2/app/blobs/uploads/u-1?" + state + b"\r\n"
+        b"Link: <" + UPSTREAM.base + b":443/v2/_catalog?last=b%3D&n=2>; rel=\"next\"\r\n"
+        b"WWW-Authenticate: Basic realm=\"https://123456789012.dkr.ecr.eu-west-1.amazonaws.com/\"\r\n"
+        b"Docker-Upload-UUID: u-1\r\nRange: 0-0\r\nOCI-Chunk-Min-Length: 5242880\r\n"
+        b"Connection: close, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\n\r\n"
+    )
+    line, fields, _ = split(client.value())
+    assert line == b"HTTP/1.1 202 Accepted"
+    assert fields[b"location"] == [b"https://registry.example.com/v2/app/blobs/uploads/u-1?" + state]
+    assert fields[b"link"] == [b'<https://registry.example.com/v2/_catalog?last=b%3D&n=2>; rel="next"']
+    assert b"www-authenticate" not in fields and b"x-hop" not in fields
+    assert fields[b"docker-upload-uuid"] == [b"u-1"] and fields[b"range"] == [b"0-0"]
+    assert fields[b"oci-chunk-min-length"] == [b"5242880"]
+    assert fields[b"content-length"] == [b"0"]
+
+
+def test_public_url_from_request_and_trusted_forwarded_headers() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nHost: reg.local:5000\r\nX-Forwarded-Proto: https\r\n"
+                       b"X-Forwarded-Host: evil.example\r\nContent-Length: 0\r\n\r\n")
+    up, _ = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 202 Accepted\r\nLocation: " + UPSTREAM.base + b"/v2/a/blobs/uploads/u\r\nContent-Length: 0\r\n\r\n")
+    assert split(client.value())[1][b"location"] == [b"http://reg.local:5000/v2/a/blobs/uploads/u"]
+    h.config.trust_forwarded = True
+    proto, client = h.client()
+    proto.dataReceived(b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nHost: reg.local:5000\r\nX-Forwarded-Proto: https\r\n"
+                       b"X-Forwarded-Host: registry.example.com\r\nContent-Length: 0\r\n\r\n")
+    up, _ = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 202 Accepted\r\nLocation: " + UPSTREAM.base + b"/v2/a/blobs/uploads/u\r\nContent-Length: 0\r\n\r\n")
+    assert split(client.value())[1][b"location"] == [b"https://registry.example.com/v2/a/blobs/uploads/u"]
+
+
+def test_rewrite_tables() -> None:
+    bases = (b"https://up.example", b"https://up.example:443")
+    pub = b"https://pub"
+    assert rewrite_location(b"https://up.example/v2/x?a=%2F", bases, pub) == b"https://pub/v2/x?a=%2F"
+    assert rewrite_location(b"https://up.example:443/v2/x", bases, pub) == b"https://pub/v2/x"
+    assert rewrite_location(b"https://up.example.evil/v2/x", bases, pub) == b"https://up.example.evil/v2/x"
+    assert rewrite_location(b"/v2/relative", bases, pub) == b"/v2/relative"
+    assert rewrite_location(b"https://s3.amazonaws.com/x?X-Amz-Signature=1", bases, pub).startswith(b"https://s3.")
+    assert rewrite_link(b'</v2/t?last=x>; rel="next"', bases, pub) == b'</v2/t?last=x>; rel="next"'
+
+
+def test_upstream_401_refreshes_once_and_retries_with_the_new_token(logged) -> None:
+    h = Harness()
+    old = h.keeper.current
+    h.fetcher.hold = True
+    clients = [h.client() for _ in range(3)]
+    for proto, _ in clients:
+        proto.dataReceived(b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    for _, conn, _ in list(h.upstreams.connections):
+        expired = b"Your authorization token has expired. Reauthenticate and try again."
+        conn.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(expired) + expired)
+    assert h.fetcher.calls == 1  # three refusals, one GetAuthorizationToken
+    new = make_token("rotated-password", now=h.reactor.seconds())
+    h.fetcher.answer(new)
+    retried = [t.value() for _, _, t in h.upstreams.connections if new.header in t.value()]
+    assert len(retried) == 3
+    for _, conn, _ in h.upstreams.connections:
+        if conn.connected_ and conn._attempt is not None:
+            conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    for _, client in clients:
+        assert split(client.value())[0] == b"HTTP/1.1 200 OK"
+        assert old.authorization.encode() not in client.value()
+    text = repr(logged)
+    assert old.authorization not in text and new.authorization not in text and "rotated-password" not in text
+
+
+def test_a_refusal_after_the_retry_is_a_clear_error_and_never_the_upstream_challenge() -> None:
+    h = Harness()
+    h.fetcher.results = [make_token("still-bad", now=h.reactor.seconds())]
+    proto, client = h.client()
+    proto.dataReceived(b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    for _ in range(2):
+        conn, _ = h.upstreams.last()
+        conn.dataReceived(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"https://x.dkr.ecr\"\r\n"
+                          b"Content-Length: 0\r\n\r\n")
+    line, fields, body = split(client.value())
+    assert line == b"HTTP/1.1 502 Bad Gateway" and b"www-authenticate" not in fields
+    assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
+    assert h.fetcher.calls == 1
+
+
+def test_a_refused_upload_with_a_body_is_not_retried_but_triggers_a_refresh() -> None:
+    h = Harness()
+    h.fetcher.hold = True
+    proto, client = h.client()
+    proto.dataReceived(b"PATCH /v2/app/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\ndata")
+    conn, _ = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+    assert split(client.value())[0] == b"HTTP/1.1 403 Forbidden"
+    assert json.loads(split(client.value())[2])["errors"][0]["code"] == "DENIED"
+    assert h.fetcher.calls == 1 and len(h.upstreams.connections) == 1
+
+
+def test_stream_mode_follows_the_s3_redirect_without_authorization() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"GET " + BLOB + b" HTTP/1.1\r\nHost: h\r\nRange: bytes=2-5\r\nAuthorization: Basic eDp5\r\n\r\n")
+    conn, _ = h.upstreams.last()
+    s3 = b"https://prod-eu-west-1-starport-layer-bucket.s3.eu-west-1.amazonaws.com/x/y?X-Amz-Signature=abc&X-Amz-Expires=3600"
+    conn.dataReceived(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: " + s3 + b"\r\nContent-Length: 0\r\n\r\n")
+    origin, s3conn, s3transport = h.upstreams.connections[-1]
+    assert origin.host == "prod-eu-west-1-starport-layer-bucket.s3.eu-west-1.amazonaws.com"
+    line, fields, _ = split(s3transport.value())
+    assert line == b"GET /x/y?X-Amz-Signature=abc&X-Amz-Expires=3600 HTTP/1.1"
+    assert b"authorization" not in fields and fields[b"range"] == [b"bytes=2-5"]
+    assert fields[b"host"] == [origin.netloc]
+    s3conn.dataReceived(b"HTTP/1.1 206 Partial Content\r\nContent-Range: bytes 2-5/10\r\nx-amz-request-id: R\r\n"
+                        b"ETag: \"e\"\r\nContent-Length: 4\r\n\r\n2345")
+    line, fields, body = split(client.value())
+    assert line == b"HTTP/1.1 206 Partial Content" and body == b"2345"
+    assert fields[b"docker-content-digest"] == [DIGEST] and fields[b"content-range"] == [b"bytes 2-5/10"]
+    assert b"x-amz-request-id" not in fields and b"location" not in fields
+
+
+def test_storage_errors_never_leak_the_signed_request() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"GET " + BLOB + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    conn, _ = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://s3.local/b?X-Amz-Signature=SIG\r\n"
+                      b"Content-Length: 0\r\n\r\n")
+    s3conn, _ = h.upstreams.last()
+    body = b"<Error><Code>SignatureDoesNotMatch</Code><StringToSign>SIG</StringToSign></Error>"
+    s3conn.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    line, _, out = split(client.value())
+    assert line == b"HTTP/1.1 502 Bad Gateway" and b"SIG" not in client.value()
+    assert json.loads(out)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_redirect_mode_passes_the_307_unchanged() -> None:
+    h = Harness(ProxyConfig(upstream=UPSTREAM, blob_mode="redirect"))
+    proto, client = h.client()
+    proto.dataReceived(b"GET " + BLOB + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    conn, _ = h.upstreams.last()
+    s3 = b"https://bucket.s3.amazonaws.com/x?X-Amz-Signature=abc"
+    conn.dataReceived(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: " + s3 + b"\r\nContent-Length: 0\r\n\r\n")
+    line, fields, _ = split(client.value())
+    assert line == b"HTTP/1.1 307 Temporary Redirect" and fields[b"location"] == [s3]
+    assert len(h.upstreams.connections) == 1
+
+
+def test_upstream_from_the_token_endpoint() -> None:
+    h = Harness(ProxyConfig(), token=make_token(now=1_000_000, endpoint="https://999999999999.dkr.ecr.us-east-2.amazonaws.com"))
+    proto, _ = h.client()
+    proto.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    origin, _, transport = h.upstreams.connections[-1]
+    assert origin.key == ("https", "999999999999.dkr.ecr.us-east-2.amazonaws.com", 443)
+    assert b"\r\nHost: 999999999999.dkr.ecr.us-east-2.amazonaws.com\r\n" in transport.value()
+
+
+@pytest.mark.parametrize(
+    "request_line,status,code",
+    [
+        (b"GET /index.html HTTP/1.1", 404, "NOT_FOUND"),
+        (b"POST /v2/app/manifests/x HTTP/1.1", 405, "UNSUPPORTED"),
+        (b"GET /v2/UPPER/manifests/x HTTP/1.1", 400, "NAME_INVALID"),
+    ],
+)
+def test_local_errors_use_the_registry_envelope(request_line: bytes, status: int, code: str) -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(request_line + b"\r\nHost: h\r\n\r\n")
+    line, fields, body = split(client.value())
+    assert line.startswith(b"HTTP/1.1 %d " % status)
+    assert fields[b"content-type"] == [b"application/json; charset=utf-8"]
+    assert fields[b"content-length"] == [b"%d" % len(body)]
+    err = json.loads(body)["errors"][0]
+    assert err["code"] == code and err["message"]
+    assert h.upstreams.connections == []
+    assert h.sample("ecrproxy_requests_total", {"method": "GET" if b"GET" in request_line else "POST",
+                                                "route": "other" if status != 405 else "manifest",
+                                                "status": str(status)}) == 1
+
+
+def test_no_token_yet_is_503_with_retry_after() -> None:
+    h = Harness()
+    h.keeper.current = None
+    proto, client = h.client()
+    proto.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    line, fields, body = split(client.value())
+    assert line == b"HTTP/1.1 503 Service Unavailable" and fields[b"retry-after"] == [b"5"]
+    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_envelope_shape() -> None:
+    assert json.loads(errors.envelope(errors.BLOB_UNKNOWN)) == {
+        "errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown to registry"}]
+    }
+    assert json.loads(errors.envelope(errors.STORAGE_ERROR, "storage status 500"))["errors"][0]["detail"]
+
+
+def test_log_redaction() -> None:
+    assert redact_target(b"/v2/a/blobs/uploads/u?_state=SECRET&digest=sha256:1") == (
+        "/v2/a/blobs/uploads/u?_state=REDACTED&digest=sha256:1"
+    )
+    assert "SIG" not in redact_target(b"/x?X-Amz-Signature=SIG&X-Amz-Credential=AKIA/x&X-Amz-Security-Token=T")
+
+
+def test_access_log_and_metrics_per_request(logged) -> None:
+    h = Harness()
+    proto, _ = h.client()
+    proto.dataReceived(b"GET " + BLOB + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    conn, _ = h.upstreams.last()
+    h.reactor.advance(0.25)
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
+    access = [e for e in logged if e.get("log_format", "").startswith("{method} {target}")]
+    assert len(access) == 1
+    e = access[0]
+    assert (e["method"], e["status"], e["bytes_out"], e["upstream"]) == ("GET", 200, 3, 200)
+    assert e["duration"] == pytest.approx(0.25)
+    assert h.sample("ecrproxy_response_body_bytes_total", {"route": "blob"}) == 3
+    assert h.sample("ecrproxy_request_duration_seconds_count", {"route": "blob"}) == 1
+    assert h.sample("ecrproxy_upstream_response_seconds_count", {"target": "registry"}) == 1
+    assert h.sample("ecrproxy_requests_in_flight") == 0

@@ -1,0 +1,248 @@
+"""The data path on in-memory transports: framing, backpressure both ways, failure handling."""
+
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.python.failure import Failure
+
+from ecr_twisted.testing import Harness
+
+BLOB = b"/v2/app/blobs/sha256:" + b"ab" * 32
+
+
+def get(path: bytes = b"/v2/app/manifests/1.0", extra: bytes = b"") -> bytes:
+    return b"GET " + path + b" HTTP/1.1\r\nHost: registry.example.com\r\n" + extra + b"\r\n"
+
+
+def test_response_body_streams_and_a_slow_client_pauses_the_upstream() -> None:
+    h = Harness()
+    client_proto, client = h.client()
+    client_proto.dataReceived(get(BLOB))
+    up, upstream = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234")
+    assert client.value().endswith(b"\r\n\r\n01234")
+    # the client socket's buffer is full: the upstream socket must stop being read
+    assert client.producer is not None
+    client.producer.pauseProducing()
+    assert upstream.producerState == "paused"
+    client.producer.resumeProducing()
+    assert upstream.producerState == "producing"
+    up.dataReceived(b"56789")
+    assert client.value().endswith(b"0123456789")
+    assert client.producer is None  # unregistered at the end of the body
+    assert not client.disconnecting  # keep-alive
+
+
+def test_request_body_streams_and_a_slow_upstream_pauses_the_client() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(
+        b"PATCH /v2/app/blobs/uploads/u1 HTTP/1.1\r\nHost: h\r\nContent-Length: 8\r\n\r\nabc"
+    )
+    up, upstream = h.upstreams.last()
+    sent = upstream.value()
+    assert sent.startswith(b"PATCH /v2/app/blobs/uploads/u1 HTTP/1.1\r\n")
+    assert b"\r\nContent-Length: 8\r\n" in sent and sent.endswith(b"\r\n\r\nabc")
+    assert upstream.producer is not None
+    upstream.producer.pauseProducing()
+    assert client.producerState == "paused"
+    upstream.producer.resumeProducing()
+    assert client.producerState == "producing"
+    proto.dataReceived(b"defgh")
+    assert upstream.value().endswith(b"abcdefgh")
+    assert upstream.producer is None
+    up.dataReceived(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\nRange: 0-7\r\n\r\n")
+    assert b"HTTP/1.1 202 Accepted\r\n" in client.value() and b"Range: 0-7" in client.value()
+
+
+def test_chunked_request_body_passes_through_unchanged() -> None:
+    h = Harness()
+    proto, client = h.client()
+    body = b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"
+    proto.dataReceived(b"PATCH /v2/app/blobs/uploads/u1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for i in range(len(body)):
+        proto.dataReceived(body[i : i + 1])
+    up, upstream = h.upstreams.last()
+    assert b"Transfer-Encoding: chunked\r\n" in upstream.value()
+    assert upstream.value().endswith(b"\r\n\r\n" + body)
+    up.dataReceived(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 202")
+
+
+def test_upstream_dying_mid_body_aborts_the_client() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(get(BLOB))
+    up, _ = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    up.connectionLost(Failure(ConnectionLost()))
+    assert client.disconnected  # a truncated body must never look complete
+    assert h.sample("ecrproxy_upstream_errors_total", {"kind": "aborted"}) == 1
+
+
+def test_client_leaving_mid_transfer_aborts_the_upstream_and_it_is_not_reused() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(get(BLOB))
+    up, upstream = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert upstream.disconnected
+    up.connectionLost(Failure(ConnectionLost()))
+    proto2, _ = h.client()
+    proto2.dataReceived(get())
+    assert len(h.upstreams.connections) == 2
+    assert h.sample("ecrproxy_requests_in_flight") == 1
+
+
+def test_client_leaving_before_the_response_cancels_the_upstream_request() -> None:
+    h = Harness()
+    proto, _ = h.client()
+    proto.dataReceived(get())
+    _, upstream = h.upstreams.last()
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert upstream.disconnected
+    assert h.sample("ecrproxy_requests_total", {"method": "GET", "route": "manifest", "status": "499"}) == 1
+
+
+def test_keep_alive_reuses_the_upstream_connection() -> None:
+    h = Harness()
+    proto, client = h.client()
+    for i in range(3):
+        proto.dataReceived(get())
+        up, upstream = h.upstreams.last()
+        up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert len(h.upstreams.connections) == 1
+    assert client.value().count(b"HTTP/1.1 200 OK") == 3
+
+
+def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(get())
+    up, _ = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    proto.dataReceived(get())  # goes out on the pooled connection...
+    up.connectionLost(Failure(ConnectionDone()))  # ...which the server had closed
+    assert len(h.upstreams.connections) == 2
+    up2, upstream2 = h.upstreams.last()
+    assert upstream2.value().startswith(b"GET /v2/app/manifests/1.0 ")
+    up2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert client.value().count(b"HTTP/1.1 200 OK") == 2
+
+
+def test_pipelined_requests_are_answered_in_order() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(get(b"/v2/a/manifests/1") + get(b"/v2/b/manifests/2"))
+    assert len(h.upstreams.connections) == 1
+    up, upstream = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nA")
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nB")
+    assert b"GET /v2/b/manifests/2 " in upstream.value()
+    out = client.value()
+    assert out.index(b"\r\n\r\nA") < out.index(b"\r\n\r\nB")
+
+
+def test_head_stays_head_and_keeps_content_length() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"HEAD " + BLOB + b" HTTP/1.1\r\nHost: h\r\n\r\n")
+    up, upstream = h.upstreams.last()
+    assert upstream.value().startswith(b"HEAD ")
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 123456\r\nDocker-Content-Digest: sha256:x\r\n\r\n")
+    out = client.value()
+    assert b"Content-Length: 123456\r\n" in out and out.endswith(b"\r\n\r\n")
+    proto.dataReceived(get())  # and the connection is still usable
+    assert upstream.value().count(b"GET /v2/app/manifests/1.0") == 1
+
+
+def test_chunked_response_is_relayed_to_http11_and_decoded_for_http10() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(get())
+    up, _ = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    assert client.value().endswith(b"Transfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n0\r\n\r\n")
+    proto10, client10 = h.client()
+    proto10.dataReceived(b"GET /v2/app/manifests/1.0 HTTP/1.0\r\n\r\n")
+    up, _ = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhi\r\n3\r\nyou\r\n0\r\n\r\n")
+    out = client10.value()
+    assert out.endswith(b"\r\n\r\nhiyou") and b"Connection: close" in out and b"chunked" not in out
+    assert client10.disconnecting
+
+
+def test_bad_requests_get_a_json_error_and_the_connection_closes() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    out = client.value()
+    assert out.startswith(b"HTTP/1.1 400 ") and b'{"errors":[{"code":"BAD_REQUEST"' in out
+    assert client.disconnecting and h.upstreams.connections == []
+    proto, client = h.client()
+    proto.dataReceived(b"\x16\x03\x01\x02\x00")  # a TLS ClientHello on a plain port
+    assert client.value().startswith(b"HTTP/1.1 400 ") and client.disconnecting
+
+
+def test_smuggled_second_request_in_a_body_is_never_parsed_as_a_request() -> None:
+    h = Harness()
+    proto, client = h.client()
+    smuggled = b"GET /v2/secret/manifests/x HTTP/1.1\r\nHost: h\r\n\r\n"
+    proto.dataReceived(
+        b"PATCH /v2/app/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled
+    )
+    up, upstream = h.upstreams.last()
+    assert upstream.value().endswith(b"\r\n\r\n" + smuggled)  # forwarded as body bytes
+    up.dataReceived(b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n")
+    assert len(h.upstreams.connections) == 1 and upstream.value().count(b"GET /v2/secret") == 1
+
+
+def test_connect_refused_is_502_and_timeout_is_504() -> None:
+    h = Harness()
+    h.upstreams.refuse = ConnectionRefusedError()
+    proto, client = h.client()
+    proto.dataReceived(get())
+    assert client.value().startswith(b"HTTP/1.1 502 ") and b'"code":"UNAVAILABLE"' in client.value()
+    h.upstreams.refuse = None
+    proto, client = h.client()
+    proto.dataReceived(get())
+    h.reactor.advance(h.config.request_timeout)
+    assert client.value().startswith(b"HTTP/1.1 504 ")
+    assert h.upstreams.last()[1].disconnected
+
+
+def test_uploads_get_the_long_timeout() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"PUT /v2/app/blobs/uploads/u1?digest=sha256:x HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    h.reactor.advance(h.config.request_timeout * 2)
+    assert client.value() == b""  # ECR may take minutes to commit a big layer
+    up, _ = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 201 ")
+
+
+def test_a_stalled_transfer_is_aborted_by_the_idle_watchdog() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(get(BLOB))
+    up, upstream = h.upstreams.last()
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
+    h.reactor.advance(h.factory.limits.idle_timeout - 1)
+    up.dataReceived(b"more")
+    h.reactor.advance(h.factory.limits.idle_timeout - 1)
+    assert not client.disconnected
+    h.reactor.advance(h.factory.limits.idle_timeout + 1)
+    assert client.disconnected and upstream.disconnected
+
+
+def test_expect_continue_is_answered_by_the_proxy() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(
+        b"PUT /v2/app/blobs/uploads/u?digest=d HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n"
+    )
+    assert client.value() == b"HTTP/1.1 100 Continue\r\n\r\n"
+    up, upstream = h.upstreams.last()
+    assert b"Expect" not in upstream.value()
+    proto.dataReceived(b"abc")
+    assert upstream.value().endswith(b"\r\n\r\nabc")

@@ -1,0 +1,147 @@
+"""Token refresh on a task.Clock: schedule, backoff, resilience, single flight."""
+
+import base64
+import datetime
+
+import pytest
+from twisted.internet.task import Clock
+
+from ecr_twisted.testing import FakeTokenFetcher, make_token
+from ecr_twisted.tokens import READY_MARGIN, TokenKeeper, backoff, parse_authorization_data, refresh_due
+
+H = 3600.0
+
+
+def keeper(clock: Clock, fetcher: FakeTokenFetcher, **kw) -> tuple[TokenKeeper, list[str]]:
+    results: list[str] = []
+    k = TokenKeeper(clock, fetcher, on_result=lambda r, t: results.append(r), rand=lambda: 0.5, **kw)
+    return k, results
+
+
+def test_refresh_due_is_half_the_lifetime_but_never_too_soon() -> None:
+    assert refresh_due(make_token(now=100, lifetime=12 * H), 0.5, 60) == 100 + 6 * H
+    # moto's tokens "expired" in 2015: refresh once a minute, not in a tight loop
+    assert refresh_due(make_token(now=100, lifetime=-1e9), 0.5, 60) == 160
+
+
+def test_backoff_grows_exponentially_is_capped_and_jittered() -> None:
+    assert [backoff(n, 2, 300, lambda: 0.0) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
+    assert backoff(20, 2, 300, lambda: 1.0) == 300
+    assert backoff(20, 2, 300, lambda: 0.0) == 150
+
+
+def test_parse_authorization_data_checks_and_strips() -> None:
+    raw = base64.b64encode(b"AWS:" + b"p" * 5000).decode()
+    expires = datetime.datetime(2030, 1, 1, tzinfo=datetime.timezone.utc)
+    token = parse_authorization_data(
+        {"authorizationToken": f"  {raw}\n", "expiresAt": expires, "proxyEndpoint": "https://x"}, now=5.0
+    )
+    assert token.authorization == raw and token.header == b"Basic " + raw.encode()
+    assert token.expires_at == expires.timestamp() and token.fetched_at == 5.0
+    assert raw not in repr(token)  # secrets never reach logs through repr
+    with pytest.raises(ValueError):
+        parse_authorization_data({"authorizationToken": "not base64!", "expiresAt": 0}, now=0)
+    with pytest.raises(ValueError):
+        parse_authorization_data({"authorizationToken": base64.b64encode(b"nocolon").decode(), "expiresAt": 0}, 0)
+
+
+def test_refreshes_at_half_life_and_not_before() -> None:
+    clock = Clock()
+    fetcher = FakeTokenFetcher()
+    fetcher.results = [make_token("one", now=0), make_token("two", now=6 * H)]
+    k, results = keeper(clock, fetcher)
+    k.start()
+    assert fetcher.calls == 1 and k.current is not None
+    clock.advance(6 * H - 1)
+    assert fetcher.calls == 1
+    clock.advance(1)
+    assert fetcher.calls == 2
+    assert k.current.authorization == make_token("two").authorization
+    assert results == ["success", "success"]
+
+
+def test_failures_back_off_keep_the_old_token_and_never_kill_the_loop() -> None:
+    clock = Clock()
+    fetcher = FakeTokenFetcher()
+    first = make_token("one", now=0)
+    fetcher.results = [first] + [RuntimeError("throttled")] * 5 + [make_token("two", now=6 * H + 47)]
+    k, results = keeper(clock, fetcher)
+    k.start()
+    clock.advance(6 * H)  # due: fails
+    assert fetcher.calls == 2 and k.current is first and k.failures == 1
+    # backoff with rand=0.5 is 0.75 of steps 2, 4, 8, 16, 32: waits 1.5, 3, 6, 12, 24 s,
+    # checked on a one-second tick: attempts at +2, +5, +11, +23 and +47 s
+    start = clock.seconds()
+    for at, calls in [(2, 3), (5, 4), (11, 5), (23, 6)]:
+        clock.advance(start + at - 1 - clock.seconds())
+        assert fetcher.calls == calls - 1, at
+        clock.advance(1)
+        assert fetcher.calls == calls, at
+    assert k.current is first and k.token_for_request() is first
+    clock.advance(start + 47 - clock.seconds())
+    assert fetcher.calls == 7 and k.current is not first and k.failures == 0
+    assert results.count("failure") == 5 and results[-1] == "success"
+    assert k._loop.running
+
+
+def test_a_raising_fetcher_does_not_stop_the_loop() -> None:
+    class Exploding(FakeTokenFetcher):
+        def fetch(self):  # type: ignore[override]
+            self.calls += 1
+            raise ValueError("bug in the fetcher")
+
+    clock = Clock()
+    fetcher = Exploding()
+    k, results = keeper(clock, fetcher)
+    k.start()
+    clock.advance(10)
+    clock.advance(10)
+    assert fetcher.calls >= 2 and k._loop.running and "failure" in results
+
+
+def test_forced_refresh_is_single_flight() -> None:
+    clock = Clock()
+    fetcher = FakeTokenFetcher()
+    stale = make_token("stale", now=0)
+    fetcher.results = [stale]
+    k, _ = keeper(clock, fetcher)
+    k.start()
+    fetcher.hold = True
+    got: list = []
+    for _ in range(50):
+        k.force_refresh(stale).addCallback(got.append)
+    assert fetcher.calls == 2  # one call for fifty refused requests
+    fresh = make_token("fresh", now=0)
+    fetcher.answer(fresh)
+    assert got == [fresh] * 50
+    # a request that failed with the stale token after the refresh: no new call
+    k.force_refresh(stale).addCallback(got.append)
+    assert fetcher.calls == 2 and got[-1] is fresh
+
+
+def test_forced_refresh_failure_answers_none() -> None:
+    clock = Clock()
+    fetcher = FakeTokenFetcher()
+    stale = make_token("stale", now=0)
+    fetcher.results = [stale]
+    k, _ = keeper(clock, fetcher)
+    k.start()
+    fetcher.hold = True
+    got: list = []
+    k.force_refresh(stale).addCallback(got.append)
+    fetcher.answer(RuntimeError("AWS down"))
+    assert got == [None] and k.current is stale
+
+
+def test_readiness_wants_five_minutes_and_expired_tokens_are_not_used() -> None:
+    clock = Clock()
+    fetcher = FakeTokenFetcher()
+    fetcher.results = [make_token(now=0, lifetime=READY_MARGIN + 10)]
+    k, _ = keeper(clock, fetcher, min_interval=1e9)
+    assert not k.ready()
+    k.start()
+    assert k.ready()
+    clock.advance(11)
+    assert not k.ready() and k.token_for_request() is not None
+    clock.advance(READY_MARGIN)
+    assert k.token_for_request() is None
