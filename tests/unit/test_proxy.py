@@ -286,3 +286,13 @@ def test_access_log_and_metrics_per_request(logged) -> None:
     assert h.sample("ecrproxy_request_duration_seconds_count", {"route": "blob"}) == 1
     assert h.sample("ecrproxy_upstream_response_seconds_count", {"target": "registry"}) == 1
     assert h.sample("ecrproxy_requests_in_flight") == 0
+
+
+def test_a_5kb_token_is_sent_whole() -> None:
+    token = make_token("p" * 5000, now=1_000_000)
+    h = Harness(token=token)
+    proto, _ = h.client()
+    proto.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    _, upstream = h.upstreams.last()
+    assert b"\r\nAuthorization: " + token.header + b"\r\n" in upstream.value()
+    assert len(token.header) > 6600
