@@ -44,6 +44,7 @@ def ops_site(registry: CollectorRegistry, ready: Callable[[], bool]) -> Site:
     root.putChild(b"healthz", _Leaf(healthz))
     root.putChild(b"readyz", _Leaf(readyz))
     site = Site(root)
+    site.log = lambda request: None  # scrapes every few seconds would drown the access log
     site.displayTracebacks = False
     site.noisy = False
     return site

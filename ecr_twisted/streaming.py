@@ -330,6 +330,9 @@ class _Attempt:
         self.retried = False
 
     def go(self) -> None:
+        # the deadline covers waiting for a pool place and connecting, not only the response head
+        if self.timer is None:
+            self.timer = self.exchange.conn.reactor.callLater(self.timeout, self.timed_out)
         self.exchange.conn.pool.acquire(self.origin).addCallbacks(self.connected, self.connect_failed)
 
     def connected(self, conn: UpstreamConnection) -> None:
@@ -341,11 +344,12 @@ class _Attempt:
         ex._attempt = self
         conn.request_complete = ex._body_complete or ex.request.framing == NO_BODY
         conn.start(self, self.head)
-        self.timer = ex.conn.reactor.callLater(self.timeout, self.timed_out)
         if ex.request.framing != NO_BODY:
             ex._attach_body(conn)
 
     def connect_failed(self, reason: Failure) -> None:
+        if self.d is None:
+            return  # already timed out or cancelled
         if reason.check(ierror.TimeoutError):
             self.failed(UpstreamError("timeout", "connect timed out"))
         else:

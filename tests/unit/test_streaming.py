@@ -246,3 +246,18 @@ def test_expect_continue_is_answered_by_the_proxy() -> None:
     assert b"Expect" not in upstream.value()
     proto.dataReceived(b"abc")
     assert upstream.value().endswith(b"\r\n\r\nabc")
+
+
+def test_waiting_for_a_pool_place_is_bounded_by_the_timeout() -> None:
+    h = Harness()
+    busy = [h.client() for _ in range(h.pool.max_per_origin)]
+    for proto, _ in busy:
+        proto.dataReceived(get())
+    assert len(h.upstreams.connections) == h.pool.max_per_origin
+    proto, client = h.client()
+    proto.dataReceived(get())  # no place left: waits
+    assert len(h.upstreams.connections) == h.pool.max_per_origin
+    h.reactor.advance(h.config.request_timeout - 1)
+    assert client.value() == b""
+    h.reactor.advance(1)
+    assert client.value().startswith(b"HTTP/1.1 504 ")
