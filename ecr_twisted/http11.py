@@ -131,9 +131,13 @@ def _framing(head: Head, is_request: bool) -> None:
     head.framing = NO_BODY if is_request else UNTIL_CLOSE
 
 
-def split_head(buf: bytes) -> tuple[bytes, int] | None:
-    """Find the end of a head in `buf`: (head bytes without the blank line, bytes used)."""
-    end = buf.find(b"\r\n\r\n")
+def split_head(buf: bytes, scanned: int = 0) -> tuple[bytes, int] | None:
+    """Find the end of a head in `buf`: (head bytes without the blank line, bytes used).
+
+    `scanned` is how much of `buf` an earlier call already searched, so a head that
+    arrives a byte at a time costs linear, not quadratic, time.
+    """
+    end = buf.find(b"\r\n\r\n", max(0, scanned - 3))
     if end < 0:
         if len(buf) > MAX_HEAD:
             raise BadMessage("message head too large", 431)

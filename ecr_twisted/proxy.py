@@ -236,8 +236,9 @@ class RegistryProxy:
         self._fail(ex, errors.UPSTREAM_AUTH if status == 401 else errors.DENIED)
 
     def _retry(self, token: Token | None, ex: Exchange, ctx: _Ctx, status: int) -> None:
-        if token is None:
-            return self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
+        if token is None or token is ctx.token:
+            # no fresher token to be had: the refusal stands
+            return self._fail(ex, errors.UPSTREAM_AUTH if status == 401 else errors.DENIED)
         ctx.token = token
         self._send(ex, ctx)
 
@@ -247,7 +248,7 @@ class RegistryProxy:
             origin = Origin.from_url(url)
         except ValueError:
             return self._fail(ex, errors.STORAGE_ERROR, "redirect to an unusable URL")
-        raw = url.encode("latin-1")
+        raw = url.encode("latin-1").split(b"#", 1)[0]
         scheme_end = raw.index(b"//") + 2
         slash = raw.find(b"/", scheme_end)
         target = raw[slash:] if slash >= 0 else b"/"
@@ -292,6 +293,8 @@ class RegistryProxy:
         err = reason.value
         if not isinstance(err, UpstreamError):
             return self._bug(reason, ex)
+        if ex.gone:
+            return  # the client left; nothing failed upstream
         if ex.error is None:
             ex.error = f"{ctx.target} {err}"
         self.metrics.upstream_errors.labels(err.kind).inc()

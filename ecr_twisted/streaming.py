@@ -144,6 +144,10 @@ class Limits:
 
 
 _U_IDLE, _U_HEAD, _U_HOLD, _U_RELAY, _U_DRAIN = range(5)
+_DRAIN_TIMEOUT = 30.0  # a discarded body that stalls must not hold a pool place
+_MAX_DRAIN = 1 << 20  # discarded bodies beyond this are cheaper to cut than to read
+_SENDS_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"})
 
 
 class UpstreamConnection(Protocol):
@@ -161,7 +165,8 @@ class UpstreamConnection(Protocol):
         self._keep = True
         self._got_bytes = False
         self.request_complete = True
-        self.idle_call: Any = None
+        self._drained = 0
+        self.idle_call: Any = None  # idle-in-pool or drain deadline
         self.connected_ = False
         self.counted = True  # holds one of the pool's per-origin places until lost
 
@@ -183,7 +188,10 @@ class UpstreamConnection(Protocol):
         mode = self._mode
         if mode == _U_RELAY:
             reader = self._reader
-            n = reader.feed(data)
+            try:
+                n = reader.feed(data)
+            except BadMessage:
+                return self._bad_body()
             if n:
                 self._attempt.exchange._upstream_body(data if n == len(data) else data[:n], reader)
             if reader.done:
@@ -198,9 +206,17 @@ class UpstreamConnection(Protocol):
             self._buf += data
             return
         if mode == _U_DRAIN:
-            n = self._reader.feed(data)
-            if self._reader.done:
+            reader = self._reader
+            try:
+                n = reader.feed(data)
+            except BadMessage:
+                return self._bad_body()
+            self._drained += n
+            reader.payload.clear()
+            if reader.done:
                 self._body_done(n < len(data))
+            elif self._drained > _MAX_DRAIN:
+                self.abort()
             return
         # bytes on an idle connection: the server is confused; never reuse it
         self.abort()
@@ -262,6 +278,8 @@ class UpstreamConnection(Protocol):
             self.abort()
             return
         self._mode = _U_DRAIN
+        self._drained = 0
+        self.idle_call = self.pool.reactor.callLater(_DRAIN_TIMEOUT, self.abort)
         buf, self._buf = self._buf, b""
         if reader.done:
             self._body_done(bool(buf))
@@ -271,12 +289,27 @@ class UpstreamConnection(Protocol):
         if self._mode == _U_DRAIN:
             self.transport.resumeProducing()
 
+    def _bad_body(self) -> None:
+        """Malformed framing from upstream: never reuse the connection, never let the client see an end."""
+        relayed = self._mode == _U_RELAY
+        attempt = self._attempt
+        self._attempt = None
+        self._mode = _U_IDLE
+        self.abort()
+        if relayed and attempt is not None:
+            attempt.exchange.error = "invalid body framing from upstream"
+            attempt.exchange._upstream_truncated()
+
     def _body_done(self, extra: bool) -> None:
         relayed = self._mode == _U_RELAY
         attempt = self._attempt
         self._attempt = None
         self._mode = _U_IDLE
         self._reader = None
+        if self.idle_call is not None:  # the drain deadline
+            if self.idle_call.active():
+                self.idle_call.cancel()
+            self.idle_call = None
         if extra:
             self._keep = False  # bytes past the response: never trust this connection again
         # back to the pool first, so a pipelined request that starts next can reuse it
@@ -305,7 +338,7 @@ class UpstreamConnection(Protocol):
         if mode == _U_HEAD:
             attempt.lost_before_head(self, self._got_bytes)
         elif mode == _U_RELAY:
-            if self._reader.framing == UNTIL_CLOSE:
+            if self._reader.framing == UNTIL_CLOSE and reason.check(ierror.ConnectionDone):
                 attempt.exchange._upstream_body_done(self)
             else:
                 attempt.exchange._upstream_truncated()
@@ -316,7 +349,7 @@ class UpstreamConnection(Protocol):
 class _Attempt:
     """One try at getting a response head for an exchange from one origin."""
 
-    __slots__ = ("exchange", "origin", "method", "head", "timeout", "d", "conn", "timer", "retried")
+    __slots__ = ("exchange", "origin", "method", "head", "timeout", "d", "acquiring", "conn", "timer", "retried")
 
     def __init__(self, exchange: "Exchange", origin: Origin, method: bytes, head: bytes, timeout: float) -> None:
         self.exchange = exchange
@@ -325,6 +358,7 @@ class _Attempt:
         self.head = head
         self.timeout = timeout
         self.d: Deferred[UpstreamResponse] | None = Deferred()
+        self.acquiring: Deferred[UpstreamConnection] | None = None
         self.conn: UpstreamConnection | None = None
         self.timer: Any = None
         self.retried = False
@@ -333,9 +367,11 @@ class _Attempt:
         # the deadline covers waiting for a pool place and connecting, not only the response head
         if self.timer is None:
             self.timer = self.exchange.conn.reactor.callLater(self.timeout, self.timed_out)
-        self.exchange.conn.pool.acquire(self.origin).addCallbacks(self.connected, self.connect_failed)
+        acquiring = self.acquiring = self.exchange.conn.pool.acquire(self.origin)
+        acquiring.addCallbacks(self.connected, self.connect_failed)
 
     def connected(self, conn: UpstreamConnection) -> None:
+        self.acquiring = None
         ex = self.exchange
         if self.d is None or ex._gone:
             conn.pool.release(conn)
@@ -348,6 +384,7 @@ class _Attempt:
             ex._attach_body(conn)
 
     def connect_failed(self, reason: Failure) -> None:
+        self.acquiring = None
         if self.d is None:
             return  # already timed out or cancelled
         if reason.check(ierror.TimeoutError):
@@ -357,11 +394,20 @@ class _Attempt:
 
     def timed_out(self) -> None:
         self.timer = None
+        d, self.d = self.d, None
+        self.give_up()
+        self.d = d
         conn, self.conn = self.conn, None
         if conn is not None:
             conn._attempt = None
             conn.abort()
         self.failed(UpstreamError("timeout", "no response head in time"))
+
+    def give_up(self) -> None:
+        """Stop waiting for a pool place or a connect that nobody needs any more."""
+        acquiring, self.acquiring = self.acquiring, None
+        if acquiring is not None and not acquiring.called:
+            acquiring.cancel()
 
     def _stop_timer(self) -> None:
         if self.timer is not None:
@@ -383,6 +429,7 @@ class _Attempt:
         # when nothing irreversible happened (no response bytes, no body bytes sent).
         if (
             conn.reused
+            and self.method in _IDEMPOTENT
             and not got_bytes
             and not self.retried
             and ex._body_sent == 0
@@ -485,8 +532,18 @@ class UpstreamPool:
                 return succeed(conn)
         if self._count.get(key, 0) < self.max_per_origin:
             return self._connect(origin)
-        d: Deferred[UpstreamConnection] = Deferred()
-        self._waiting.setdefault(key, deque()).append((origin, d))
+        queue = self._waiting.setdefault(key, deque())
+        entry: list[Any] = [origin, None]
+
+        def cancel(d: Deferred[UpstreamConnection]) -> None:
+            try:
+                queue.remove(entry)
+            except ValueError:
+                pass
+
+        d: Deferred[UpstreamConnection] = Deferred(cancel)
+        entry[1] = d
+        queue.append(entry)
         return d
 
     def _connect(self, origin: Origin) -> Deferred[UpstreamConnection]:
@@ -561,7 +618,7 @@ class Exchange:
         "conn", "request", "started", "status", "upstream_status", "bytes_in", "bytes_out",
         "error", "ctx", "_dechunk", "_pending", "_body_complete", "_body_sent", "_upstream",
         "_attempt", "_relaying", "_responded", "_done", "_gone", "_keep", "_watch", "_moved",
-        "_expect_continue", "_is_head",
+        "_expect_continue", "_is_head", "_pending_size",
     )
 
     def __init__(self, conn: "ClientConnection", request: Head, started: float) -> None:
@@ -576,6 +633,7 @@ class Exchange:
         self.ctx: Any = None  # for the handler's own per-request state
         self._dechunk = request.version == b"1.0"
         self._pending: list[bytes] | None = [] if request.framing != NO_BODY else None
+        self._pending_size = 0
         self._body_complete = request.framing == NO_BODY
         self._body_sent = 0
         self._upstream: UpstreamConnection | None = None
@@ -589,12 +647,19 @@ class Exchange:
         self._moved = -1
         self._is_head = request.method == b"HEAD"
         expect = request.get(b"expect")
-        self._expect_continue = expect is not None and expect.lower() == b"100-continue"
+        self._expect_continue = (
+            expect is not None and expect.lower() == b"100-continue" and request.version == b"1.1"
+        )
 
     # -- what handlers use
     @property
     def is_tls(self) -> bool:
         return self.conn.is_tls
+
+    @property
+    def gone(self) -> bool:
+        """The client has left: nothing more will reach it."""
+        return self._gone
 
     @property
     def has_body(self) -> bool:
@@ -617,6 +682,8 @@ class Exchange:
             extra.append((b"Content-Length", b"%d" % req.length))
         elif req.framing == CHUNKED:
             extra.append((b"Transfer-Encoding", b"chunked"))
+        elif method in _SENDS_BODY:
+            extra.append((b"Content-Length", b"0"))  # servers (S3 among them) may want 411 otherwise
         head = serialize_head(method + b" " + target + b" HTTP/1.1", fields + extra if extra else fields)
         attempt = _Attempt(self, origin, method, head, timeout)
         self._attempt = attempt
@@ -668,6 +735,7 @@ class Exchange:
             up.transport.unregisterProducer()
         if not self._body_complete and self._body_sent == 0 and self._pending is None:
             self._pending = []  # nothing went out yet: a retry can still send it
+            self._pending_size = 0
 
     def _client_body(self, chunk: bytes) -> None:
         self.bytes_in += len(chunk)
@@ -677,7 +745,8 @@ class Exchange:
             up.transport.write(chunk)
         elif self._pending is not None:
             self._pending.append(chunk)
-            if sum(map(len, self._pending)) > 1 << 20:
+            self._pending_size += len(chunk)
+            if self._pending_size > 1 << 20:
                 self.conn.transport.pauseProducing()
         # else: the body is being discarded; the connection closes after the response
 
@@ -700,14 +769,14 @@ class Exchange:
             out.append((b"Transfer-Encoding", b"chunked"))
         else:
             length = upstream.get(b"content-length")
-            if length is not None:
+            if length is not None and status != 204:
                 out.append((b"Content-Length", length))
             elif upstream.framing != NO_BODY:
                 self._keep = False  # body delimited by closing the connection
             elif status >= 200 and status not in (204, 304) and not self._is_head:
                 out.append((b"Content-Length", b"0"))
-        if not self._body_complete and self.request.framing != NO_BODY and self._upstream is None:
-            self._keep = False  # unread request body: cannot find the next request
+        if not self._body_complete:
+            self._keep = False  # the request body is not all read: cannot find the next request
         if not self._keep:
             out.append((b"Connection", b"close"))
         elif self.request.version == b"1.0":
@@ -788,6 +857,7 @@ class Exchange:
             return
         attempt._stop_timer()
         d, attempt.d = attempt.d, None
+        attempt.give_up()
         if attempt.conn is not None and attempt.conn._attempt is attempt:
             attempt.conn._attempt = None
             attempt.conn.abort()
@@ -822,7 +892,10 @@ class Exchange:
         self._abort_client()
 
 
-_C_HEAD, _C_BODY, _C_WAIT, _C_CLOSED = range(4)
+_C_HEAD, _C_BODY, _C_WAIT, _C_LINGER, _C_CLOSED = range(5)
+_CRLF = frozenset((b"\r", b"\n"))
+_LINGER_TIMEOUT = 2.0
+_MAX_LINGER = 1 << 20
 _METHOD_START = frozenset(bytes([c]) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 
 
@@ -839,6 +912,8 @@ class ClientConnection(Protocol):
         self.valve: _Valve | None = None
         self._state = _C_HEAD
         self._buf = b""
+        self._scanned = 0
+        self._lingered = 0
         self._reader: BodyReader | None = None
         self._exchange: Exchange | None = None
         self._parsing = False
@@ -856,22 +931,35 @@ class ClientConnection(Protocol):
                 self._reject(BadMessage("request head not received in time", 408))
             else:
                 self.transport.loseConnection()
+        elif self._state == _C_LINGER:
+            self._state = _C_CLOSED
+            self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
         state = self._state
         if state == _C_BODY:
             self._body_data(data, 0)
         elif state == _C_HEAD:
-            if not self._buf and data[:1] not in _METHOD_START:
-                # not HTTP at all (a TLS ClientHello on a plain port, say): say so at once
-                self._reject(BadMessage("not an HTTP/1.1 request"))
-                return
+            if not self._buf:
+                if data[:1] in _CRLF:
+                    data = data.lstrip(b"\r\n")  # RFC 9112 2.2: ignore empty lines before a request
+                    if not data:
+                        return
+                if data[:1] not in _METHOD_START:
+                    # not HTTP at all (a TLS ClientHello on a plain port, say): say so at once
+                    self._reject(BadMessage("not an HTTP/1.1 request"))
+                    return
             self._buf = self._buf + data if self._buf else data
             self._next_heads()
         elif state == _C_WAIT:
             # pipelined bytes while a response is in progress: keep them, stop reading
             self._buf += data
             self.transport.pauseProducing()
+        elif state == _C_LINGER:
+            self._lingered += len(data)
+            if self._lingered > _MAX_LINGER:
+                self._state = _C_CLOSED
+                self.transport.loseConnection()
 
     def _next_heads(self) -> None:
         if self._parsing:
@@ -880,14 +968,16 @@ class ClientConnection(Protocol):
         try:
             while self._state == _C_HEAD and self._buf:
                 try:
-                    found = split_head(self._buf)
+                    found = split_head(self._buf, self._scanned)
                     if found is None:
+                        self._scanned = len(self._buf)
                         return
                     raw, used = found
                     head = parse_request_head(raw)
                 except BadMessage as e:
                     self._reject(e)
                     return
+                self._scanned = 0
                 if self._timer is not None:
                     if self._timer.active():
                         self._timer.cancel()
@@ -901,14 +991,16 @@ class ClientConnection(Protocol):
                     self._buf = rest
                     if rest:
                         self.transport.pauseProducing()
-                else:
-                    self._state = _C_BODY
-                    self._reader = BodyReader(head.framing, head.length)
-                    if rest:
-                        self._body_data(rest, 0)
-                    if self._state == _C_BODY and self._exchange is ex:
-                        self.transport.pauseProducing()  # until the body has somewhere to go
+                    self.handler.handle(ex)
+                    continue
+                self._state = _C_BODY
+                self._reader = BodyReader(head.framing, head.length)
+                self.transport.pauseProducing()  # until the body has somewhere to go
+                # the handler sees the request before any body byte is judged, so an
+                # exchange is always handled before it can be finished
                 self.handler.handle(ex)
+                if rest and self._state == _C_BODY and self._exchange is ex:
+                    self._body_data(rest, 0)
         finally:
             self._parsing = False
 
@@ -918,11 +1010,13 @@ class ClientConnection(Protocol):
         try:
             n = reader.feed(data, off)
         except BadMessage as e:
+            self.on_error(e)
             if ex is not None and not ex._responded:
-                ex._keep = False
                 ex.respond(e.status, [(b"Content-Type", b"application/json")], _error_json(e))
-            self.transport.loseConnection()
-            self._state = _C_CLOSED
+            else:
+                # mid-response: the upstream got a broken body; cut both sides
+                self._state = _C_CLOSED
+                self.transport.abortConnection()
             return
         if n:
             ex._client_body(data if (off == 0 and n == len(data)) else data[off : off + n])
@@ -964,6 +1058,20 @@ class ClientConnection(Protocol):
         if abort:
             self._state = _C_CLOSED
             self.transport.abortConnection()
+            return
+        if self._state == _C_BODY:
+            # answered before the client finished sending: close our side once the answer is
+            # out, but keep reading a little so the unread body does not turn the close into
+            # a reset that destroys the answer before the client reads it
+            self._state = _C_LINGER
+            self._reader = None
+            self.transport.resumeProducing()
+            lose_write = getattr(self.transport, "loseWriteConnection", None)
+            if lose_write is None:
+                self.transport.loseConnection()
+                return
+            lose_write()
+            self._timer = self.reactor.callLater(_LINGER_TIMEOUT, self._timeout)
             return
         if not keep or self._state == _C_CLOSED:
             self._state = _C_CLOSED

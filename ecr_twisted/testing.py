@@ -12,6 +12,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
@@ -59,6 +60,33 @@ class FakeTokenFetcher:
             d.callback(result)
 
 
+class ClosingTransport(StringTransport):
+    """A StringTransport that, like a real one, tells its protocol when it is closed.
+
+    `connectionLost` comes on the next reactor turn (`reactor.advance(0)`), as in Twisted's
+    TCP transports; without a reactor it never comes, as with a plain StringTransport.
+    """
+
+    def __init__(self, reactor: Any, protocol: Any, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._reactor = reactor
+        self._protocol = protocol
+        self._closing = False
+
+    def _close(self, reason: BaseException) -> None:
+        if self._reactor is not None and not self._closing:
+            self._closing = True
+            self._reactor.callLater(0, self._protocol.connectionLost, Failure(reason))
+
+    def loseConnection(self) -> None:
+        super().loseConnection()
+        self._close(ConnectionDone())
+
+    def abortConnection(self) -> None:
+        super().abortConnection()
+        self._close(ConnectionAborted())
+
+
 class MemoryUpstreams:
     """A pool connector that connects upstream protocols to in-memory transports.
 
@@ -67,7 +95,8 @@ class MemoryUpstreams:
     Set `refuse` to make the next connects fail.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, reactor: Any = None) -> None:
+        self.reactor = reactor
         self.connections: list[tuple[Origin, UpstreamConnection, StringTransport]] = []
         self.refuse: BaseException | None = None
 
@@ -76,7 +105,7 @@ class MemoryUpstreams:
             d: Deferred[Any] = Deferred()
             d.errback(Failure(self.refuse))
             return d
-        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.1", origin.port))
+        transport = ClosingTransport(self.reactor, conn, peerAddress=IPv4Address("TCP", "10.0.0.1", origin.port))
         conn.makeConnection(transport)
         self.connections.append((origin, conn, transport))
         return succeed(conn)
@@ -98,7 +127,7 @@ class Harness:
         self.keeper = TokenKeeper(self.reactor, self.fetcher)
         self.keeper.current = token or make_token(now=self.reactor.seconds())
         self.keeper.next_attempt = float("inf")
-        self.upstreams = MemoryUpstreams()
+        self.upstreams = MemoryUpstreams(self.reactor)
         self.pool = UpstreamPool(self.reactor, None, connector=self.upstreams, max_per_origin=4)
         self.config = config or ProxyConfig(upstream=UPSTREAM)
         self.handler = RegistryProxy(self.config, self.keeper, self.metrics, self.reactor)

@@ -143,6 +143,7 @@ class TokenKeeper:
         backoff_base: float = 2.0,
         backoff_cap: float = 300.0,
         tick: float = 1.0,
+        forced_interval: float = 30.0,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._clock = clock
@@ -153,6 +154,8 @@ class TokenKeeper:
         self._backoff_base = backoff_base
         self._backoff_cap = backoff_cap
         self._tick = tick
+        self._forced_interval = forced_interval
+        self._last_forced = float("-inf")
         self._rand = rand
         self.current: Token | None = None
         self.failures = 0
@@ -195,14 +198,24 @@ class TokenKeeper:
     def force_refresh(self, stale: Token | None) -> Deferred[Token | None]:
         """Refresh now because `stale` was refused upstream; concurrent callers share one call.
 
-        If the current token is already another one than `stale`, answer with it at once.
+        Answers the token to retry with: another one than `stale` if there is one, else
+        `stale` itself or None, meaning "no fresher token; do not retry". A 403 that has
+        nothing to do with the token (an IAM deny) must not turn every request into an
+        API call: forced fetches happen at most once per `forced_interval` and never
+        while backing off from failures.
         """
         if self.current is not None and self.current is not stale:
             return succeed(self.current)
         d: Deferred[Token | None] = Deferred()
+        if self._inflight is not None:
+            self._waiters.append(d)
+            return d
+        now = self._clock.seconds()
+        if now - self._last_forced < self._forced_interval or (self.failures and now < self.next_attempt):
+            return succeed(self.current)
+        self._last_forced = now
         self._waiters.append(d)
-        if self._inflight is None:
-            self._refresh()
+        self._refresh()
         return d
 
     def _refresh(self) -> None:

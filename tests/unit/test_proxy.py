@@ -296,3 +296,30 @@ def test_a_5kb_token_is_sent_whole() -> None:
     _, upstream = h.upstreams.last()
     assert b"\r\nAuthorization: " + token.header + b"\r\n" in upstream.value()
     assert len(token.header) > 6600
+
+
+def test_an_iam_deny_does_not_turn_every_request_into_a_token_fetch() -> None:
+    h = Harness()
+    h.fetcher.results = [make_token("same", now=h.reactor.seconds()) for _ in range(10)]
+    for i in range(10):
+        proto, client = h.client()
+        proto.dataReceived(b"GET /v2/private/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+        while True:
+            conn, _ = h.upstreams.last()
+            if conn._attempt is None:
+                break
+            conn.dataReceived(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        assert split(client.value())[0] == b"HTTP/1.1 403 Forbidden"
+        h.reactor.advance(1)
+    assert h.fetcher.calls == 1
+
+
+def test_a_client_leaving_is_not_an_upstream_error() -> None:
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    h = Harness()
+    proto, _ = h.client()
+    proto.dataReceived(b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    proto.connectionLost(Failure(ConnectionDone()))
+    assert h.sample("ecrproxy_upstream_errors_total", {"kind": "closed"}) is None

@@ -261,3 +261,138 @@ def test_waiting_for_a_pool_place_is_bounded_by_the_timeout() -> None:
     assert client.value() == b""
     h.reactor.advance(1)
     assert client.value().startswith(b"HTTP/1.1 504 ")
+
+
+# --- regressions found in review -------------------------------------------------------
+
+GET1 = b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n"
+
+
+def test_a_bad_chunk_with_the_head_is_handled_once_and_frees_its_upstream() -> None:
+    h = Harness()
+    order: list[str] = []
+    handle, finished = h.handler.handle, h.handler.finished
+    h.handler.handle = lambda ex: (order.append("handle"), handle(ex))[1]  # type: ignore[method-assign]
+    h.handler.finished = lambda ex: (order.append("finished"), finished(ex))[1]  # type: ignore[method-assign]
+    proto, client = h.client()
+    proto.dataReceived(b"PATCH /v2/app/blobs/uploads/u1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"5\r\nhello\r\nZZ\r\n")
+    assert order == ["handle", "finished"]
+    assert client.value().startswith(b"HTTP/1.1 400 ") and client.disconnecting
+    _, upstream = h.upstreams.last()
+    assert upstream.disconnected  # the half-sent upload is cut, not left waiting 900 s
+    h.reactor.advance(0)
+    assert h.pool._count[h.config.upstream.key] == 0
+    assert h.sample("ecrproxy_requests_in_flight") == 0
+
+
+def test_a_discarded_body_that_stalls_gives_its_pool_place_back() -> None:
+    h = Harness()
+    h.fetcher.hold = True
+    proto, _ = h.client()
+    proto.dataReceived(b"POST /v2/app/blobs/uploads/ HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    conn, upstream = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 200\r\n\r\n<partial")
+    assert not upstream.disconnected
+    h.reactor.advance(30)
+    assert upstream.disconnected
+    h.reactor.advance(0)
+    assert h.pool._count[h.config.upstream.key] == 0
+
+
+def test_malformed_chunks_from_upstream_abort_the_client_mid_relay() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(get(BLOB))
+    conn, upstream = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\nZZ\r\n")
+    assert client.disconnected and upstream.disconnected
+
+
+def test_malformed_chunks_while_draining_just_drop_the_connection() -> None:
+    h = Harness()
+    h.fetcher.hold = True
+    proto, _ = h.client()
+    proto.dataReceived(b"POST /v2/app/blobs/uploads/ HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    conn, upstream = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 401 Unauthorized\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n")
+    assert upstream.disconnected
+
+
+def test_waiters_that_gave_up_leave_the_queue() -> None:
+    h = Harness()
+    busy = [h.client() for _ in range(h.pool.max_per_origin)]
+    for proto, _ in busy:
+        proto.dataReceived(b"PUT /v2/a/blobs/uploads/u?digest=d HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    waiting = [h.client() for _ in range(500)]
+    for proto, _ in waiting:
+        proto.dataReceived(GET1)
+    assert len(h.pool._waiting[h.config.upstream.key]) == 500
+    h.reactor.advance(h.config.request_timeout)
+    assert all(c.value().startswith(b"HTTP/1.1 504 ") for _, c in waiting)
+    assert len(h.pool._waiting[h.config.upstream.key]) == 0
+    conn = h.upstreams.connections[0][1]
+    conn.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert h.pool._idle[h.config.upstream.key] == [conn]
+
+
+def test_a_close_delimited_body_cut_by_an_error_is_a_truncation() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(get())
+    conn, _ = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n{\"schemaVer")
+    conn.connectionLost(Failure(ConnectionLost()))
+    assert client.disconnected
+    proto, client = h.client()
+    proto.dataReceived(get())
+    conn, _ = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n{}")
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert client.value().endswith(b"Connection: close\r\n\r\n{}") and not client.disconnected
+
+
+def test_empty_posts_and_puts_say_content_length_zero() -> None:
+    h = Harness()
+    proto, _ = h.client()
+    proto.dataReceived(b"PUT /v2/a/blobs/uploads/u?digest=sha256:1 HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    _, upstream = h.upstreams.last()
+    assert b"\r\nContent-Length: 0\r\n" in upstream.value()
+
+
+def test_an_early_answer_to_an_upload_announces_the_close() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"PATCH /v2/a/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    conn, _ = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 416 Range Not Satisfiable\r\nContent-Length: 0\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 416 ") and b"\r\nConnection: close\r\n" in client.value()
+    assert client.disconnecting
+
+
+def test_a_post_is_not_resent_on_a_stale_pooled_connection() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(get())
+    conn, _ = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    proto.dataReceived(b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+    conn.connectionLost(Failure(ConnectionDone()))
+    assert len(h.upstreams.connections) == 1
+    assert client.value().split(b"\r\n\r\nok", 1)[1].startswith(b"HTTP/1.1 502 ")
+
+
+def test_empty_lines_before_a_request_are_ignored() -> None:
+    h = Harness()
+    proto, _ = h.client()
+    proto.dataReceived(b"\r\n")
+    proto.dataReceived(b"\r\n" + GET1)
+    assert h.upstreams.last()[1].value().startswith(b"GET /v2/app/manifests/1 ")
+
+
+def test_a_head_dribbled_a_byte_at_a_time_is_parsed() -> None:
+    h = Harness()
+    proto, _ = h.client()
+    for i in range(len(GET1)):
+        proto.dataReceived(GET1[i : i + 1])
+    assert h.upstreams.last()[1].value().startswith(b"GET /v2/app/manifests/1 ")

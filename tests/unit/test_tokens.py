@@ -145,3 +145,26 @@ def test_readiness_wants_five_minutes_and_expired_tokens_are_not_used() -> None:
     assert not k.ready() and k.token_for_request() is not None
     clock.advance(READY_MARGIN)
     assert k.token_for_request() is None
+
+
+def test_forced_refreshes_are_rate_limited_and_respect_backoff() -> None:
+    clock = Clock()
+    fetcher = FakeTokenFetcher()
+    first = make_token("one", now=0)
+    fetcher.results = [first, make_token("one", now=0), RuntimeError("throttled")]
+    k, _ = keeper(clock, fetcher)
+    k.start()
+    got: list = []
+    k.force_refresh(first).addCallback(got.append)  # fetches: another token object comes back
+    assert fetcher.calls == 2 and got[-1] is k.current and got[-1] is not first
+    second = k.current
+    clock.advance(29)
+    k.force_refresh(second).addCallback(got.append)  # too soon: the same token, no call
+    assert fetcher.calls == 2 and got[-1] is second
+    clock.advance(1)
+    k.force_refresh(second).addCallback(got.append)  # allowed again; it fails
+    assert fetcher.calls == 3 and got[-1] is None and k.failures == 1
+    k.next_attempt = clock.seconds() + 1000  # backing off for long
+    clock.advance(30)
+    k.force_refresh(second).addCallback(got.append)
+    assert fetcher.calls == 3 and got[-1] is second
