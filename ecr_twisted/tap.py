@@ -12,6 +12,7 @@ from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import endpoints
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from .metrics import Metrics
@@ -153,15 +154,14 @@ class Options(usage.Options):
         self["metrics-endpoint"] = _endpoint(reactor, "metrics-port", self["metrics-port"]) if self["metrics-port"] else None
 
     def _listener(self, reactor: Any, spec: str) -> tuple[Any, bool]:
-        if spec.isdigit():
-            port = int(spec)
-            if not 0 < port < 65536:
-                raise usage.UsageError(f"--port: {spec} is not a port number")
-            tls = self.get("tls-options")
-            if tls is not None:
-                return endpoints.SSL4ServerEndpoint(reactor, port, tls), True
-            return endpoints.TCP4ServerEndpoint(reactor, port), False
-        return _endpoint(reactor, "port", spec), spec.split(":", 1)[0] in ("ssl", "tls")
+        """(endpoint, TLS applied by the proxy?). With --tls-cert/--tls-key every listener
+        speaks TLS, whatever its endpoint type; `ssl:` strings carry their own certificate."""
+        if spec.isdigit() and not 0 < int(spec) < 65536:
+            raise usage.UsageError(f"--port: {spec} is not a port number")
+        endpoint = _endpoint(reactor, "port", spec)
+        if spec.split(":", 1)[0] == "ssl":
+            return endpoint, False
+        return endpoint, self.get("tls-options") is not None
 
 
 def _endpoint(reactor: Any, option: str, spec: str) -> Any:
@@ -247,10 +247,20 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     def bad_request(e: Any) -> None:
         metrics.bad_requests.labels(str(e.status)).inc()
 
-    for endpoint, is_tls in options["listeners"]:
-        factory = RelayFactory(handler, reactor, pool, is_tls=is_tls, limits=limits, on_bad_request=bad_request)
-        StreamServerEndpointService(endpoint, factory).setServiceParent(top)
+    for endpoint, wrap_tls in options["listeners"]:
+        is_tls = wrap_tls or isinstance(endpoint, endpoints.SSL4ServerEndpoint)
+        factory: Any = RelayFactory(handler, reactor, pool, is_tls=is_tls, limits=limits, on_bad_request=bad_request)
+        if wrap_tls:
+            factory = TLSMemoryBIOFactory(options["tls-options"], False, factory)
+        _listen(endpoint, factory).setServiceParent(top)
     if options["metrics-endpoint"] is not None:
-        StreamServerEndpointService(options["metrics-endpoint"], ops_site(registry, keeper.ready)).setServiceParent(top)
+        _listen(options["metrics-endpoint"], ops_site(registry, keeper.ready)).setServiceParent(top)
     return top
+
+
+def _listen(endpoint: Any, factory: Any) -> StreamServerEndpointService:
+    svc = StreamServerEndpointService(endpoint, factory)
+    # a port that cannot be bound must stop twistd, not leave a process that serves nothing
+    svc._raiseSynchronously = True
+    return svc
 

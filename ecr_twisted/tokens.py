@@ -143,7 +143,7 @@ class TokenKeeper:
         backoff_base: float = 2.0,
         backoff_cap: float = 300.0,
         tick: float = 1.0,
-        forced_interval: float = 30.0,
+        forced_interval: float = 10.0,
         rand: Callable[[], float] = random.random,
     ) -> None:
         self._clock = clock

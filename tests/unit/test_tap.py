@@ -80,10 +80,13 @@ def test_bare_port_with_tls_files_means_tls(tmp_path) -> None:
     from ecr_twisted.emulator import _make_tls_files
 
     ca, cert, key = _make_tls_files(tmp_path)
-    o = parse(BASE + ["--port", "8443", "--port", "tcp:8080", "--tls-cert", str(cert), "--tls-key", str(key)])
-    (tls_ep, tls), (plain_ep, plain) = o["listeners"]
-    assert isinstance(tls_ep, SSL4ServerEndpoint) and tls
-    assert isinstance(plain_ep, TCP4ServerEndpoint) and not plain
+    o = parse(BASE + ["--port", "8443", "--port", "tcp:8080:interface=127.0.0.1", "--tls-cert", str(cert),
+                      "--tls-key", str(key)])
+    # every listener gets the proxy's TLS, endpoint strings included (they were silently plain once)
+    assert [wrap for _, wrap in o["listeners"]] == [True, True]
+    o = parse(BASE + ["--port", f"ssl:8443:privateKey={key}:certKey={cert}"])
+    [(endpoint, wrap)] = o["listeners"]
+    assert isinstance(endpoint, SSL4ServerEndpoint) and not wrap
 
 
 def test_make_service_builds_listeners_and_metrics() -> None:

@@ -1,0 +1,65 @@
+"""Fixtures for the integration tests: the emulated ECR and real ``twistd ecrproxy`` processes.
+
+* ``ecr``: one EmulatedECR for the whole session (tests that break it get their own);
+* ``proxy_factory``: start proxies with extra arguments, stopped after the test;
+* ``module_proxy_factory``: the same, stopped after the module;
+* ``proxy``: one default proxy (stream mode) per module on ``ecr``.
+
+When a test fails, the tail of every proxy log still running is attached to its report.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+
+from proxy_harness import LIVE_PROXIES, Proxy, ProxyFactory  # noqa: E402
+
+from ecr_twisted.emulator import EmulatedECR  # noqa: E402
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and LIVE_PROXIES:
+        for p in list(LIVE_PROXIES):
+            report.sections.append((f"{p.name} log tail ({p.log_path})", p.log_tail(8000)))
+
+
+@pytest.fixture(scope="session")
+def ecr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedECR]:
+    """The shared emulated ECR. Tests that change its token must put it back."""
+    with EmulatedECR(tmp_path_factory.mktemp("ecr")) as emu:
+        yield emu
+
+
+@pytest.fixture
+def proxy_factory(tmp_path: pathlib.Path) -> Iterator[ProxyFactory]:
+    factory = ProxyFactory(tmp_path / "proxies")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def module_proxy_factory(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyFactory]:
+    factory = ProxyFactory(tmp_path_factory.mktemp("proxies"))
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(ecr: EmulatedECR, module_proxy_factory: ProxyFactory) -> Proxy:
+    """A stream-mode proxy on the shared emulator, relying on AWS_ENDPOINT_URL_ECR for the ECR API."""
+    p = module_proxy_factory(ecr)
+    assert "AWS_ENDPOINT_URL_ECR" in p.env and "--ecr-endpoint-url" not in p.args
+    return p
