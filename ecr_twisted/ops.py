@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 
 class _Leaf(Resource):
@@ -23,10 +24,30 @@ class _Leaf(Resource):
         return self._render(request)
 
 
-def ops_site(registry: CollectorRegistry, ready: Callable[[], bool]) -> Site:
-    def metrics(request: Any) -> bytes:
+def ops_site(
+    registry: CollectorRegistry,
+    ready: Callable[[], bool],
+    others: Callable[[], Deferred[list[bytes]]] | None = None,
+) -> Site:
+    """`others` gives the expositions of the other worker processes, summed into /metrics."""
+
+    def metrics(request: Any) -> Any:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
-        return generate_latest(registry)
+        if others is None:
+            return generate_latest(registry)
+        from .workers import merge_expositions
+
+        def write(texts: list[bytes]) -> None:
+            request.write(merge_expositions([generate_latest(registry), *texts]))
+            request.finish()
+
+        def failed(reason: Any) -> None:
+            request.setResponseCode(500)
+            request.write(b"could not gather worker metrics\n")
+            request.finish()
+
+        others().addCallbacks(write, failed)
+        return NOT_DONE_YET
 
     def healthz(request: Any) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain")

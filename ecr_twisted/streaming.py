@@ -55,6 +55,18 @@ REASONS = {
 Fields = list[tuple[bytes, bytes]]
 
 
+READ_SIZE = 256 * 1024
+
+
+def _big_reads(transport: Any) -> None:
+    """Read up to 256 KiB per recv() instead of Twisted's 64 KiB: a quarter of the syscalls
+    and reactor turns per gigabyte. TLS transports wrap the socket one level down."""
+    inner = getattr(transport, "transport", None)
+    for t in (transport, inner):
+        if t is not None and hasattr(t, "bufferSize"):
+            t.bufferSize = READ_SIZE
+
+
 class UpstreamError(Exception):
     """The upstream could not give a response head. `kind`: unreachable, timeout, closed."""
 
@@ -173,6 +185,7 @@ class UpstreamConnection(Protocol):
     def connectionMade(self) -> None:
         self.connected_ = True
         self.valve = _Valve(self.transport)
+        _big_reads(self.transport)
 
     # -- request side
     def start(self, attempt: "_Attempt", head: bytes) -> None:
@@ -921,6 +934,7 @@ class ClientConnection(Protocol):
 
     def connectionMade(self) -> None:
         self.valve = _Valve(self.transport)
+        _big_reads(self.transport)
         self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
 
     def _timeout(self) -> None:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
 
@@ -61,6 +65,7 @@ class Options(usage.Options):
         ["upstream-timeout", None, 60.0, "Seconds to wait for an upstream response head.", float],
         ["upload-timeout", None, 900.0, "Seconds to wait for an upstream answer to upload requests (commits are slow).", float],
         ["idle-timeout", None, 300.0, "Seconds a transfer may make no progress before it is aborted.", float],
+        ["workers", None, 1, "Processes serving the listeners (this one and N-1 children); tcp:/unix: listeners.", int],
     ]
 
     compData = usage.Completions(optActions={"blob-mode": usage.CompleteList(["stream", "redirect"])})
@@ -100,6 +105,11 @@ class Options(usage.Options):
         self["port"].append(value)
 
     opt_p = opt_port
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        # kept so --workers children can be started with exactly the same options
+        self.argv = list(sys.argv[1:] if options is None else options)
+        super().parseOptions(options)
 
     def postOptions(self) -> None:
         if not self["anonymous"]:
@@ -141,6 +151,8 @@ class Options(usage.Options):
         self["public-base"] = public
         if self["blob-mode"] not in ("stream", "redirect"):
             raise usage.UsageError("--blob-mode must be stream or redirect")
+        if not 1 <= self["workers"] <= 64:
+            raise usage.UsageError("--workers must be between 1 and 64")
         if self["upstream-connections"] < 1:
             raise usage.UsageError("--upstream-connections must be at least 1")
         for name in ("upstream-timeout", "upload-timeout", "idle-timeout"):
@@ -151,6 +163,12 @@ class Options(usage.Options):
         from twisted.internet import reactor
 
         self["listeners"] = [self._listener(reactor, p) for p in self["port"]]
+        if self["workers"] > 1:
+            for spec in self["port"]:
+                if not (spec.isdigit() or spec.split(":", 1)[0] in ("tcp", "tcp6", "unix")):
+                    raise usage.UsageError(
+                        f"--port {spec!r}: --workers needs tcp:, tcp6: or unix: listeners (TLS via --tls-cert/--tls-key)"
+                    )
         self["metrics-endpoint"] = _endpoint(reactor, "metrics-port", self["metrics-port"]) if self["metrics-port"] else None
 
     def _listener(self, reactor: Any, spec: str) -> tuple[Any, bool]:
@@ -211,10 +229,17 @@ class _TokenService(service.Service):
         return super().stopService()
 
 
-def makeService(options: Options, reactor: Any = None) -> service.MultiService:
-    if reactor is None:
-        from twisted.internet import reactor  # type: ignore[no-redef]
+@dataclass
+class Built:
+    """One process's proxy, without its listeners: what the main process and workers share."""
 
+    top: service.MultiService
+    registry: CollectorRegistry
+    keeper: TokenKeeper
+    factories: list[Any]  # one per --port, TLS-wrapped where it applies
+
+
+def build(options: Options, reactor: Any) -> Built:
     top = service.MultiService()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
@@ -247,14 +272,43 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
     def bad_request(e: Any) -> None:
         metrics.bad_requests.labels(str(e.status)).inc()
 
+    factories = []
     for endpoint, wrap_tls in options["listeners"]:
         is_tls = wrap_tls or isinstance(endpoint, endpoints.SSL4ServerEndpoint)
         factory: Any = RelayFactory(handler, reactor, pool, is_tls=is_tls, limits=limits, on_bad_request=bad_request)
         if wrap_tls:
             factory = TLSMemoryBIOFactory(options["tls-options"], False, factory)
-        _listen(endpoint, factory).setServiceParent(top)
+        factories.append(factory)
+    return Built(top, registry, keeper, factories)
+
+
+def makeService(options: Options, reactor: Any = None) -> service.MultiService:
+    if reactor is None:
+        from twisted.internet import reactor  # type: ignore[no-redef]
+
+    built = build(options, reactor)
+    top = built.top
+    others = None
+    if options["workers"] == 1:
+        for (endpoint, _), factory in zip(options["listeners"], built.factories):
+            _listen(endpoint, factory).setServiceParent(top)
+    else:
+        from .workers import AdoptedPort, ListenerError, WorkerProcesses, bind_listener
+
+        try:
+            sockets = [bind_listener(spec) for spec in options["port"]]
+        except ListenerError as e:
+            raise usage.UsageError(f"--port {e}") from None
+        for sock, factory in zip(sockets, built.factories):
+            AdoptedPort(reactor, sock.fileno(), factory).setServiceParent(top)
+        socket_dir = tempfile.mkdtemp(prefix="ecrproxy-workers-")
+        reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, socket_dir, True)
+        children = WorkerProcesses(reactor, options["workers"], options.argv, [s.fileno() for s in sockets], socket_dir)
+        children.setServiceParent(top)
+        top._sockets = sockets  # type: ignore[attr-defined]  # keep them open for the children
+        others = children.scrape
     if options["metrics-endpoint"] is not None:
-        _listen(options["metrics-endpoint"], ops_site(registry, keeper.ready)).setServiceParent(top)
+        _listen(options["metrics-endpoint"], ops_site(built.registry, built.keeper.ready, others)).setServiceParent(top)
     return top
 
 

@@ -1,0 +1,262 @@
+"""`--workers N`: N processes serve the same listening sockets; one /metrics sees them all.
+
+The main process binds each listener itself and hands the sockets to N-1 children
+(`python -m ecr_twisted.worker`), which adopt them, so the kernel spreads connections
+over the processes. Each child keeps its metrics in its own in-memory registry (nothing
+shared on the hot path) and serves them on a private unix socket; the main process
+scrapes and sums them at scrape time. Children watch their stdin pipe and exit when the
+main process goes away; the main process restarts a child that dies.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.application import service
+from twisted.internet import defer, protocol
+from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.logger import Logger
+
+log = Logger()
+
+
+class ListenerError(ValueError):
+    pass
+
+
+def bind_listener(spec: str) -> socket.socket:
+    """Bind a listening socket for `spec`: a port number, or tcp:/tcp6:/unix: endpoint strings."""
+    if spec.isdigit():
+        kind, positional, kw = "tcp", [spec], {}
+    else:
+        kind, _, rest = spec.partition(":")
+        positional, kw = [], {}
+        for part in rest.split(":") if rest else []:
+            key, eq, value = part.partition("=")
+            if eq:
+                kw[key] = value
+            else:
+                positional.append(part)
+    backlog = int(kw.get("backlog", 1024))
+    if kind in ("tcp", "tcp6"):
+        port = int(kw.get("port", positional[0] if positional else "0"))
+        family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
+        host = kw.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        address: Any = (host, port)
+    elif kind == "unix":
+        path = kw.get("address", positional[0] if positional else "")
+        if not path:
+            raise ListenerError(f"{spec!r}: no socket path")
+        if os.path.exists(path):
+            os.unlink(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        address = path
+    else:
+        raise ListenerError(f"{spec!r}: --workers needs tcp:, tcp6: or unix: listeners (TLS via --tls-cert/--tls-key)")
+    try:
+        sock.bind(address)
+        sock.listen(backlog)
+    except OSError as e:
+        sock.close()
+        raise ListenerError(f"{spec!r}: cannot listen: {e}") from None
+    sock.setblocking(False)
+    sock.set_inheritable(True)
+    return sock
+
+
+class AdoptedPort(service.Service):
+    """Serve `factory` on an already-bound listening socket (given by file descriptor)."""
+
+    def __init__(self, reactor: Any, fd: int, factory: Any) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.factory = factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        family = socket.socket(fileno=os.dup(self.fd))
+        fam = family.family
+        family.close()
+        self.port = self.reactor.adoptStreamPort(self.fd, fam, self.factory)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+class _Child(protocol.ProcessProtocol):
+    def __init__(self, pool: "WorkerProcesses", index: int) -> None:
+        self.pool = pool
+        self.index = index
+        self.ended: defer.Deferred[None] = defer.Deferred()
+
+    def processEnded(self, reason: Any) -> None:
+        self.ended.callback(None)
+        self.pool._ended(self, reason)
+
+
+class WorkerProcesses(service.Service):
+    """Runs and restarts the N-1 child processes; scrapes their metrics."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        argv: list[str],
+        fds: list[int],
+        socket_dir: str,
+        restart_delay: float = 1.0,
+    ) -> None:
+        self.reactor = reactor
+        self.count = count
+        self.argv = argv
+        self.fds = fds
+        self.socket_dir = socket_dir
+        self.restart_delay = restart_delay
+        self.children: dict[int, _Child] = {}
+
+    def metrics_socket(self, index: int) -> str:
+        return os.path.join(self.socket_dir, f"worker-{index}.sock")
+
+    def startService(self) -> None:
+        super().startService()
+        for index in range(1, self.count):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        passed = []
+        for n, fd in enumerate(self.fds):
+            child_fds[3 + n] = fd
+            passed.append(str(3 + n))
+        args = [
+            sys.executable, "-m", "ecr_twisted.worker",
+            "--fds", ",".join(passed), "--metrics-socket", self.metrics_socket(index), "--",
+            *self.argv,
+        ]
+        child = _Child(self, index)
+        self.reactor.spawnProcess(child, sys.executable, args, env=os.environ.copy(), childFDs=child_fds)
+        self.children[index] = child
+
+    def _ended(self, child: _Child, reason: Any) -> None:
+        if self.children.get(child.index) is child:
+            del self.children[child.index]
+        if self.running:
+            log.warn("worker {index} exited ({reason}); restarting it", index=child.index, reason=reason.value)
+            self.reactor.callLater(self.restart_delay, self._restart, child.index)
+
+    def _restart(self, index: int) -> None:
+        if self.running and index not in self.children:
+            self._spawn(index)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        waits = []
+        for child in list(self.children.values()):
+            waits.append(child.ended)
+            try:
+                child.transport.closeStdin()
+                child.transport.signalProcess("TERM")
+            except Exception:
+                pass
+        return defer.DeferredList(waits) if waits else None
+
+    def scrape(self) -> defer.Deferred[list[bytes]]:
+        """Every child's /metrics text; a child that does not answer in 2 s is left out."""
+        ds = [fetch_unix_metrics(self.reactor, self.metrics_socket(i)) for i in sorted(self.children)]
+        d = defer.DeferredList(ds, consumeErrors=True)
+        return d.addCallback(lambda results: [body for ok, body in results if ok])
+
+
+class _Fetch(protocol.Protocol):
+    def __init__(self) -> None:
+        self.chunks: list[bytes] = []
+        self.done: defer.Deferred[bytes] = defer.Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"GET /metrics HTTP/1.0\r\nHost: worker\r\n\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+    def connectionLost(self, reason: Any) -> None:
+        raw = b"".join(self.chunks)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        if head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n", 1)[0] + b" ":
+            self.done.callback(body)
+        else:
+            self.done.errback(ValueError("bad worker metrics answer"))
+
+
+def fetch_unix_metrics(reactor: Any, path: str, timeout: float = 2.0) -> defer.Deferred[bytes]:
+    fetch = _Fetch()
+    d = UNIXClientEndpoint(reactor, path, timeout=timeout).connect(_OneShot(fetch))
+    d.addCallback(lambda _: fetch.done)
+    return d.addTimeout(timeout, reactor)
+
+
+class _OneShot(protocol.Factory):
+    noisy = False
+
+    def __init__(self, proto: protocol.Protocol) -> None:
+        self.proto = proto
+
+    def buildProtocol(self, addr: Any) -> protocol.Protocol:
+        return self.proto
+
+
+def _combine(name: str, mtype: str) -> Callable[[float, float], float]:
+    if name.endswith("_created"):
+        return min
+    if mtype == "gauge" and name.endswith("_timestamp_seconds"):
+        return max
+    return lambda a, b: a + b
+
+
+class _Merged:
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: Iterable[bytes]) -> bytes:
+    """Sum the samples of several processes' expositions (counters, histograms, in-flight
+    gauges); timestamps keep the latest, `_created` the earliest."""
+    order: list[str] = []
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text.decode("utf-8")):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                values[fam.name] = {}
+                order.append(fam.name)
+            bucket = values[fam.name]
+            for s in fam.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                if key in bucket:
+                    bucket[key] = _combine(s.name, fam.type)(bucket[key], s.value)
+                else:
+                    bucket[key] = s.value
+    out = []
+    for name in order:
+        fam = families[name]
+        for (sample_name, labels), value in values[name].items():
+            fam.add_sample(sample_name, dict(labels), value)
+        out.append(fam)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(out))  # type: ignore[arg-type]
+    return generate_latest(registry)
