@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol as TypingProtocol
 from urllib.parse import urlsplit
 
 from twisted.internet import error as ierror
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
@@ -65,6 +66,36 @@ def _big_reads(transport: Any) -> None:
     for t in (transport, inner):
         if t is not None and hasattr(t, "bufferSize"):
             t.bufferSize = READ_SIZE
+
+
+def _direct_writer(transport: Any) -> Callable[[bytes], None]:
+    """A write function for one transport's body bytes.
+
+    Twisted's write() queues every chunk for the next reactor turn: an epoll round trip
+    and two epoll_ctl calls per chunk. When a plain TCP transport has nothing queued,
+    send() at once and queue only what the socket did not take; the queue keeps
+    Twisted's producer accounting (and so backpressure) exactly as before. TLS, unix and
+    in-memory transports get plain write().
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is None or not isinstance(transport, (tcp.Server, tcp.Client)):
+        return transport.write
+    send = sock.send
+    queue = transport.write
+
+    def write(data: bytes) -> None:
+        if transport.dataBuffer or transport._tempDataBuffer or not transport.connected or transport.disconnecting:
+            return queue(data)
+        try:
+            sent = send(data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return queue(data)  # let Twisted see the error and close the connection its way
+        if sent < len(data):
+            queue(data[sent:])
+
+    return write
 
 
 class UpstreamError(Exception):
@@ -186,6 +217,7 @@ class UpstreamConnection(Protocol):
         self.connected_ = True
         self.valve = _Valve(self.transport)
         _big_reads(self.transport)
+        self.send_body = _direct_writer(self.transport)
 
     # -- request side
     def start(self, attempt: "_Attempt", head: bytes) -> None:
@@ -755,7 +787,7 @@ class Exchange:
         up = self._upstream
         if up is not None:
             self._body_sent += len(chunk)
-            up.transport.write(chunk)
+            up.send_body(chunk)
         elif self._pending is not None:
             self._pending.append(chunk)
             self._pending_size += len(chunk)
@@ -806,7 +838,7 @@ class Exchange:
             else:
                 return
         self.bytes_out += len(data)
-        self.conn.transport.write(data)
+        self.conn.send_body(data)
 
     def _upstream_body_done(self, up: UpstreamConnection) -> None:
         registered = self._relaying is not None
@@ -935,6 +967,7 @@ class ClientConnection(Protocol):
     def connectionMade(self) -> None:
         self.valve = _Valve(self.transport)
         _big_reads(self.transport)
+        self.send_body = _direct_writer(self.transport)
         self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
 
     def _timeout(self) -> None:
