@@ -23,7 +23,12 @@ _FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([^\x00\r\n]*?)[ \t]*\Z")
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (/[!-~]*) HTTP/(1\.[01])\Z")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([^\x00\r\n]*))?\Z")
 _DIGITS = re.compile(rb"[0-9]{1,19}\Z")
-_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\x00\r\n]*)?\Z")
+# RFC 9112 7.1.1: chunk-ext = *( BWS ";" BWS ext-name [ BWS "=" BWS ext-val ] )
+_EXT = (
+    rb"(?:[ \t]*;[ \t]*" + _TOKEN + rb"(?:[ \t]*=[ \t]*(?:" + _TOKEN
+    + rb'|"(?:[\t !#-\[\]-~\x80-\xff]|\\[\t !-~\x80-\xff])*"))?)*'
+)
+_CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})" + _EXT + rb"\Z")
 
 METHODS = frozenset(
     {b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"}
@@ -116,7 +121,9 @@ def _framing(head: Head, is_request: bool) -> None:
     if codings:
         if lengths:
             raise BadMessage("both Content-Length and Transfer-Encoding")
-        if len(codings) != 1 or codings[0].strip().lower() != b"chunked":
+        # no strip(): bytes.strip() also eats \x0b and \x0c, which would let
+        # "Transfer-Encoding: \x0bchunked" through (the field regex already trims SP/HTAB)
+        if len(codings) != 1 or codings[0].lower() != b"chunked":
             raise BadMessage("only Transfer-Encoding: chunked is accepted", 501)
         if head.version == b"1.0":
             raise BadMessage("Transfer-Encoding in an HTTP/1.0 message")
