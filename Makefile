@@ -1,10 +1,14 @@
 # make demo   emulated ECR + the proxy on localhost, with commands to try
 # make test   everything: installs Debian packages and .venv, runs unit and integration tests
 # make unit   only the fast unit tests
+# make bench  ecr-twisted against nginx and direct registry access (bench/README.md; ~10 min,
+#             BENCH_ARGS=--quick for ~3 min); not part of make test
 SHELL := /bin/bash
 DEBIAN_TEST := docker-registry skopeo podman curl ca-certificates
+DEBIAN_BENCH := nginx-light wrk curl docker-registry
+BENCH_ARGS ?=
 
-.PHONY: deps demo test unit clean
+.PHONY: deps demo test unit bench clean
 
 deps:
 	@bash scripts/debian-deps.sh $(DEBIAN_TEST)
@@ -18,6 +22,13 @@ test: deps
 
 unit: deps
 	.venv/bin/python -m pytest -q tests/unit
+
+bench:
+	@bash scripts/debian-deps.sh $(DEBIAN_BENCH)
+	@bash scripts/venv.sh
+	@.venv/bin/python -c 'import matplotlib' 2>/dev/null || \
+	  .venv/bin/pip install -q --disable-pip-version-check 'matplotlib>=3.6' 2> >(grep -v "^WARNING: Location '" >&2)
+	.venv/bin/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .work build *.egg-info

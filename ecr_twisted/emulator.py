@@ -14,7 +14,19 @@ Rotating the token rewrites both the moto token file and the htpasswd file by
 atomic rename; distribution stats the htpasswd file on every authenticated
 request and reloads it when its mtime changes, so no restart is needed.
 
-CLI: ``python -m ecr_twisted.emulator --workdir DIR [--tls]`` prints one JSON line
+Two switches exist for benchmarks only (``bench/run.py``); tests keep the defaults,
+which behave like ECR:
+
+* ``storage="filesystem"`` swaps the s3 driver for distribution's ``filesystem``
+  driver under the workdir: the registry serves blob bytes itself instead of
+  redirecting to moto's S3, whose throughput would otherwise cap every client alike;
+* ``auth="silly"`` swaps htpasswd for distribution's ``silly`` access controller:
+  requests without ``Authorization`` still get 401, but any value is accepted, so
+  no bcrypt check (about a millisecond of CPU each) caps small requests for every
+  client alike.
+
+CLI: ``python -m ecr_twisted.emulator --workdir DIR [--tls] [--storage s3|filesystem]
+[--auth htpasswd|silly]`` prints one JSON line
 with the endpoints and runs until SIGTERM/SIGINT.
 """
 
@@ -40,7 +52,7 @@ import threading
 import time
 from typing import IO, Any
 
-__all__ = ["EmulatedECR", "DEFAULT_ACCOUNT", "REGISTRY_BINARY", "random_password"]
+__all__ = ["EmulatedECR", "AUTH_MODES", "DEFAULT_ACCOUNT", "REGISTRY_BINARY", "STORAGE_DRIVERS", "random_password"]
 
 DEFAULT_ACCOUNT = "123456789012"
 REGISTRY_BINARY = "/usr/bin/docker-registry"
@@ -54,6 +66,12 @@ MULTIPART_COPY_THRESHOLD = 5 << 30
 BCRYPT_MAX_BYTES = 72
 #: cost 4 is bcrypt's minimum: each authenticated request to the registry pays it.
 BCRYPT_ROUNDS = 4
+#: ``s3``: like ECR (blob GETs 307 to presigned moto S3 URLs). ``filesystem``: blobs on local
+#: disk, served by the registry itself (benchmarks: moto's S3 would be the bottleneck).
+STORAGE_DRIVERS = ("s3", "filesystem")
+#: ``htpasswd``: only ``AWS:<current password>`` is let in (bcrypt-checked on every request).
+#: ``silly``: a request without ``Authorization`` gets 401, any value is let in (benchmarks).
+AUTH_MODES = ("htpasswd", "silly")
 READY_TIMEOUT = 20.0
 ROTATION_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
@@ -215,9 +233,17 @@ class EmulatedECR:
         account: str = DEFAULT_ACCOUNT,
         password: str | None = None,
         token_lifetime: float = 12 * 3600,
+        storage: str = "s3",
+        auth: str = "htpasswd",
     ) -> None:
+        if storage not in STORAGE_DRIVERS:
+            raise ValueError(f"storage must be one of {STORAGE_DRIVERS}, not {storage!r}")
+        if auth not in AUTH_MODES:
+            raise ValueError(f"auth must be one of {AUTH_MODES}, not {auth!r}")
         self.workdir = pathlib.Path(workdir).resolve()
         self.tls = tls
+        self.storage = storage
+        self.auth = auth
         self.region = region
         self.registry_id = account
         self.token_lifetime = token_lifetime
@@ -245,6 +271,8 @@ class EmulatedECR:
         self.registry_config = self.workdir / "registry-config.yml"
         self.registry_log = self.workdir / "registry.log"
         self.moto_log = self.workdir / "moto.log"
+        #: Where the ``filesystem`` storage driver keeps blobs and manifests.
+        self.storage_dir = self.workdir / "registry-storage"
 
     # ------------------------------------------------------------------ endpoints
     @property
@@ -304,6 +332,8 @@ class EmulatedECR:
             "registry_id": self.registry_id,
             "region": self.region,
             "ca_file": str(self.ca_file) if self.ca_file else None,
+            "storage": self.storage,
+            "auth": self.auth,
         }
 
     # ------------------------------------------------------------------ lifecycle
@@ -333,7 +363,8 @@ class EmulatedECR:
                 self.set_moto_token(self.moto_password, expires_at)
                 self._write_htpasswd(self.password)
                 self._start_moto()
-                self._create_bucket()
+                if self.storage == "s3":
+                    self._create_bucket()
                 self._registry_port = None
                 self.start_registry()
             except BaseException:
@@ -429,7 +460,7 @@ class EmulatedECR:
             old = self.password
             self._write_htpasswd(password)
             self.password = password
-            if self._registry is None or self._registry.poll() is not None:
+            if self._registry is None or self._registry.poll() is not None or self.auth != "htpasswd":
                 return
         check_old = old if _bcrypt_prefix(old) != _bcrypt_prefix(password) else None
         deadline = time.monotonic() + ROTATION_TIMEOUT
@@ -531,10 +562,16 @@ class EmulatedECR:
         if self.tls:
             assert self._cert_file is not None and self._key_file is not None
             http_cfg["tls"] = {"certificate": str(self._cert_file), "key": str(self._key_file)}
-        config = {
-            "version": "0.1",
-            "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
-            "storage": {
+        storage: dict[str, Any]
+        if self.storage == "filesystem":
+            self.storage_dir.mkdir(parents=True, exist_ok=True)
+            storage = {
+                "filesystem": {"rootdirectory": str(self.storage_dir)},
+                "redirect": {"disable": True},
+                "maintenance": {"uploadpurging": {"enabled": False}},
+            }
+        else:
+            storage = {
                 "s3": {
                     "accesskey": DUMMY_KEY,
                     "secretkey": DUMMY_KEY,
@@ -547,13 +584,18 @@ class EmulatedECR:
                 },
                 "redirect": {"disable": False},
                 "maintenance": {"uploadpurging": {"enabled": False}},
-            },
-            "auth": {
-                "htpasswd": {
-                    "realm": f"https://{self.registry_id}.dkr.ecr.{self.region}.amazonaws.com/",
-                    "path": str(self.htpasswd_file),
-                }
-            },
+            }
+        realm = f"https://{self.registry_id}.dkr.ecr.{self.region}.amazonaws.com/"
+        auth: dict[str, Any]
+        if self.auth == "silly":
+            auth = {"silly": {"realm": realm, "service": "ecr"}}
+        else:
+            auth = {"htpasswd": {"realm": realm, "path": str(self.htpasswd_file)}}
+        config = {
+            "version": "0.1",
+            "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
+            "storage": storage,
+            "auth": auth,
             "http": http_cfg,
         }
         _atomic_write(self.registry_config, json.dumps(config, indent=2).encode("utf-8"), mode=0o600)
@@ -635,6 +677,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls", action="store_true", help="serve the registry over HTTPS with a self-signed CA")
     parser.add_argument("--region", default="us-east-1")
     parser.add_argument("--account", default=DEFAULT_ACCOUNT)
+    parser.add_argument("--storage", choices=STORAGE_DRIVERS, default="s3",
+                        help="s3 (like ECR: blob GETs redirect to moto's S3) or filesystem (benchmarks)")
+    parser.add_argument("--auth", choices=AUTH_MODES, default="htpasswd",
+                        help="htpasswd (like ECR: only the token's password) or silly (benchmarks: any)")
     args = parser.parse_args(argv)
 
     stop_event = threading.Event()
@@ -645,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
-    emu = EmulatedECR(args.workdir, tls=args.tls, region=args.region, account=args.account)
+    emu = EmulatedECR(args.workdir, tls=args.tls, region=args.region, account=args.account, storage=args.storage,
+                      auth=args.auth)
     emu.start()
     status = 0
     try:

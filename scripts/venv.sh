@@ -16,5 +16,6 @@ quiet .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >/dev/n
 quiet .venv/bin/pip install -q --disable-pip-version-check ".[test]"
 # build Twisted's plugin cache now, so twistd finds ecrproxy and never tries to write it later
 .venv/bin/python -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
-.venv/bin/twistd --help | grep -q ecrproxy
+help=$(.venv/bin/twistd --help)  # whole output first: grep -q closing the pipe early made twistd die of EPIPE
+grep -q ecrproxy <<<"$help"
 echo "$inputs" > "$stamp"

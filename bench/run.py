@@ -1,0 +1,1373 @@
+#!/usr/bin/env python3
+"""Benchmark: ecr-twisted against nginx and against direct access to the registry.
+
+``make bench`` (or ``.venv/bin/python bench/run.py [--quick]``) starts the local emulated
+ECR (moto for tokens + CNCF distribution with the ``filesystem`` storage driver and ``silly``
+auth), an nginx reverse proxy configured like the nginx-based ECR proxies
+(``bench/nginx.conf.tmpl``) and ``twistd -n ecrproxy``, then measures all three in the same run,
+alternating them round-robin (direct, nginx, ecr-twisted, direct, ...) so machine noise hits all
+alike:
+
+* pull of one big blob (curl, MB/s = 10^6 bytes/s, median of the runs);
+* the same pull with a slow client (curl --limit-rate 100M) and each contender's peak RSS;
+* push of the same blob as one streamed PATCH + PUT ?digest= (new repository each run);
+* small requests: manifest GET with wrk (req/s, p50/p99), 1 and 2 workers (wrk 4.1 cannot do HEAD);
+* pull and small requests again with TLS on the upstream leg;
+* pull and small requests again in front of a fast stub upstream (``bench/stub.conf.tmpl``,
+  nginx answering like the registry), since distribution itself caps small requests at ~1k/s.
+
+Peak RSS is the sum over each contender's processes (nginx master + workers, twistd main +
+workers), sampled from /proc every 0.1 s; the per-process high-water mark (VmHWM, reset via
+/proc/PID/clear_refs before each measurement) catches spikes between samples.
+
+Results: a table on stdout, and bench/results/{results.json,results.png,results.md}
+(``--quick`` writes to .work/bench/quick-results/ unless --results is given).
+See bench/README.md for the design decisions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import datetime
+import gzip
+import hashlib
+import http.client
+import json
+import os
+import pathlib
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+BENCH_DIR = REPO / "bench"
+NGINX_TEMPLATE = BENCH_DIR / "nginx.conf.tmpl"
+STUB_TEMPLATE = BENCH_DIR / "stub.conf.tmpl"
+SMALL_LUA = BENCH_DIR / "small.lua"
+TWISTD = pathlib.Path(sys.executable).parent / "twistd"
+
+from ecr_twisted.emulator import EmulatedECR, _parent_death_preexec  # noqa: E402  (installed in .venv)
+
+MIB = 1 << 20
+MB = 1_000_000
+CONTENDERS = ("direct", "nginx", "ecr-twisted")
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+SLOW_RATE = "100M"  # curl --limit-rate: 100 MiB/s
+RSS_INTERVAL = 0.1
+TREE_REFRESH = 1.0  # seconds between re-reading a contender's process tree
+WRK_THREADS = 2
+WRK_CONNECTIONS = 64
+WRK_WARMUP_S = 1
+NGINX_BUFFER = "256k"
+#: wrk 4.1 cannot count HEAD responses (it waits for the Content-Length body), so the small
+#: request is a GET of the same manifest (bench/small.lua; see bench/README.md).
+SMALL_METHOD = "GET"
+SCENARIOS = ("pull", "slow", "push", "small", "tls", "stub")
+
+#: Targets (ecr-twisted against nginx, and absolute limits).
+PULL_PLAIN_VS_NGINX = 0.9
+PULL_TLS_VS_NGINX = 0.6
+PUSH_VS_NGINX = 0.9
+SMALL_VS_NGINX = 0.5
+P99_LIMIT_MS = 20.0
+RSS_PER_WORKER_LIMIT_MIB = 64.0
+
+
+# ---------------------------------------------------------------- output
+def say(msg: str = "") -> None:
+    print(msg, flush=True)
+
+
+def progress(msg: str) -> None:
+    say(f"[{time.strftime('%H:%M:%S')}] {msg}")
+
+
+# ---------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: split after the last ')'
+    return data.rsplit(")", 1)[1].split()
+
+
+def start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[19]) if fields else None  # field 22 of stat: starttime
+
+
+def process_tree(roots: Sequence[int]) -> list[int]:
+    """``roots`` and all their descendants that are alive now (one scan of /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        fields = _stat_fields(int(entry.name))
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    todo = [r for r in roots if os.path.exists(f"/proc/{r}")]
+    while todo:
+        pid = todo.pop()
+        if pid in out:
+            continue
+        out.append(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                parts = value.split()
+                if len(parts) == 2 and parts[1] == "kB":
+                    out[key] = int(parts[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+class Processes:
+    """Every long-running process the benchmark starts; ``stop_all()`` ends them (and their children)."""
+
+    def __init__(self) -> None:
+        self.live: list[tuple[str, subprocess.Popen[bytes], Any]] = []
+
+    def spawn(self, name: str, argv: Sequence[str], *, log_path: pathlib.Path,
+              env: dict[str, str] | None = None, cwd: pathlib.Path | None = None) -> subprocess.Popen[bytes]:
+        log = open(log_path, "ab")
+        try:
+            proc = subprocess.Popen(
+                list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=cwd, start_new_session=True, preexec_fn=_parent_death_preexec(),
+            )
+        except BaseException:
+            log.close()
+            raise
+        self.live.append((name, proc, log))
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+        """Signal ``proc``, wait (then SIGKILL); then SIGKILL any of its children still alive."""
+        kids = [(pid, start_time(pid)) for pid in process_tree([proc.pid]) if pid != proc.pid]
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(sig)
+            try:
+                proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                proc.wait(timeout=STOP_TIMEOUT)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        for pid, started in kids:
+            # same pid and same start time: still the child we saw, not a reused pid
+            while started is not None and start_time(pid) == started and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if started is not None and start_time(pid) == started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        for i, (_, p, log) in enumerate(self.live):
+            if p is proc:
+                with contextlib.suppress(OSError):
+                    log.close()
+                del self.live[i]
+                break
+
+    def stop_all(self) -> None:
+        for _, proc, _ in list(reversed(self.live)):
+            with contextlib.suppress(Exception):
+                self.stop(proc)
+
+
+PROCS = Processes()
+
+
+# ---------------------------------------------------------------- RSS
+class RssSampler:
+    """Peak of the summed VmRSS of a process tree, sampled every 0.1 s, plus per-process peaks.
+
+    Each process's VmHWM is reset (``echo 5 > /proc/PID/clear_refs``) on entry and read on
+    exit, so a spike between two samples still counts for the per-process peak.
+    """
+
+    def __init__(self, roots: Sequence[int], interval: float = RSS_INTERVAL) -> None:
+        self.roots = list(roots)
+        self.interval = interval
+        self.peak_total = 0
+        self.per_process: dict[int, int] = {}
+        self.samples = 0
+        self.hwm_reset = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss", daemon=True)
+
+    def _reset_hwm(self, pids: Sequence[int]) -> bool:
+        ok = bool(pids)
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/clear_refs", "w", encoding="ascii") as f:
+                    f.write("5")
+            except OSError:
+                ok = False
+        return ok
+
+    def _sample(self, pids: Sequence[int]) -> None:
+        total = 0
+        for pid in pids:
+            rss = proc_status(pid).get("VmRSS", 0)
+            total += rss
+            if rss > self.per_process.get(pid, 0):
+                self.per_process[pid] = rss
+        self.samples += 1
+        self.peak_total = max(self.peak_total, total)
+
+    def _run(self) -> None:
+        pids: list[int] = []
+        refreshed = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - refreshed >= TREE_REFRESH:
+                pids, refreshed = process_tree(self.roots), now
+            self._sample(pids)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> RssSampler:
+        if self.roots:
+            self.hwm_reset = self._reset_hwm(process_tree(self.roots))
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self.roots:
+            return
+        self._stop.set()
+        self._thread.join(timeout=5)
+        pids = process_tree(self.roots)
+        self._sample(pids)
+        if self.hwm_reset:
+            for pid in pids:
+                hwm = proc_status(pid).get("VmHWM", 0)
+                if hwm > self.per_process.get(pid, 0):
+                    self.per_process[pid] = hwm
+
+    @property
+    def peak_process(self) -> int:
+        return max(self.per_process.values(), default=0)
+
+
+@dataclasses.dataclass
+class RssPeak:
+    """Peaks over every measurement of one contender in one scenario."""
+
+    total: int = 0
+    process: int = 0
+    processes: int = 0
+    samples: int = 0
+    hwm_reset: bool = True
+
+    def add(self, s: RssSampler) -> None:
+        self.total = max(self.total, s.peak_total)
+        self.process = max(self.process, s.peak_process)
+        self.processes = max(self.processes, len(s.per_process))
+        self.samples += s.samples
+        self.hwm_reset = self.hwm_reset and s.hwm_reset
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "peak_total_mib": round(self.total / MIB, 1),
+            "peak_per_process_mib": round(self.process / MIB, 1),
+            "processes": self.processes,
+            "samples": self.samples,
+            "vmhwm_reset": self.hwm_reset,
+        }
+
+
+# ---------------------------------------------------------------- contenders
+@dataclasses.dataclass
+class Endpoint:
+    """What a client talks to: the registry itself, or one of the proxies in front of it."""
+
+    name: str
+    base_url: str
+    basic_user: str | None = None  # "AWS:<password>": only direct access authenticates itself
+    cacert: str | None = None  # only direct access over TLS talks TLS to the client
+    roots: list[int] = dataclasses.field(default_factory=list)  # pids whose trees are sampled
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: pathlib.Path | None = None
+    start_error: str = ""  # set when the contender could not be started: every measurement fails
+
+    def rss_now(self) -> tuple[int, int]:
+        """(sum of VmRSS, number of processes) of the contender's process tree now."""
+        pids = process_tree(self.roots)
+        return sum(proc_status(pid).get("VmRSS", 0) for pid in pids), len(pids)
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+    def curl_auth(self) -> list[str]:
+        out: list[str] = []
+        if self.basic_user:
+            out += ["-u", self.basic_user]
+        if self.cacert:
+            out += ["--cacert", self.cacert]
+        return out
+
+    def authorization(self) -> str:
+        if not self.basic_user:
+            return ""
+        return "Basic " + base64.b64encode(self.basic_user.encode()).decode()
+
+    def alive(self) -> bool:
+        return self.proc is None or self.proc.poll() is None
+
+    def log_tail(self, n: int = 1500) -> str:
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_bytes()[-n:].decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+
+def http_call(url: str, method: str = "GET", *, headers: dict[str, str] | None = None,
+              body: bytes | None = None, cafile: str | None = None,
+              timeout: float = 30) -> tuple[int, http.client.HTTPMessage, bytes]:
+    u = urllib.parse.urlsplit(url)
+    assert u.hostname and u.port, url
+    conn: http.client.HTTPConnection
+    if u.scheme == "https":
+        ctx = ssl.create_default_context(cafile=cafile)
+        conn = http.client.HTTPSConnection(u.hostname, u.port, timeout=timeout, context=ctx)
+    else:
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+    target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+    try:
+        conn.request(method, target, body=body, headers=headers or {})
+        resp = conn.getresponse()
+        return resp.status, resp.headers, resp.read()
+    finally:
+        conn.close()
+
+
+def wait_ready(ep: Endpoint, *, consecutive: int = 1) -> None:
+    """Until ``GET /v2/`` answers 200 ``consecutive`` times in a row (fresh connections)."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    streak, last = 0, ""
+    headers = {"Authorization": ep.authorization()} if ep.basic_user else {}
+    while streak < consecutive:
+        if not ep.alive():
+            raise RuntimeError(f"{ep.name} exited ({ep.proc.returncode if ep.proc else '?'}):\n{ep.log_tail()}")
+        try:
+            status, _, _ = http_call(ep.url("/v2/"), headers=headers, cafile=ep.cacert, timeout=5)
+            last = str(status)
+            streak = streak + 1 if status == 200 else 0
+        except (OSError, http.client.HTTPException) as e:
+            streak, last = 0, repr(e)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{ep.name} not ready after {READY_TIMEOUT}s (last: {last}):\n{ep.log_tail()}")
+        if streak < consecutive:
+            time.sleep(0.05 if streak else 0.2)
+
+
+@dataclasses.dataclass
+class Upstream:
+    """What the proxies forward to: the emulated registry itself, or the fast stub standing in for it."""
+
+    kind: str  # "registry" or "stub"
+    url: str
+    ecr: EmulatedECR  # tokens (moto) and the password come from the emulator in both cases
+    ca_file: str | None = None
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def split(self) -> urllib.parse.SplitResult:
+        return urllib.parse.urlsplit(self.url)
+
+    @property
+    def tls(self) -> bool:
+        return self.split.scheme == "https"
+
+
+def render(template: pathlib.Path, values: dict[str, str]) -> str:
+    text = template.read_text("utf-8")
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    left = re.findall(r"\{\{[A-Z_]+\}\}", text)
+    if left:
+        raise RuntimeError(f"{template.name}: unreplaced {left}")
+    return text
+
+
+def render_nginx_conf(*, port: int, workers: int, up: Upstream, directory: pathlib.Path) -> str:
+    tls = ""
+    if up.tls:
+        assert up.ca_file is not None
+        tls = "\n".join([
+            f"        proxy_ssl_trusted_certificate {up.ca_file};",
+            "        proxy_ssl_verify on;",
+            "        proxy_ssl_verify_depth 2;",
+            # the emulator's certificate names 127.0.0.1 (IP SAN) and localhost; nginx checks DNS names
+            "        proxy_ssl_name localhost;",
+            "        proxy_ssl_server_name on;",
+            "        proxy_ssl_session_reuse on;",
+            "        proxy_ssl_protocols TLSv1.2 TLSv1.3;",
+            "",
+        ])
+    return render(NGINX_TEMPLATE, {
+        "WORKERS": str(workers),
+        "DIR": str(directory),
+        "PORT": str(port),
+        "UPSTREAM_HOSTPORT": up.split.netloc,
+        "UPSTREAM_URL": up.url,
+        "UPSTREAM_SCHEME": up.split.scheme,
+        "UPSTREAM_TLS": tls,
+        "TOKEN": up.ecr.authorization_token,
+        "BUFFER": NGINX_BUFFER,
+    })
+
+
+def spawn_nginx(name: str, directory: pathlib.Path, conf_text: str) -> subprocess.Popen[bytes]:
+    conf = directory / "nginx.conf"
+    conf.write_text(conf_text, "utf-8")
+    conf.chmod(0o600)  # it may hold the token
+    base = ["nginx", "-p", str(directory), "-e", str(directory / "error.log"), "-c", str(conf)]
+    test = subprocess.run([*base, "-t", "-q"], capture_output=True, text=True, timeout=30)
+    if test.returncode != 0:
+        raise RuntimeError(f"nginx -t failed for {conf}:\n{test.stdout}{test.stderr}")
+    return PROCS.spawn(name, base, log_path=directory / "stderr.log", cwd=directory)
+
+
+def fresh_dir(path: pathlib.Path) -> pathlib.Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def start_nginx(up: Upstream, workers: int, workdir: pathlib.Path, label: str) -> Endpoint:
+    directory = fresh_dir(workdir / f"nginx-{label}")
+    port = free_port()
+    proc = spawn_nginx(f"nginx-{label}", directory,
+                       render_nginx_conf(port=port, workers=workers, up=up, directory=directory))
+    ep = Endpoint("nginx", f"http://127.0.0.1:{port}", roots=[proc.pid], proc=proc, log_path=directory / "error.log")
+    try:
+        wait_ready(ep, consecutive=4 * workers)
+    except BaseException:
+        PROCS.stop(proc)
+        raise
+    return ep
+
+
+def start_stub(ecr: EmulatedECR, workdir: pathlib.Path, label: str, *, blob: pathlib.Path, blob_digest: str,
+               manifest: bytes, manifest_digest: str) -> Upstream:
+    """nginx serving the benchmark's blob and manifest like the registry does (see bench/stub.conf.tmpl)."""
+    directory = fresh_dir(workdir / f"stub-{label}")
+    manifest_file = directory / "manifest.json"
+    manifest_file.write_bytes(manifest)
+    port = free_port()
+    tls = ""
+    if ecr.tls:
+        assert ecr._cert_file is not None and ecr._key_file is not None
+        tls = (f"        ssl_certificate {ecr._cert_file};\n        ssl_certificate_key {ecr._key_file};\n"
+               "        ssl_protocols TLSv1.2 TLSv1.3;\n        ssl_session_cache shared:stub:1m;\n")
+    text = render(STUB_TEMPLATE, {
+        "DIR": str(directory), "PORT": str(port), "SSL": " ssl" if ecr.tls else "", "TLS": tls,
+        "MANIFEST_DIGEST": manifest_digest, "MANIFEST_FILE": str(manifest_file),
+        "BLOB_DIGEST": blob_digest, "BLOB_FILE": str(blob.resolve()),
+    })
+    proc = spawn_nginx(f"stub-{label}", directory, text)
+    scheme = "https" if ecr.tls else "http"
+    up = Upstream("stub", f"{scheme}://127.0.0.1:{port}", ecr, str(ecr.ca_file) if ecr.ca_file else None, proc)
+    try:
+        wait_ready(direct_endpoint(up))
+    except BaseException:
+        PROCS.stop(proc)
+        raise
+    return up
+
+
+def proxy_env(ecr: EmulatedECR) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("ECRPROXY_", "AWS_")) and k not in ("PYTHONPATH", "HTTP_PROXY", "HTTPS_PROXY",
+                                                                       "http_proxy", "https_proxy")}
+    env.update(ecr.env())
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def twistd_command(up: Upstream, port: int, workers: int) -> list[str]:
+    argv = [str(TWISTD), "-n", "--pidfile=", "ecrproxy", "--anonymous",
+            "--port", f"tcp:{port}:interface=127.0.0.1",
+            "--region", up.ecr.region, "--registry-id", up.ecr.registry_id,
+            "--upstream", up.url, "--ecr-endpoint-url", up.ecr.ecr_endpoint_url]
+    if up.ca_file is not None:
+        argv += ["--upstream-ca", up.ca_file]
+    if workers > 1:
+        argv += ["--workers", str(workers)]
+    return argv
+
+
+def start_ecr_twisted(up: Upstream, workers: int, workdir: pathlib.Path, label: str) -> Endpoint:
+    directory = fresh_dir(workdir / f"ecr-twisted-{label}")
+    port = free_port()
+    log = directory / "twistd.log"
+    proc = PROCS.spawn(f"ecr-twisted-{label}", twistd_command(up, port, workers), log_path=log,
+                       env=proxy_env(up.ecr), cwd=directory)
+    ep = Endpoint("ecr-twisted", f"http://127.0.0.1:{port}", roots=[proc.pid], proc=proc, log_path=log)
+    try:
+        wait_ready(ep, consecutive=4 * workers)
+    except BaseException:
+        PROCS.stop(proc)
+        raise
+    return ep
+
+
+def direct_endpoint(up: Upstream) -> Endpoint:
+    return Endpoint("direct", up.url, basic_user=f"AWS:{up.ecr.password}", cacert=up.ca_file)
+
+
+def twistd_has_workers() -> tuple[bool, str]:
+    try:
+        out = subprocess.run([str(TWISTD), "ecrproxy", "--help"], capture_output=True, text=True, timeout=120,
+                             cwd=BENCH_DIR)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"twistd ecrproxy --help failed: {e!r}"
+    text = out.stdout + out.stderr
+    return "--workers" in text, text
+
+
+# ---------------------------------------------------------------- clients
+class CurlError(RuntimeError):
+    pass
+
+
+W_MARK = "=W="  # (a -w format starting with @ would name a file)
+
+
+def curl(argv: Sequence[str], *, timeout: float = 900) -> tuple[str, dict[str, str], list[str]]:
+    """Run curl with ``-D -`` and a ``-w`` line; returns (status line code, last headers, -w fields)."""
+    cmd = ["curl", "-sS", "-D", "-", "-o", "/dev/null", "--max-time", str(int(timeout)), *argv]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout + 30, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise CurlError(f"curl exit {proc.returncode}: {proc.stderr.strip()[:300]}")
+    head_text, _, w = proc.stdout.rpartition(W_MARK)
+    blocks = [b for b in re.split(r"\r?\n\r?\n", head_text.strip()) if b.strip()]
+    headers: dict[str, str] = {}
+    if blocks:
+        for line in blocks[-1].splitlines()[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+    fields = w.split()
+    return fields[0] if fields else "", headers, fields
+
+
+def curl_pull(ep: Endpoint, path: str, size: int, limit_rate: str | None = None) -> float:
+    """GET a blob to /dev/null; returns curl's speed_download in bytes/s (checks status and size)."""
+    argv = [*ep.curl_auth(), "-w", f"{W_MARK} %{{http_code}} %{{size_download}} %{{speed_download}}"]
+    if limit_rate:
+        argv += ["--limit-rate", limit_rate]
+    code, _, f = curl([*argv, ep.url(path)])
+    if code != "200" or int(f[1]) != size:
+        raise CurlError(f"GET {path}: HTTP {code}, {f[1] if len(f) > 1 else '?'} of {size} bytes")
+    return float(f[2])
+
+
+def resolve(ep: Endpoint, location: str) -> str:
+    return urllib.parse.urljoin(ep.base_url + "/", location)
+
+
+def start_upload(ep: Endpoint, repo: str) -> str:
+    code, headers, _ = curl([*ep.curl_auth(), "-X", "POST", "-H", "Content-Length: 0",
+                             "-w", f"{W_MARK} %{{http_code}}", ep.url(f"/v2/{repo}/blobs/uploads/")], timeout=60)
+    if code != "202" or "location" not in headers:
+        raise CurlError(f"POST upload: HTTP {code}")
+    return resolve(ep, headers["location"])
+
+
+def with_query(url: str, **params: str) -> str:
+    sep = "&" if urllib.parse.urlsplit(url).query else "?"
+    return url + sep + urllib.parse.urlencode(params)
+
+
+def curl_push(ep: Endpoint, repo: str, blob: pathlib.Path, digest: str, size: int) -> float:
+    """POST, one streamed PATCH of the whole file, PUT ?digest=; returns bytes/s over PATCH+PUT."""
+    location = start_upload(ep, repo)
+    code, headers, f = curl([*ep.curl_auth(), "-X", "PATCH", "-T", str(blob),
+                             "-H", "Content-Type: application/octet-stream", "-H", "Expect:",
+                             "-w", f"{W_MARK} %{{http_code}} %{{size_upload}} %{{time_total}}", location])
+    if code != "202" or int(f[1]) != size or "location" not in headers:
+        raise CurlError(f"PATCH: HTTP {code}, sent {f[1] if len(f) > 1 else '?'} of {size} bytes")
+    patch_s = float(f[2])
+    code, headers, f = curl([*ep.curl_auth(), "-X", "PUT", "-H", "Content-Length: 0",
+                             "-w", f"{W_MARK} %{{http_code}} %{{time_total}}",
+                             with_query(resolve(ep, headers["location"]), digest=digest)])
+    if code != "201" or headers.get("docker-content-digest") != digest:
+        raise CurlError(f"PUT ?digest=: HTTP {code}, digest {headers.get('docker-content-digest')}")
+    return size / (patch_s + float(f[1]))
+
+
+WRK_UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def parse_wrk(text: str) -> dict[str, Any]:
+    def latency(pct: str) -> float | None:
+        m = re.search(rf"^\s*{pct}%\s+([\d.]+)(us|ms|s|m)\s*$", text, re.M)
+        return round(float(m.group(1)) * WRK_UNITS[m.group(2)], 3) if m else None
+
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    total = re.search(r"^\s*(\d+) requests in ([\d.]+)(\w+)", text, re.M)
+    sock = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    return {
+        "rps": float(rps.group(1)) if rps else None,
+        "requests": int(total.group(1)) if total else None,
+        "p50_ms": latency("50"),
+        "p75_ms": latency("75"),
+        "p90_ms": latency("90"),
+        "p99_ms": latency("99"),
+        "socket_errors": sum(int(x) for x in sock.groups()) if sock else 0,
+        "non_2xx": int(non2xx.group(1)) if non2xx else 0,
+    }
+
+
+def run_wrk(ep: Endpoint, path: str, duration: int) -> dict[str, Any]:
+    env = dict(os.environ, BENCH_AUTHORIZATION=ep.authorization(), BENCH_METHOD=SMALL_METHOD)
+    cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{duration}s", "--latency", "--timeout", "5s",
+           "-s", str(SMALL_LUA), ep.url(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, env=env,
+                          stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise RuntimeError(f"wrk exit {proc.returncode}: {proc.stderr.strip()[:300]}")
+    res = parse_wrk(proc.stdout)
+    if not res["rps"] or not res["requests"]:
+        raise RuntimeError(f"wrk output not understood:\n{proc.stdout[-800:]}")
+    if res["non_2xx"] or res["socket_errors"]:
+        # a benchmark of error responses is no benchmark: report it as a failure
+        raise RuntimeError(f"wrk: {res['non_2xx']} non-2xx responses, {res['socket_errors']} socket errors "
+                           f"of {res['requests']} requests")
+    return res
+
+
+# ---------------------------------------------------------------- fixtures in the registry
+def make_blob(path: pathlib.Path, size: int) -> str:
+    """A random file of ``size`` bytes, made once and reused (its digest cached beside it)."""
+    digest_file = path.with_suffix(".sha256")
+    if path.exists() and path.stat().st_size == size and digest_file.exists():
+        return digest_file.read_text("ascii").strip()
+    progress(f"writing {size // MIB} MiB of random bytes to {path}")
+    h = hashlib.sha256()
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        left = size
+        while left:
+            chunk = os.urandom(min(left, 8 * MIB))
+            h.update(chunk)
+            f.write(chunk)
+            left -= len(chunk)
+    digest = "sha256:" + h.hexdigest()
+    os.replace(tmp, path)
+    digest_file.write_text(digest + "\n", "ascii")
+    return digest
+
+
+def put_small_blob(ep: Endpoint, repo: str, data: bytes) -> str:
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    location = start_upload(ep, repo)
+    headers = {"Content-Type": "application/octet-stream", "Authorization": ep.authorization()}
+    status, _, body = http_call(with_query(location, digest=digest), "PUT", headers=headers, body=data,
+                                cafile=ep.cacert)
+    if status != 201:
+        raise RuntimeError(f"small blob upload: HTTP {status} {body[:200]!r}")
+    return digest
+
+
+def push_manifest(ep: Endpoint, repo: str, tag: str) -> tuple[bytes, str]:
+    """A small image (config + one small layer + schema2 manifest) straight into the registry."""
+    layer = gzip.compress(b"ecr-twisted benchmark layer\n" * 64, mtime=0)
+    layer_digest = put_small_blob(ep, repo, layer)
+    config = json.dumps({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(gzip.decompress(layer)).hexdigest()]},
+        "config": {},
+    }).encode()
+    config_digest = put_small_blob(ep, repo, config)
+    manifest = json.dumps({
+        "schemaVersion": 2,
+        "mediaType": DOCKER_MANIFEST,
+        "config": {"mediaType": "application/vnd.docker.container.image.v1+json", "size": len(config),
+                   "digest": config_digest},
+        "layers": [{"mediaType": "application/vnd.docker.image.rootfs.diff.tar.gzip", "size": len(layer),
+                    "digest": layer_digest}],
+    }).encode()
+    status, headers, body = http_call(ep.url(f"/v2/{repo}/manifests/{tag}"), "PUT", body=manifest,
+                                      headers={"Content-Type": DOCKER_MANIFEST, "Authorization": ep.authorization()},
+                                      cafile=ep.cacert)
+    if status != 201:
+        raise RuntimeError(f"manifest PUT: HTTP {status} {body[:200]!r}")
+    digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
+    if headers.get("Docker-Content-Digest") != digest:
+        raise RuntimeError(f"manifest PUT: registry says {headers.get('Docker-Content-Digest')}, not {digest}")
+    return manifest, digest
+
+
+# ---------------------------------------------------------------- results
+@dataclasses.dataclass
+class Row:
+    """One line of the table: a metric of one scenario for the three contenders."""
+
+    id: str
+    scenario: str
+    metric: str
+    unit: str
+    higher_is_better: bool = True
+    values: dict[str, float | None] = dataclasses.field(default_factory=dict)
+    runs: dict[str, list[float]] = dataclasses.field(default_factory=dict)
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
+    rss: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    targets: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    wrk: dict[str, Any] = dataclasses.field(default_factory=dict)
+    note: str = ""
+    short: str = ""  # label in the chart
+
+    def ratio(self, other: str) -> float | None:
+        a, b = self.values.get("ecr-twisted"), self.values.get(other)
+        if a is None or not b:
+            return None
+        return a / b
+
+    def as_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["ratio_vs_nginx"] = _round(self.ratio("nginx"), 3)
+        d["ratio_vs_direct"] = _round(self.ratio("direct"), 3)
+        return d
+
+
+def _round(x: float | None, n: int) -> float | None:
+    return None if x is None else round(x, n)
+
+
+def target_ratio(row: Row, minimum: float) -> None:
+    r = row.ratio("nginx")
+    row.targets.append({"target": f">= {minimum}x nginx", "met": None if r is None else r >= minimum})
+
+
+def target_max(row: Row, limit: float, what: str, value: float | None, ceiling: float | None = None) -> None:
+    """``value < limit``; ``ceiling`` (direct access's own figure) tells when the upstream alone misses it."""
+    t: dict[str, Any] = {"target": f"{what} < {limit:g}", "met": None if value is None else value < limit}
+    if ceiling is not None and ceiling >= limit:
+        t["direct_misses_too"] = True
+    row.targets.append(t)
+
+
+def row_status(row: Row) -> str:
+    if not row.targets:
+        return ""
+    mets = [t["met"] for t in row.targets]
+    if any(m is None for m in mets):
+        return "n/a (failed)"
+    if all(mets):
+        return "met"
+    if any(t.get("direct_misses_too") for t in row.targets if not t["met"]):
+        return "MISSED (direct too)"
+    return "MISSED"
+
+
+def fmt(x: float | None, unit: str) -> str:
+    if x is None:
+        return "FAILED"
+    if unit in ("MB/s", "req/s"):
+        return f"{x:,.0f}"
+    if unit == "ms":
+        return f"{x:.2f}"
+    return f"{x:.1f}"
+
+
+def fmt_ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}x"
+
+
+TABLE_HEAD = ["scenario", "metric", "direct", "nginx", "ecr-twisted", "ecr/nginx", "ecr/direct", "target", "result"]
+
+
+def table_cells(row: Row) -> list[str]:
+    cells = [row.scenario, f"{row.metric} ({row.unit})"]
+    for c in CONTENDERS:
+        if c not in row.values and c not in row.errors:
+            cells.append("—")
+            continue
+        cell = fmt(row.values.get(c), row.unit)
+        runs = row.runs.get(c) or []
+        if len(runs) > 1 and row.values.get(c) is not None:
+            cell += f" [{fmt(min(runs), row.unit)}–{fmt(max(runs), row.unit)}]"  # spread of the runs
+        cells.append(cell)
+    cells.append(fmt_ratio(row.ratio("nginx")))
+    cells.append(fmt_ratio(row.ratio("direct")))
+    cells.append("; ".join(t["target"] for t in row.targets) or "")
+    cells.append(row_status(row))
+    return cells
+
+
+def text_table(rows: Sequence[Row]) -> str:
+    data = [TABLE_HEAD] + [table_cells(r) for r in rows]
+    widths = [max(len(line[i]) for line in data) for i in range(len(TABLE_HEAD))]
+    out = []
+    for n, line in enumerate(data):
+        cells = [c.ljust(w) if i < 2 or i >= 7 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))]
+        out.append("  ".join(cells).rstrip())
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    out = ["| " + " | ".join(TABLE_HEAD) + " |", "|" + "|".join(["---", "---"] + ["---:"] * 5 + ["---", "---"]) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in table_cells(r)) + " |")
+    return "\n".join(out)
+
+
+def write_chart(rows: Sequence[Row], path: pathlib.Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("Throughput (MB/s, higher is better)", "MB/s"),
+        ("Small requests (req/s, higher is better)", "req/s"),
+        ("p99 latency of small requests (ms, lower is better)", "ms"),
+        ("Peak RSS of the proxy (MiB, lower is better)", "MiB"),
+    ]
+    colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "ecr-twisted": "#1565c0"}
+    fig, axes = plt.subplots(4, 1, figsize=(14, 20))
+    for ax, (ptitle, unit) in zip(axes.flat, panels):
+        sel = [r for r in rows if r.unit == unit and (unit != "ms" or r.metric.startswith("p99"))]
+        ax.set_title(ptitle, fontsize=10)
+        if not sel:
+            ax.set_axis_off()
+            continue
+        contenders = [c for c in CONTENDERS if any(c in r.values or c in r.errors for r in sel)]
+        width = 0.8 / len(contenders)
+        for i, c in enumerate(contenders):
+            xs = [j + (i - (len(contenders) - 1) / 2) * width for j in range(len(sel))]
+            ys = [r.values.get(c) or 0 for r in sel]
+            bars = ax.bar(xs, ys, width, label=c, color=colors[c])
+            for b, r in zip(bars, sel):
+                v = r.values.get(c)
+                label = "FAILED" if v is None and c in r.errors else ("" if v is None else fmt(v, unit))
+                ax.annotate(label, (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                            fontsize=6, rotation=90, xytext=(0, 2),
+                            textcoords="offset points")
+        if unit == "MiB":
+            ax.axhline(RSS_PER_WORKER_LIMIT_MIB, color="#c62828", linestyle="--", linewidth=0.8)
+            ax.annotate(f"target: < {RSS_PER_WORKER_LIMIT_MIB:g} MiB per worker (1-worker rows)",
+                        (len(sel) - 0.5, RSS_PER_WORKER_LIMIT_MIB), xytext=(0, 2), textcoords="offset points",
+                        fontsize=7, color="#c62828", ha="right")
+        ax.set_xticks(range(len(sel)))
+        ax.set_xticklabels([r.short or r.scenario for r in sel], fontsize=7)
+        ax.margins(y=0.25)
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0, 1, 0.985))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tool_version(argv: Sequence[str]) -> str:
+    try:
+        p = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+        return (p.stdout + p.stderr).strip().splitlines()[0]
+    except (OSError, subprocess.TimeoutExpired, IndexError):
+        return "?"
+
+
+def environment() -> dict[str, Any]:
+    import twisted
+
+    import ecr_twisted
+
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in open("/proc/cpuinfo", encoding="ascii", errors="replace"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True)
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": cpu,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": twisted.__version__,
+        "ecr_twisted": getattr(ecr_twisted, "__version__", "?"),
+        "git": (git.stdout.strip() or "?") + ("-dirty" if dirty.stdout.strip() else ""),
+        "nginx": tool_version(["nginx", "-v"]),
+        "curl": tool_version(["curl", "--version"]),
+        "wrk": tool_version(["wrk", "--version"]),
+        "registry": tool_version(["docker-registry", "--version"]),
+    }
+
+
+# ---------------------------------------------------------------- the benchmark
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.quick: bool = args.quick
+        self.blob_size: int = args.blob_mib * MIB
+        self.runs: int = args.runs
+        self.wrk_s: int = args.wrk_seconds
+        self.workdir: pathlib.Path = args.workdir
+        self.rows: list[Row] = []
+        self.notes: list[str] = []
+        self.blob_path = self.workdir / f"blob-{args.blob_mib}MiB.bin"
+        self.digest = ""
+        self.push_counter = 0
+        self.workers_available = False
+        self.idle: list[dict[str, Any]] = []
+
+    # -- helpers
+    def note(self, msg: str) -> None:
+        self.notes.append(msg)
+        say(f"NOTE: {msg}")
+
+    def add(self, row: Row) -> Row:
+        self.rows.append(row)
+        return row
+
+    def measure(self, row: Row, ep: Endpoint, fn: Callable[[], float], rss: RssPeak | None) -> None:
+        """One measurement of ``ep``; a failure is recorded (and later ones of that contender go on)."""
+        if ep.start_error:
+            row.errors.setdefault(ep.name, ep.start_error)
+            return
+        try:
+            if rss is not None and ep.roots:
+                with RssSampler(ep.roots) as sampler:
+                    value = fn()
+                rss.add(sampler)
+            else:
+                value = fn()
+            row.runs.setdefault(ep.name, []).append(value)
+        except (CurlError, RuntimeError, OSError, subprocess.TimeoutExpired, ValueError, IndexError) as e:
+            msg = str(e).strip().splitlines()[0][:300] if str(e).strip() else repr(e)
+            if not ep.alive():
+                msg += f" ({ep.name} process exited with {ep.proc.returncode if ep.proc else '?'})"
+            row.errors.setdefault(ep.name, msg)
+            progress(f"  {ep.name}: FAILED: {msg}")
+
+    def finish_row(self, row: Row, scale: float, digits: int = 1) -> None:
+        for name in CONTENDERS:
+            runs = row.runs.get(name)
+            if runs:
+                row.runs[name] = [round(v * scale, digits) for v in runs]
+                row.values[name] = round(statistics.median(runs) * scale, digits)
+            elif name in row.errors:
+                row.values[name] = None
+
+    def rss_row(self, of: Row, peaks: dict[str, RssPeak], *, target: bool) -> Row:
+        row = self.add(Row(f"{of.id}_rss", of.scenario, "peak RSS, sum of processes", "MiB",
+                           higher_is_better=False, short=of.short))
+        for name, peak in peaks.items():
+            if peak.samples:
+                row.values[name] = round(peak.total / MIB, 1)
+                row.rss[name] = peak.as_json()
+        if target:
+            per = peaks.get("ecr-twisted")
+            value = per.process / MIB if per is not None and per.samples else None
+            target_max(row, RSS_PER_WORKER_LIMIT_MIB, "ecr-twisted MiB per worker", value)
+            if value is not None:
+                row.note = f"ecr-twisted peak per process {value:.1f} MiB"
+        return row
+
+    # -- scenarios
+    @staticmethod
+    def where(up: Upstream) -> str:
+        return f"{up.kind}, {'TLS' if up.tls else 'plain'}"
+
+    @staticmethod
+    def brief(up: Upstream) -> str:
+        return ("reg" if up.kind == "registry" else up.kind) + (" TLS" if up.tls else "")
+
+    @staticmethod
+    def tag(up: Upstream) -> str:
+        return f"{up.kind}_{'tls' if up.tls else 'plain'}"
+
+    def scenario_pull(self, eps: list[Endpoint], up: Upstream) -> None:
+        row = self.add(Row(f"pull_{self.tag(up)}", f"pull {self.blob_size // MIB} MiB ({self.where(up)} upstream)",
+                           f"median of {self.runs}", "MB/s", short=f"pull\n{self.brief(up)}"))
+        peaks = {ep.name: RssPeak() for ep in eps if ep.roots}
+        path = f"/v2/bench/blob/blobs/{self.digest}"
+        for i in range(self.runs):
+            for ep in eps:
+                progress(f"pull ({self.where(up)}) run {i + 1}/{self.runs}: {ep.name}")
+                self.measure(row, ep, lambda: curl_pull(ep, path, self.blob_size), peaks.get(ep.name))
+        self.finish_row(row, 1 / MB)
+        target_ratio(row, PULL_TLS_VS_NGINX if up.tls else PULL_PLAIN_VS_NGINX)
+        self.rss_row(row, peaks, target=True)
+
+    def scenario_slow(self, eps: list[Endpoint], up: Upstream) -> None:
+        row = self.add(Row(f"pull_slow_{self.tag(up)}",
+                           f"pull {self.blob_size // MIB} MiB, client --limit-rate {SLOW_RATE} ({self.where(up)})",
+                           "1 run", "MB/s", note="backpressure: the proxy must not buffer what the client "
+                                                 "cannot take yet", short=f"slow pull\n{self.brief(up)}"))
+        peaks = {ep.name: RssPeak() for ep in eps if ep.roots}
+        path = f"/v2/bench/blob/blobs/{self.digest}"
+        for ep in eps:
+            progress(f"slow-client pull ({self.where(up)}): {ep.name}")
+            self.measure(row, ep, lambda: curl_pull(ep, path, self.blob_size, SLOW_RATE), peaks.get(ep.name))
+        self.finish_row(row, 1 / MB)
+        self.rss_row(row, peaks, target=True)
+
+    def scenario_push(self, eps: list[Endpoint], up: Upstream) -> None:
+        row = self.add(Row(f"push_{self.tag(up)}",
+                           f"push {self.blob_size // MIB} MiB, PATCH + PUT ({self.where(up)} upstream)",
+                           f"median of {self.runs}", "MB/s", short=f"push\n{self.brief(up)}"))
+        peaks = {ep.name: RssPeak() for ep in eps if ep.roots}
+        for i in range(self.runs):
+            for ep in eps:
+                self.push_counter += 1
+                repo = f"bench/push-{ep.name}-{self.push_counter}"
+                progress(f"push run {i + 1}/{self.runs}: {ep.name} -> {repo}")
+                self.measure(row, ep, lambda: curl_push(ep, repo, self.blob_path, self.digest, self.blob_size),
+                             peaks.get(ep.name))
+        self.finish_row(row, 1 / MB)
+        target_ratio(row, PUSH_VS_NGINX)
+        self.rss_row(row, peaks, target=True)
+
+    def scenario_small(self, eps: list[Endpoint], up: Upstream, workers: int) -> None:
+        scen = f"manifest {SMALL_METHOD}, {workers} worker{'s' if workers > 1 else ''} ({self.where(up)} upstream)"
+        base = f"small_{self.tag(up)}_{workers}w"
+        short = f"{SMALL_METHOD} {workers}w\n{self.brief(up)}"
+        rps = self.add(Row(f"{base}_rps", scen, f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} {self.wrk_s}s", "req/s",
+                           short=short))
+        p50 = self.add(Row(f"{base}_p50", scen, "p50 latency", "ms", higher_is_better=False, short=short))
+        p99 = self.add(Row(f"{base}_p99", scen, "p99 latency", "ms", higher_is_better=False, short=short))
+        peaks = {ep.name: RssPeak() for ep in eps if ep.roots}
+        path = "/v2/bench/small/manifests/v1"
+        details: dict[str, dict[str, Any]] = {}
+        for ep in eps:
+            progress(f"small requests ({self.where(up)}, {workers} worker(s)): {ep.name}")
+            with contextlib.suppress(RuntimeError, OSError, subprocess.TimeoutExpired):
+                run_wrk(ep, path, WRK_WARMUP_S)  # warm-up: connections, token, caches; not counted
+
+            def once(ep: Endpoint = ep) -> float:
+                details[ep.name] = run_wrk(ep, path, self.wrk_s)
+                return float(details[ep.name]["rps"])
+
+            self.measure(rps, ep, once, peaks.get(ep.name))
+            if ep.name in rps.errors:
+                for r in (p50, p99):
+                    r.errors[ep.name] = rps.errors[ep.name]
+            elif ep.name in details:
+                p50.runs[ep.name] = [details[ep.name]["p50_ms"]]
+                p99.runs[ep.name] = [details[ep.name]["p99_ms"]]
+        self.finish_row(rps, 1, 0)
+        self.finish_row(p50, 1, 3)
+        self.finish_row(p99, 1, 3)
+        rps.wrk = details
+        target_ratio(rps, SMALL_VS_NGINX)
+        target_max(p99, P99_LIMIT_MS, "ecr-twisted p99 ms", p99.values.get("ecr-twisted"), p99.values.get("direct"))
+        self.rss_row(rps, peaks, target=False)
+
+    # -- phases
+    def push_fixtures(self, registry: Upstream) -> tuple[bytes, str]:
+        direct = direct_endpoint(registry)
+        progress(f"pre-pushing the {self.blob_size // MIB} MiB blob and a small manifest straight to the registry")
+        speed = curl_push(direct, "bench/blob", self.blob_path, self.digest, self.blob_size)
+        progress(f"  pre-push took {self.blob_size / speed:.1f} s")
+        return push_manifest(direct, "bench/small", "v1")
+
+    def phase(self, tls: bool) -> None:
+        """One emulator (plain or TLS upstream) and its fixtures; the contenders in front of the registry,
+        then in front of the fast stub.
+
+        Plain: pull, slow, push, small as asked (stub: pull and small). TLS: pull and small.
+        """
+        label = "TLS" if tls else "plain"
+        want = set(self.args.scenarios)
+        emu_dir = self.workdir / f"ecr-{label.lower()}"
+        shutil.rmtree(emu_dir, ignore_errors=True)
+        progress(f"starting the emulated ECR ({label} upstream, filesystem storage, "
+                 f"{self.args.registry_auth} auth) in {emu_dir}")
+        ecr = EmulatedECR(emu_dir, tls=tls, storage="filesystem", auth=self.args.registry_auth)
+        stub: Upstream | None = None
+        try:
+            ecr.start()
+            registry = Upstream("registry", ecr.upstream_url, ecr, str(ecr.ca_file) if ecr.ca_file else None)
+            manifest, manifest_digest = self.push_fixtures(registry)
+            self.against(registry, pull=tls or "pull" in want, slow=not tls and "slow" in want,
+                         push=not tls and "push" in want, small=tls or "small" in want)
+            if "stub" in want:
+                progress(f"starting the fast stub upstream ({label})")
+                stub = start_stub(ecr, self.workdir, label.lower(), blob=self.blob_path, blob_digest=self.digest,
+                                  manifest=manifest, manifest_digest=manifest_digest)
+                self.against(stub, pull=tls or "pull" in want, slow=False, push=False,
+                             small=tls or "small" in want)
+        finally:
+            if stub is not None and stub.proc is not None:
+                PROCS.stop(stub.proc)
+            ecr.stop()
+            if not self.args.keep:
+                shutil.rmtree(emu_dir, ignore_errors=True)
+
+    def against(self, up: Upstream, *, pull: bool, slow: bool, push: bool, small: bool) -> None:
+        """The contenders in front of ``up``: 1 worker for everything asked, then 2 workers for small requests."""
+        if not (pull or slow or push or small):
+            return
+        direct = direct_endpoint(up)
+        with self.proxies(up, direct, 1) as eps:
+            if pull:
+                self.scenario_pull(eps, up)
+            if slow:
+                self.scenario_slow(eps, up)
+            if push:
+                self.scenario_push(eps, up)
+            if small:
+                self.scenario_small(eps, up, 1)
+        if small and self.workers_available:
+            with self.proxies(up, direct, 2) as eps:
+                self.scenario_small(eps, up, 2)
+
+    @contextlib.contextmanager
+    def proxies(self, up: Upstream, direct: Endpoint, workers: int) -> Iterator[list[Endpoint]]:
+        """[direct, nginx, ecr-twisted] with ``workers`` workers each; both proxies stopped afterwards."""
+        where = self.where(up)
+        label = f"{self.tag(up)}-{workers}w"
+        started: list[Endpoint] = []
+        try:
+            progress(f"starting nginx and ecr-twisted ({workers} worker(s), {where} upstream)")
+            for name, start in (("nginx", start_nginx), ("ecr-twisted", start_ecr_twisted)):
+                try:
+                    started.append(start(up, workers, self.workdir, label))
+                except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                    self.note(f"{name} ({where}, {workers} worker(s)) did not start: {first}")
+                    say(str(e))
+                    started.append(Endpoint(name, "http://127.0.0.1:9", start_error=f"did not start: {first}"))
+            for ep in started:
+                if not ep.start_error:
+                    rss, n = ep.rss_now()
+                    self.idle.append({"upstream": where, "workers": workers, "contender": ep.name,
+                                      "idle_rss_mib": round(rss / MIB, 1), "processes": n})
+            yield [direct, *started]
+            for ep in started:
+                if not ep.start_error and not ep.alive():
+                    self.note(f"{ep.name} ({where}, {workers} worker(s)) exited during the run "
+                              f"with {ep.proc.returncode if ep.proc else '?'}; log: {ep.log_path}")
+        finally:
+            for ep in started:
+                if ep.proc is not None:
+                    PROCS.stop(ep.proc)
+
+    def run(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workers_available, _ = twistd_has_workers()
+        if not self.workers_available:
+            self.note("`twistd ecrproxy --help` does not list --workers yet: only the 1-worker small-request "
+                      "case is measured (the 2-worker case runs by itself once the option exists).")
+        self.digest = make_blob(self.blob_path, self.blob_size)
+        progress(f"blob: {self.blob_path} ({self.blob_size} bytes, {self.digest})")
+        if set(self.args.scenarios) & {"pull", "slow", "push", "small"}:
+            self.phase(tls=False)
+        if "tls" in self.args.scenarios:
+            self.phase(tls=True)
+
+
+# ---------------------------------------------------------------- main
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Benchmark ecr-twisted against nginx and direct registry access.")
+    p.add_argument("--quick", action="store_true", help="256 MiB blob, 1 run, 3 s wrk: for iterating")
+    p.add_argument("--blob-mib", type=int, help="blob size in MiB (default 1024, --quick 256)")
+    p.add_argument("--runs", type=int, help="runs per contender for pull and push (default 5, --quick 1)")
+    p.add_argument("--wrk-seconds", type=int, help="wrk duration (default 10, --quick 3)")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS),
+                   help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
+    p.add_argument("--workdir", type=pathlib.Path, default=REPO / ".work" / "bench")
+    p.add_argument("--results", type=pathlib.Path,
+                   help="where results.{json,png,md} go (default bench/results, --quick .work/bench/quick-results)")
+    p.add_argument("--registry-auth", choices=("silly", "htpasswd"), default="silly",
+                   help="the emulated registry's access control: silly (default: any Authorization value, no "
+                        "bcrypt) or htpasswd (like the tests: a bcrypt check per request caps every contender)")
+    p.add_argument("--keep", action="store_true", help="keep the emulators' storage after the run")
+    p.add_argument("--render-from", type=pathlib.Path, metavar="RESULTS_JSON",
+                   help="measure nothing: re-render results.md and results.png beside RESULTS_JSON")
+    args = p.parse_args(argv)
+    args.blob_mib = args.blob_mib or (256 if args.quick else 1024)
+    args.runs = args.runs or (1 if args.quick else 5)
+    args.wrk_seconds = args.wrk_seconds or (3 if args.quick else 10)
+    args.scenarios = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+    bad = set(args.scenarios) - set(SCENARIOS)
+    if bad:
+        p.error(f"unknown scenarios {sorted(bad)}; choose from {SCENARIOS}")
+    if args.results is None:
+        args.results = args.workdir / "quick-results" if args.quick else BENCH_DIR / "results"
+    args.workdir = args.workdir.resolve()
+    args.results = args.results.resolve()
+    return args
+
+
+def idle_line(idle: Sequence[dict[str, Any]]) -> str:
+    parts = [f"{i['contender']} {i['idle_rss_mib']} MiB ({i['upstream']}, {i['workers']}w, {i['processes']} proc)"
+             for i in idle]
+    return "Idle RSS right after start: " + ("; ".join(parts) if parts else "—")
+
+
+def write_results(bench: Bench, command: str, started: float, env: dict[str, Any]) -> None:
+    """results.json (everything), then results.md and results.png rendered from it."""
+    args = bench.args
+    out = args.results
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "quick": args.quick, "blob_bytes": bench.blob_size, "blob_digest": bench.digest, "runs": args.runs,
+        "wrk": f"-t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{args.wrk_seconds}s --latency -s bench/small.lua",
+        "small_request": f"{SMALL_METHOD} /v2/bench/small/manifests/v1 (docker schema2, Accept set)",
+        "slow_client_rate": SLOW_RATE, "rss_interval_s": RSS_INTERVAL, "nginx_buffers": NGINX_BUFFER,
+        "scenarios": args.scenarios, "workers_option": bench.workers_available,
+        "registry": f"distribution, filesystem storage, {args.registry_auth} auth",
+        "units": {"MB/s": "10^6 bytes per second", "MiB": "2^20 bytes"},
+    }
+    doc = {
+        "command": command,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "elapsed_s": round(time.monotonic() - started, 1), "environment": env, "config": config,
+        "notes": bench.notes, "idle_rss": bench.idle, "rows": [r.as_json() for r in bench.rows],
+    }
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(doc, indent=2) + "\n", "utf-8")
+    os.replace(tmp, out / "results.json")
+    render_outputs(doc, out)
+
+
+def rows_of(doc: dict[str, Any]) -> list[Row]:
+    names = {f.name for f in dataclasses.fields(Row)}
+    return [Row(**{k: v for k, v in r.items() if k in names}) for r in doc["rows"]]
+
+
+def render_outputs(doc: dict[str, Any], out: pathlib.Path) -> None:
+    """results.md and results.png from a results.json document (also: ``--render-from``)."""
+    rows, env, config = rows_of(doc), doc["environment"], doc["config"]
+    blob_mib = config["blob_bytes"] // MIB
+    md = [
+        f"Benchmark run {doc['date']}: `{doc['command']}` ({doc['elapsed_s'] / 60:.1f} min; {env['cpus']} CPUs "
+        f"{env['cpu_model']}, {env['nginx']}, {env['registry']}, Python {env['python']}, Twisted {env['twisted']}, "
+        f"ecr-twisted {env['ecr_twisted']} at {env['git']}).",
+        "",
+        f"Blob {blob_mib} MiB (random), pull/push median of {config['runs']} run(s) per contender, "
+        f"alternating round-robin, [min–max] of the runs in brackets; small requests: `wrk {config['wrk']}` "
+        f"({SMALL_METHOD} of one manifest). MB/s = 10^6 bytes/s. Peak RSS: sum over the contender's processes, "
+        "sampled every 0.1 s (per-process peak in results.json). Ratios are ecr-twisted / other. Upstream "
+        "`registry`: the emulated ECR (distribution, filesystem storage, no bcrypt); `stub`: nginx answering "
+        "like the registry, so that the proxies' own cost shows (bench/README.md).",
+        "",
+        markdown_table(rows),
+        "",
+        f"- {idle_line(doc.get('idle_rss', []))}",
+    ]
+    for n in doc.get("notes", []):
+        md.append(f"- Note: {n}")
+    failed = [(r.scenario, c, e) for r in rows for c, e in r.errors.items()]
+    for scen, c, e in dict.fromkeys(failed):
+        md.append(f"- {c} failed in {scen}: {e}")
+    (out / "results.md").write_text("\n".join(md).rstrip() + "\n", "utf-8")
+    write_chart(rows, out / "results.png",
+                f"ecr-twisted vs nginx vs direct — {blob_mib} MiB blob, {env['cpus']} CPUs, {doc['date']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.render_from is not None:
+        doc = json.loads(args.render_from.read_text("utf-8"))
+        out = args.render_from.resolve().parent
+        render_outputs(doc, out)
+        say(f"$ {doc['command']}  ({doc['date']})")
+        say(text_table(rows_of(doc)))
+        say(f"re-rendered {out}/results.md and results.png from {args.render_from} (no new measurement)")
+        return 0
+    command = shlex.join([os.path.relpath(sys.executable, os.getcwd()) if sys.executable.startswith(str(REPO))
+                          else sys.executable, os.path.relpath(__file__, os.getcwd()), *argv])
+    say(f"$ {command}")
+    say(f"(cwd {os.getcwd()}; blob {args.blob_mib} MiB, {args.runs} run(s), wrk {args.wrk_seconds} s, "
+        f"scenarios {','.join(args.scenarios)}, results -> {args.results})")
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGHUP, on_term)
+    # Ctrl-C must stop the run even when started from a shell that ignores SIGINT (background jobs)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    started = time.monotonic()
+    env = environment()
+    bench = Bench(args)
+    status = 0
+    try:
+        bench.run()
+    except KeyboardInterrupt:
+        say("\ninterrupted: stopping everything this benchmark started")
+        status = 130
+    except SystemExit as e:
+        say("\nterminated: stopping everything this benchmark started")
+        status = int(e.code or 1) if isinstance(e.code, int) else 1
+    except Exception as e:  # noqa: BLE001 - report, clean up, and still print what was measured
+        say(f"\nbenchmark aborted: {type(e).__name__}: {e}")
+        status = 1
+    finally:
+        PROCS.stop_all()
+    if not bench.rows:
+        return status or 1
+    elapsed = time.monotonic() - started
+    say("")
+    say(f"$ {command}")
+    say(text_table(bench.rows))
+    say("")
+    for r in bench.rows:
+        for c, e in r.errors.items():
+            say(f"FAILED: {c} in '{r.scenario}' ({r.metric}): {e}")
+    say(idle_line(bench.idle))
+    for n in bench.notes:
+        say(f"NOTE: {n}")
+    if status:
+        say(f"results NOT written to {args.results}: the run did not finish (the table above is partial)")
+    else:
+        try:
+            write_results(bench, command, started, env)
+            say(f"results: {args.results}/results.json, results.png, results.md")
+        except Exception as e:  # noqa: BLE001
+            say(f"could not write results: {type(e).__name__}: {e}")
+            status = 1
+    say(f"total runtime: {elapsed:.0f} s ({elapsed / 60:.1f} min)")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
