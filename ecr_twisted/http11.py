@@ -101,18 +101,24 @@ class Head:
         return b"close" not in tokens
 
 
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
 def _parse_fields(lines: list[bytes], head: Head) -> None:
+    # per request, so no regex: partition, then C-speed checks of the name's characters
+    # (translate deletes token characters; anything left is not a token) and of the value
     if len(lines) > MAX_FIELDS:
         raise BadMessage("too many header fields", 431)
     fields = head.fields
     for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            raise BadMessage("obsolete line folding is not accepted")
-        m = _FIELD.match(line)
-        if m is None:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name.translate(None, _TOKEN_BYTES):
+            if line[:1] in (b" ", b"\t"):
+                raise BadMessage("obsolete line folding is not accepted")
             raise BadMessage("malformed header field")
-        name, value = m.group(1), m.group(2)
-        fields.append((name.lower(), name, value))
+        if b"\x00" in value or b"\r" in value or b"\n" in value:
+            raise BadMessage("malformed header field")
+        fields.append((name.lower(), name, value.strip(b" \t")))
 
 
 def _framing(head: Head, is_request: bool) -> None:

@@ -938,7 +938,6 @@ class Exchange:
 
 
 _C_HEAD, _C_BODY, _C_WAIT, _C_LINGER, _C_CLOSED = range(5)
-_CRLF = frozenset((b"\r", b"\n"))
 _LINGER_TIMEOUT = 2.0
 _MAX_LINGER = 1 << 20
 _METHOD_START = frozenset(bytes([c]) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -987,15 +986,6 @@ class ClientConnection(Protocol):
         if state == _C_BODY:
             self._body_data(data, 0)
         elif state == _C_HEAD:
-            if not self._buf:
-                if data[:1] in _CRLF:
-                    data = data.lstrip(b"\r\n")  # RFC 9112 2.2: ignore empty lines before a request
-                    if not data:
-                        return
-                if data[:1] not in _METHOD_START:
-                    # not HTTP at all (a TLS ClientHello on a plain port, say): say so at once
-                    self._reject(BadMessage("not an HTTP/1.1 request"))
-                    return
             self._buf = self._buf + data if self._buf else data
             self._next_heads()
         elif state == _C_WAIT:
@@ -1014,6 +1004,21 @@ class ClientConnection(Protocol):
         self._parsing = True
         try:
             while self._state == _C_HEAD and self._buf:
+                if self._scanned == 0:
+                    buf = self._buf
+                    # RFC 9112 2.2: ignore whole empty lines (CRLF) before a request line,
+                    # judged on the buffer so that packet boundaries never change the outcome
+                    n = 0
+                    while buf.startswith(b"\r\n", n):
+                        n += 2
+                    if n:
+                        buf = self._buf = buf[n:]
+                    if not buf or buf == b"\r":
+                        return
+                    if buf[:1] not in _METHOD_START:
+                        # not HTTP at all (a TLS ClientHello on a plain port, say): say so at once
+                        self._reject(BadMessage("not an HTTP/1.1 request"))
+                        return
                 try:
                     found = split_head(self._buf, self._scanned)
                     if found is None:

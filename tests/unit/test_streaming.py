@@ -396,3 +396,17 @@ def test_a_head_dribbled_a_byte_at_a_time_is_parsed() -> None:
     for i in range(len(GET1)):
         proto.dataReceived(GET1[i : i + 1])
     assert h.upstreams.last()[1].value().startswith(b"GET /v2/app/manifests/1 ")
+
+
+def test_only_whole_empty_lines_are_ignored_whatever_the_packet_boundaries() -> None:
+    wire = (b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n" + b"\n\n\r\rPOST /v2/a/blobs/uploads/ HTTP/1.1\r\nHost: h\r\n"
+            b"Content-Length: 0\r\n\r\n")
+    for cut in (len(wire) - 60, 33, 35):  # found by hypothesis: a cut right before "\n\n\r\r"
+        h = Harness()
+        proto, client = h.client()
+        proto.dataReceived(wire[:cut])
+        proto.dataReceived(wire[cut:])
+        conn, upstream = h.upstreams.last()
+        conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        assert upstream.value().count(b"POST") == 0, cut
+        assert b"HTTP/1.1 400 " in client.value() and client.disconnecting, cut
