@@ -1,5 +1,6 @@
 # make demo   emulated ECR + the proxy on localhost, with commands to try
 # make test   everything: installs Debian packages and .venv, runs unit and integration tests
+#             (integration twice: one process, then --workers 2)
 # make unit   only the fast unit tests
 # make bench  ecr-twisted against nginx and direct registry access (bench/README.md; ~10 min,
 #             BENCH_ARGS=--quick for ~3 min); not part of make test
@@ -19,6 +20,8 @@ demo: deps
 
 test: deps
 	.venv/bin/python -m pytest -q tests
+	@echo "== integration tests again, every proxy with --workers 2 =="
+	ECRTEST_WORKERS=2 .venv/bin/python -m pytest -q tests/integration
 
 unit: deps
 	.venv/bin/python -m pytest -q tests/unit

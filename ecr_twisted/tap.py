@@ -165,10 +165,8 @@ class Options(usage.Options):
         self["listeners"] = [self._listener(reactor, p) for p in self["port"]]
         if self["workers"] > 1:
             for spec in self["port"]:
-                if not (spec.isdigit() or spec.split(":", 1)[0] in ("tcp", "tcp6", "unix")):
-                    raise usage.UsageError(
-                        f"--port {spec!r}: --workers needs tcp:, tcp6: or unix: listeners (TLS via --tls-cert/--tls-key)"
-                    )
+                if not (spec.isdigit() or spec.split(":", 1)[0] in ("tcp", "tcp6", "ssl", "unix")):
+                    raise usage.UsageError(f"--port {spec!r}: --workers needs tcp:, tcp6:, ssl: or unix: listeners")
         self["metrics-endpoint"] = _endpoint(reactor, "metrics-port", self["metrics-port"]) if self["metrics-port"] else None
 
     def _listener(self, reactor: Any, spec: str) -> tuple[Any, bool]:
@@ -273,11 +271,16 @@ def build(options: Options, reactor: Any) -> Built:
         metrics.bad_requests.labels(str(e.status)).inc()
 
     factories = []
+    adopting = options["workers"] > 1  # sockets bound by us: ssl: endpoints' TLS moves to the factory
     for endpoint, wrap_tls in options["listeners"]:
-        is_tls = wrap_tls or isinstance(endpoint, endpoints.SSL4ServerEndpoint)
-        factory: Any = RelayFactory(handler, reactor, pool, is_tls=is_tls, limits=limits, on_bad_request=bad_request)
+        is_ssl_endpoint = isinstance(endpoint, endpoints.SSL4ServerEndpoint)
+        factory: Any = RelayFactory(
+            handler, reactor, pool, is_tls=wrap_tls or is_ssl_endpoint, limits=limits, on_bad_request=bad_request
+        )
         if wrap_tls:
             factory = TLSMemoryBIOFactory(options["tls-options"], False, factory)
+        elif is_ssl_endpoint and adopting:
+            factory = TLSMemoryBIOFactory(endpoint._sslContextFactory, False, factory)
         factories.append(factory)
     return Built(top, registry, keeper, factories)
 

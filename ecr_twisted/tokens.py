@@ -162,6 +162,7 @@ class TokenKeeper:
         self.next_attempt = 0.0
         self._inflight: Deferred[Token | None] | None = None
         self._waiters: list[Deferred[Token | None]] = []
+        self._first: list[Deferred[Token]] = []
         self._loop = LoopingCall(self._check)
         self._loop.clock = clock
 
@@ -229,8 +230,19 @@ class TokenKeeper:
         fetched.addErrback(self._bug)
         fetched.addBoth(self._settle, d)
 
+    def first_token(self) -> Deferred[Token]:
+        """Fires once a token is held (at once if one is): a worker listens only then."""
+        if self.current is not None:
+            return succeed(self.current)
+        d: Deferred[Token] = Deferred()
+        self._first.append(d)
+        return d
+
     def _fetched(self, token: Token) -> Token:
         self.current = token
+        first, self._first = self._first, []
+        for d in first:
+            d.callback(token)
         self.failures = 0
         self.next_attempt = refresh_due(token, self._fraction, self._min_interval)
         self._on_result("success", token)

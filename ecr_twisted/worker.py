@@ -42,8 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     options = tap.Options()
     options.parseOptions(rest)
     built = tap.build(options, reactor)
-    for fd, factory in zip(fds, built.factories):
-        AdoptedPort(reactor, fd, factory).setServiceParent(built.top)
+    ports = [AdoptedPort(reactor, fd, factory) for fd, factory in zip(fds, built.factories)]
+
+    def listen(_: Any) -> None:
+        # a child that answered before holding a token would turn its share of requests
+        # into 503s while its first GetAuthorizationToken call is under way
+        for port in ports:
+            port.setServiceParent(built.top)
+
+    built.keeper.first_token().addCallback(listen)
     from twisted.application.internet import StreamServerEndpointService
     from twisted.internet.endpoints import UNIXServerEndpoint
 

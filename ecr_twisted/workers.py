@@ -44,7 +44,7 @@ def bind_listener(spec: str) -> socket.socket:
             else:
                 positional.append(part)
     backlog = int(kw.get("backlog", 1024))
-    if kind in ("tcp", "tcp6"):
+    if kind in ("tcp", "tcp6", "ssl"):  # ssl: the factory is TLS-wrapped by the caller
         port = int(kw.get("port", positional[0] if positional else "0"))
         family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
         host = kw.get("interface", "::" if kind == "tcp6" else "0.0.0.0")
@@ -60,7 +60,7 @@ def bind_listener(spec: str) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         address = path
     else:
-        raise ListenerError(f"{spec!r}: --workers needs tcp:, tcp6: or unix: listeners (TLS via --tls-cert/--tls-key)")
+        raise ListenerError(f"{spec!r}: --workers needs tcp:, tcp6:, ssl: or unix: listeners")
     try:
         sock.bind(address)
         sock.listen(backlog)

@@ -374,6 +374,9 @@ def proxy_env(ecr: EmulatedECR, *, extra: Mapping[str, str] | None = None, drop:
         if k.startswith("ECRPROXY_") or k.startswith("AWS_ENDPOINT_URL"):
             del env[k]
     env.update(ecr.env())
+    # ECRTEST_WORKERS=N runs every test proxy with --workers N (make test runs the suite both ways)
+    if os.environ.get("ECRTEST_WORKERS"):
+        env["ECRPROXY_WORKERS"] = os.environ["ECRTEST_WORKERS"]
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     if extra:

@@ -46,6 +46,10 @@ def image(rot_ecr: EmulatedECR, tmp_path_factory: pytest.TempPathFactory) -> Ima
     return info
 
 
+# with ECRTEST_WORKERS=N every proxy runs N processes; refreshes are single-flight per process
+WORKERS = int(os.environ.get("ECRTEST_WORKERS") or 1)
+
+
 def _refreshes(p: Proxy) -> tuple[float, float]:
     s = p.metrics()
     return (
@@ -83,7 +87,7 @@ def test_rotation_without_restart(
     pull_via(p, REPO, image.tag, tmp_path / "before")
     assert_layout_matches(tmp_path / "before", image.tag, image)
     ok0, failed0 = _refreshes(p)
-    assert ok0 == 1
+    assert 1 <= ok0 <= WORKERS  # each serving process fetches its own token (a child may still be at it)
     passwords = [ecr.password]
 
     # rotate: the registry now refuses the proxy's token; moto hands out the new one
@@ -99,7 +103,8 @@ def test_rotation_without_restart(
         _assert_all_ok(_get_all(p, image), image)
     pull_via(p, REPO, "r2", tmp_path / "after")
     assert_layout_matches(tmp_path / "after", "r2", extra)
-    assert _refreshes(p) == (ok0 + 1, failed0), "one refresh for the whole rotation"
+    ok1, failed1 = _refreshes(p)
+    assert failed1 == failed0 and ok0 + 1 <= ok1 <= ok0 + WORKERS, "one refresh per process for the whole rotation"
     assert p.metric("ecrproxy_token_expiry_timestamp_seconds") == pytest.approx(new_expiry, abs=1.0)
 
     assert p.alive() and p.pid == pid, "the proxy was not restarted"
@@ -119,7 +124,10 @@ def test_concurrent_requests_share_one_refresh(
         batches = list(pool.map(lambda _: _get_all(p, image), range(8)))
     for results in batches:
         _assert_all_ok(results, image)
-    assert _refreshes(p) == (ok0 + 1, failed0), "concurrent requests must share one GetAuthorizationToken call"
+    ok1, failed1 = _refreshes(p)
+    assert failed1 == failed0 and ok0 + 1 <= ok1 <= ok0 + WORKERS, (
+        "concurrent requests must share one GetAuthorizationToken call per process"
+    )
 
 
 def test_registry_only_password_change_fails_fast_with_json(

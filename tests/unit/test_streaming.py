@@ -382,12 +382,11 @@ def test_a_post_is_not_resent_on_a_stale_pooled_connection() -> None:
     assert client.value().split(b"\r\n\r\nok", 1)[1].startswith(b"HTTP/1.1 502 ")
 
 
-def test_empty_lines_before_a_request_are_ignored() -> None:
+def test_a_request_must_start_with_its_method() -> None:
     h = Harness()
-    proto, _ = h.client()
-    proto.dataReceived(b"\r\n")
+    proto, client = h.client()
     proto.dataReceived(b"\r\n" + GET1)
-    assert h.upstreams.last()[1].value().startswith(b"GET /v2/app/manifests/1 ")
+    assert client.value().startswith(b"HTTP/1.1 400 ") and h.upstreams.connections == []
 
 
 def test_a_head_dribbled_a_byte_at_a_time_is_parsed() -> None:

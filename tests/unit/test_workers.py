@@ -48,4 +48,4 @@ def test_bind_listener_forms() -> None:
     finally:
         sock.close()
     with pytest.raises(ListenerError, match="--workers needs"):
-        bind_listener("ssl:443")
+        bind_listener("systemd:domain=INET:index=0")
