@@ -24,7 +24,7 @@ from .ops import ops_site
 from .proxy import ProxyConfig, RegistryProxy
 from .streaming import Limits, Origin, RelayFactory, UpstreamPool
 from .tls import client_creator_factory
-from .tokens import BotocoreTokenFetcher, TokenKeeper
+from .tokens import ProcessTokenFetcher, TokenKeeper
 
 ENV_PREFIX = "ECRPROXY_"
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+\Z")
@@ -241,9 +241,8 @@ def build(options: Options, reactor: Any) -> Built:
     top = service.MultiService()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    fetcher = BotocoreTokenFetcher(
+    fetcher = ProcessTokenFetcher(
         reactor,
-        None,  # the reactor's own pool, looked up when the first fetch runs
         region=options["region"],
         registry_id=options["registry-id"],
         endpoint_url=options["ecr-endpoint-url"],

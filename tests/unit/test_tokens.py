@@ -168,3 +168,63 @@ def test_forced_refreshes_are_rate_limited_and_respect_backoff() -> None:
     clock.advance(30)
     k.force_refresh(second).addCallback(got.append)
     assert fetcher.calls == 3 and got[-1] is second
+
+
+class FakeProcessReactor(Clock):
+    """spawnProcess that records the child instead of starting one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple] = []
+        self.signals: list[str] = []
+
+    def spawnProcess(self, proto, executable, args, env=None, **kw):  # type: ignore[no-untyped-def]
+        reactor = self
+
+        class Process:
+            def signalProcess(self, sig: str) -> None:
+                reactor.signals.append(sig)
+
+        self.spawned.append((proto, executable, args, env))
+        return Process()
+
+
+def test_process_fetcher_runs_a_child_and_parses_its_answer() -> None:
+    from twisted.internet.error import ProcessDone
+    from twisted.python.failure import Failure
+
+    from ecr_twisted.tokens import ProcessTokenFetcher
+
+    reactor = FakeProcessReactor()
+    reactor.advance(1000)
+    fetcher = ProcessTokenFetcher(reactor, "eu-west-1", registry_id="123456789012", endpoint_url="http://moto")
+    got: list = []
+    fetcher.fetch().addCallback(got.append)
+    proto, executable, args, env = reactor.spawned[0]
+    assert args[1:] == ["-m", "ecr_twisted.fetch_token", "--region", "eu-west-1", "--registry-id", "123456789012",
+                        "--endpoint-url", "http://moto"]
+    raw = base64.b64encode(b"AWS:" + b"s" * 4000).decode()
+    proto.outReceived(b'{"authorizationToken": "' + raw[:100].encode())
+    proto.outReceived(raw[100:].encode() + b'", "expiresAt": 44200.5, "proxyEndpoint": "https://x"}')
+    proto.processEnded(Failure(ProcessDone(0)))
+    [token] = got
+    assert token.authorization == raw and token.expires_at == 44200.5 and token.fetched_at == 1000
+
+
+def test_process_fetcher_failures_and_timeouts_are_errors_not_hangs() -> None:
+    from twisted.internet.error import ProcessTerminated
+    from twisted.python.failure import Failure
+
+    from ecr_twisted.tokens import ProcessTokenFetcher, TokenFetchError
+
+    reactor = FakeProcessReactor()
+    fetcher = ProcessTokenFetcher(reactor, "eu-west-1", timeout=60)
+    errors: list = []
+    fetcher.fetch().addErrback(errors.append)
+    proto = reactor.spawned[0][0]
+    proto.errReceived(b"ClientError: An error occurred (AccessDeniedException) when calling GetAuthorizationToken\n")
+    proto.processEnded(Failure(ProcessTerminated(exitCode=1)))
+    assert errors[0].check(TokenFetchError) and "AccessDeniedException" in str(errors[0].value)
+    fetcher.fetch().addErrback(errors.append)
+    reactor.advance(60)
+    assert reactor.signals == ["KILL"] and errors[1].check(TokenFetchError) and "60 s" in str(errors[1].value)
