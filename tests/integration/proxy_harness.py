@@ -283,7 +283,11 @@ class Proxy:
                     f"{self.name} exited with {self.proc.returncode if self.proc else '?'}; log:\n{self.log_tail()}"
                 )
             if wait == "ready":
-                return self.ops("/readyz").status == 200
+                if self.ops("/readyz").status != 200:
+                    return False
+                # under ECRTEST_WORKERS=N a proxy is ready when every process holds a token
+                # (children listen only then); tests that count refreshes start from there
+                return (self.metric("ecrproxy_token_refresh_total", result="success") or 0) >= TEST_WORKERS
             if wait == "healthz":
                 return self.ops("/healthz").status == 200
             if wait == "token":
@@ -364,6 +368,10 @@ class Proxy:
 
     def request(self, path: str, method: str = "GET", **kw: Any) -> Response:
         return http_request(self.url + path, method, **kw)
+
+
+#: every test proxy runs this many processes (make test runs the suite with 1 and with 2)
+TEST_WORKERS = int(os.environ.get("ECRTEST_WORKERS") or 1)
 
 
 def proxy_env(ecr: EmulatedECR, *, extra: Mapping[str, str] | None = None, drop: Iterable[str] = ()) -> dict[str, str]:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from proxy_harness import FakeUpstream, Proxy, ProxyFactory, metric
+from proxy_harness import TEST_WORKERS, FakeUpstream, Proxy, ProxyFactory, metric
 
 from ecr_twisted.emulator import EmulatedECR
 
@@ -160,7 +160,8 @@ def test_plain_text_403_expired_token_refreshes_and_retries(
     assert r.status == 200, r.body
     assert r.header("Docker-Content-Digest") == DIGEST
     assert script.expired_once_calls == 2
-    assert contract_proxy.metric("ecrproxy_token_refresh_total", result="success") == before + 1
+    after = contract_proxy.metric("ecrproxy_token_refresh_total", result="success")
+    assert before + 1 <= after <= before + TEST_WORKERS  # single flight holds per serving process
 
 
 def test_upstream_challenge_never_reaches_the_client(contract_proxy: Proxy) -> None:
