@@ -1,0 +1,220 @@
+"""Who may do what: the access policy, as data, decided before any upstream request.
+
+A policy is a list of rules, each granting (or, with `effect = "deny"`, refusing)
+actions (`pull`, `push`, `delete`) to principals on repositories matched by glob,
+optionally only for tags matched by glob. Nothing is allowed unless a rule allows it,
+and a matching deny beats any allow. Tag-limited rules speak only about references
+by tag: checks without a tag (blobs, uploads, manifests by digest) are repository
+checks, for which a tag-limited allow still counts as access to the repository and a
+tag-limited deny does not apply.
+
+Policy file (TOML):
+
+    [groups]
+    ci = ["jenkins", "gha"]
+
+    [[rule]]
+    principals = ["anonymous", "authenticated"]   # also "*", "user:NAME", "group:NAME"
+    actions = ["pull"]
+    repositories = ["*"]
+
+    [[rule]]
+    principals = ["group:ci"]
+    actions = ["push"]
+    repositories = ["team-a/*"]
+    tags = ["release-*"]
+
+    [[rule]]
+    effect = "deny"
+    principals = ["*"]
+    actions = ["push"]
+    repositories = ["*"]
+    tags = ["latest"]
+
+Globs are `fnmatch` patterns matched case-sensitively: `*` also matches `/`, so
+`team-a/*` covers every repository below `team-a/`.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, Iterable, Mapping
+
+from .routes import NAME, TAG
+
+ACTIONS = frozenset({"pull", "push", "delete"})
+_NAME = re.compile(NAME + r"\Z")
+_TAG = re.compile(TAG + r"\Z")
+_PRINCIPAL = re.compile(r"(?:\*|anonymous|authenticated|(?:user|group):[^\s:]+)\Z")
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be used; the message says where."""
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is asking: `user` None is anonymous."""
+
+    user: str | None = None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.user is None
+
+
+ANONYMOUS = Principal()
+
+
+@dataclass(frozen=True)
+class Rule:
+    effect: str  # "allow" or "deny"
+    principals: frozenset[str]
+    actions: frozenset[str]
+    repositories: tuple[str, ...]
+    tags: tuple[str, ...] | None  # None: any reference
+
+    def covers(self, names: frozenset[str], action: str, repository: str) -> bool:
+        return (
+            action in self.actions
+            and not self.principals.isdisjoint(names)
+            and any(fnmatchcase(repository, pattern) for pattern in self.repositories)
+        )
+
+    def tag_matches(self, tag: str) -> bool:
+        return self.tags is None or any(fnmatchcase(tag, pattern) for pattern in self.tags)
+
+
+class Policy:
+    """Decides (principal, action, repository, tag) -> allowed. Default deny."""
+
+    def __init__(self, rules: Iterable[Rule], groups: Mapping[str, Iterable[str]] | None = None) -> None:
+        self.rules = tuple(rules)
+        self._groups_of: dict[str, set[str]] = {}
+        for group, members in (groups or {}).items():
+            for user in members:
+                self._groups_of.setdefault(user, set()).add(group)
+
+    def _names(self, who: Principal) -> frozenset[str]:
+        if who.user is None:
+            return frozenset({"*", "anonymous"})
+        names = {"*", "authenticated", f"user:{who.user}"}
+        names.update(f"group:{g}" for g in self._groups_of.get(who.user, ()))
+        return frozenset(names)
+
+    def allows(self, who: Principal, action: str, repository: str, tag: str | None = None) -> bool:
+        # names and tags reach here already checked by the routes; checking again keeps
+        # the policy safe on its own (no "..", encoded slashes or upper case get a match)
+        if action not in ACTIONS or _NAME.match(repository) is None or len(repository) > 255:
+            return False
+        if tag is not None and _TAG.match(tag) is None:
+            return False
+        names = self._names(who)
+        allowed = False
+        for rule in self.rules:
+            if not rule.covers(names, action, repository):
+                continue
+            if rule.effect == "deny":
+                if tag is None and rule.tags is not None:
+                    continue  # a tag-limited deny says nothing about repository-level access
+                if tag is None or rule.tag_matches(tag):
+                    return False
+            elif tag is None or rule.tag_matches(tag):
+                allowed = True
+        return allowed
+
+    # -- construction
+    @classmethod
+    def from_toml(cls, text: str, source: str = "policy") -> "Policy":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise PolicyError(f"{source}: not valid TOML: {e}") from None
+        unknown = set(data) - {"groups", "rule"}
+        if unknown:
+            raise PolicyError(f"{source}: unknown section(s) {sorted(unknown)}; expected [groups] and [[rule]]")
+        groups = data.get("groups", {})
+        if not isinstance(groups, dict) or not all(
+            isinstance(v, list) and all(isinstance(u, str) for u in v) for v in groups.values()
+        ):
+            raise PolicyError(f"{source}: [groups] maps group names to lists of user names")
+        rules_data = data.get("rule", [])
+        if not isinstance(rules_data, list):
+            raise PolicyError(f"{source}: rules are written as [[rule]] tables")
+        return cls([_rule(r, f"{source}: rule {i + 1}") for i, r in enumerate(rules_data)], groups)
+
+    @classmethod
+    def preset(cls, name: str) -> "Policy":
+        """One-word policies for the common cases."""
+        if name not in PRESETS:
+            raise PolicyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_toml(PRESETS[name], f"preset {name}")
+
+
+def _strings(raw: dict[str, Any], key: str, where: str, required: bool = True) -> tuple[str, ...] | None:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise PolicyError(f"{where}: '{key}' is required")
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise PolicyError(f"{where}: '{key}' must be a non-empty list of strings")
+    return tuple(value)
+
+
+def _rule(raw: Any, where: str) -> Rule:
+    if not isinstance(raw, dict):
+        raise PolicyError(f"{where}: a rule is a table")
+    unknown = set(raw) - {"effect", "principals", "actions", "repositories", "tags"}
+    if unknown:
+        raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}")
+    effect = raw.get("effect", "allow")
+    if effect not in ("allow", "deny"):
+        raise PolicyError(f"{where}: effect must be 'allow' or 'deny'")
+    principals = _strings(raw, "principals", where)
+    actions = _strings(raw, "actions", where)
+    assert principals is not None and actions is not None
+    bad = [p for p in principals if _PRINCIPAL.match(p) is None]
+    if bad:
+        raise PolicyError(f"{where}: unknown principal(s) {bad}; use *, anonymous, authenticated, user:NAME, group:NAME")
+    bad = [a for a in actions if a not in ACTIONS]
+    if bad:
+        raise PolicyError(f"{where}: unknown action(s) {bad}; use pull, push, delete")
+    repositories = _strings(raw, "repositories", where)
+    assert repositories is not None
+    return Rule(effect, frozenset(principals), frozenset(actions), repositories, _strings(raw, "tags", where, False))
+
+
+PRESETS = {
+    # anonymous may pull everything, users who log in may also push
+    "public-read": """
+[[rule]]
+principals = ["*"]
+actions = ["pull"]
+repositories = ["*"]
+
+[[rule]]
+principals = ["authenticated"]
+actions = ["push"]
+repositories = ["*"]
+""",
+    # only users who log in, and they may pull and push
+    "private": """
+[[rule]]
+principals = ["authenticated"]
+actions = ["pull", "push"]
+repositories = ["*"]
+""",
+    # anyone who reaches the proxy may pull and push (what --anonymous does today)
+    "open": """
+[[rule]]
+principals = ["*"]
+actions = ["pull", "push"]
+repositories = ["*"]
+""",
+}

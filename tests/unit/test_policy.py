@@ -1,0 +1,131 @@
+"""The access policy as a decision table, path tricks included."""
+
+import pytest
+
+from ecr_twisted.policy import ANONYMOUS, Policy, PolicyError, Principal
+
+POLICY = Policy.from_toml(
+    """
+[groups]
+ci = ["jenkins"]
+team-a = ["alice"]
+
+[[rule]]
+principals = ["*"]
+actions = ["pull"]
+repositories = ["public/*"]
+
+[[rule]]
+principals = ["group:team-a"]
+actions = ["pull", "push"]
+repositories = ["team-a/*"]
+
+[[rule]]
+principals = ["group:ci"]
+actions = ["push"]
+repositories = ["team-a/*"]
+tags = ["release-*"]
+
+[[rule]]
+principals = ["user:bob"]
+actions = ["pull"]
+repositories = ["team-b/app"]
+tags = ["stable"]
+
+[[rule]]
+principals = ["authenticated"]
+actions = ["delete"]
+repositories = ["scratch/*"]
+
+[[rule]]
+effect = "deny"
+principals = ["*"]
+actions = ["push"]
+repositories = ["*"]
+tags = ["latest"]
+"""
+)
+
+ALICE, JENKINS, BOB, MALLORY = Principal("alice"), Principal("jenkins"), Principal("bob"), Principal("mallory")
+
+
+@pytest.mark.parametrize(
+    "who,action,repository,tag,allowed",
+    [
+        # public read for everyone, nothing else
+        (ANONYMOUS, "pull", "public/base", "1.0", True),
+        (ANONYMOUS, "pull", "public/base", None, True),
+        (ANONYMOUS, "push", "public/base", "1.0", False),
+        (ANONYMOUS, "pull", "team-a/app", "1.0", False),
+        (MALLORY, "pull", "public/deep/nested", None, True),
+        # a group's own namespace
+        (ALICE, "pull", "team-a/app", "1.0", True),
+        (ALICE, "push", "team-a/app", "1.0", True),
+        (ALICE, "push", "team-a/app", None, True),
+        (ALICE, "pull", "team-b/app", None, False),
+        (ALICE, "delete", "team-a/app", None, False),
+        # latest may not be overwritten, by anyone
+        (ALICE, "push", "team-a/app", "latest", False),
+        (JENKINS, "push", "team-a/app", "latest", False),
+        # tag-limited grants: only those tags by tag; blobs/uploads/digests are repository checks
+        (JENKINS, "push", "team-a/app", "release-1.2", True),
+        (JENKINS, "push", "team-a/app", "feature-x", False),
+        (JENKINS, "push", "team-a/app", None, True),
+        (JENKINS, "pull", "team-a/app", "release-1.2", False),
+        (BOB, "pull", "team-b/app", "stable", True),
+        (BOB, "pull", "team-b/app", "nightly", False),
+        (BOB, "pull", "team-b/app", None, True),
+        (BOB, "pull", "team-b/other", None, False),
+        # delete needs its own grant
+        (MALLORY, "delete", "scratch/tmp", None, True),
+        (ANONYMOUS, "delete", "scratch/tmp", None, False),
+        # default deny, unknown actions
+        (MALLORY, "push", "elsewhere/app", "1", False),
+        (ALICE, "admin", "team-a/app", None, False),
+        # path tricks never match a rule
+        (ALICE, "pull", "team-a/../team-b/app", None, False),
+        (ANONYMOUS, "pull", "public/../team-a/app", None, False),
+        (ALICE, "pull", "team-a%2f..%2fteam-b", None, False),
+        (ANONYMOUS, "pull", "Public/base", None, False),
+        (ANONYMOUS, "pull", "public//base", None, False),
+        (ANONYMOUS, "pull", "/public/base", None, False),
+        (ANONYMOUS, "pull", "public/base/", None, False),
+        (ANONYMOUS, "pull", "public/" + "a" * 260, None, False),
+        (ANONYMOUS, "pull", "public/base", "../latest", False),
+        # names with API words are just names
+        (ALICE, "pull", "team-a/blobs", None, True),
+        (ALICE, "pull", "team-a/manifests/x", None, True),
+    ],
+)
+def test_decisions(who: Principal, action: str, repository: str, tag: str | None, allowed: bool) -> None:
+    assert POLICY.allows(who, action, repository, tag) is allowed
+
+
+def test_presets() -> None:
+    public = Policy.preset("public-read")
+    assert public.allows(ANONYMOUS, "pull", "any/repo") and not public.allows(ANONYMOUS, "push", "any/repo")
+    assert public.allows(ALICE, "push", "any/repo", "1.0")
+    private = Policy.preset("private")
+    assert not private.allows(ANONYMOUS, "pull", "any/repo") and private.allows(ALICE, "pull", "any/repo")
+    assert Policy([]).allows(ALICE, "pull", "any/repo") is False
+    with pytest.raises(PolicyError, match="unknown preset"):
+        Policy.preset("everything")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[[rule]\n", "not valid TOML"),
+        ("[users]\nx = 1\n", "unknown section"),
+        ('[[rule]]\nactions = ["pull"]\nrepositories = ["*"]\n', "'principals' is required"),
+        ('[[rule]]\nprincipals = ["root"]\nactions = ["pull"]\nrepositories = ["*"]\n', "unknown principal"),
+        ('[[rule]]\nprincipals = ["*"]\nactions = ["write"]\nrepositories = ["*"]\n', "unknown action"),
+        ('[[rule]]\nprincipals = ["*"]\nactions = ["pull"]\nrepositories = []\n', "non-empty list"),
+        ('[[rule]]\neffect = "maybe"\nprincipals = ["*"]\nactions = ["pull"]\nrepositories = ["*"]\n', "effect"),
+        ('[[rule]]\nprincipal = ["*"]\nactions = ["pull"]\nrepositories = ["*"]\n', "unknown key"),
+        ('[groups]\nci = "jenkins"\n', "lists of user names"),
+    ],
+)
+def test_bad_policies_say_where(text: str, message: str) -> None:
+    with pytest.raises(PolicyError, match=message):
+        Policy.from_toml(text, "p.toml")
