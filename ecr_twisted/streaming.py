@@ -710,11 +710,6 @@ class Exchange:
     def has_body(self) -> bool:
         return self.request.framing != NO_BODY
 
-    @property
-    def body_started(self) -> bool:
-        """True once request body bytes went upstream: the request can no longer be retried."""
-        return self._body_sent > 0
-
     def forward(self, origin: Origin, method: bytes, target: bytes, fields: Fields, timeout: float) -> Deferred[UpstreamResponse]:
         """Send the request (and its body, as it arrives) to `origin`; fires with the response head."""
         if self._gone:
