@@ -62,6 +62,7 @@ SMALL_LUA = BENCH_DIR / "small.lua"
 TWISTD = pathlib.Path(sys.executable).parent / "twistd"
 
 from ecr_twisted.emulator import EmulatedECR, _parent_death_preexec  # noqa: E402  (installed in .venv)
+from ecr_twisted import testing  # noqa: E402
 
 MIB = 1 << 20
 MB = 1_000_000
@@ -142,17 +143,11 @@ def process_tree(roots: Sequence[int]) -> list[int]:
 
 
 def proc_status(pid: int) -> dict[str, int]:
-    out: dict[str, int] = {}
+    """Memory sizes of a process; {} once it is gone (sampling races with process exits)."""
     try:
-        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                parts = value.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    out[key] = int(parts[0]) * 1024
+        return testing.proc_status(pid)
     except OSError:
-        pass
-    return out
+        return {}
 
 
 class Processes:

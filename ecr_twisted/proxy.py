@@ -193,9 +193,9 @@ class RegistryProxy:
         req = ex.request
         ctx.sent_at = self.clock.seconds()
         ctx.target = "registry"
-        d = ex.forward(
-            ctx.origin, req.method, req.target, ctx.fields + [(b"Authorization", ctx.token.header)], ctx.timeout
-        )
+        fields = ctx.fields.copy()  # kept clean for a retry with a fresh token
+        fields.append((b"Authorization", ctx.token.header))
+        d = ex.forward(ctx.origin, req.method, req.target, fields, ctx.timeout)
         d.addCallbacks(self._registry_response, self._upstream_failed, (ex, ctx), None, (ex, ctx))
         d.addErrback(self._bug, ex)
 

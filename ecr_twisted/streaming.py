@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet import error as ierror
 from twisted.internet import tcp
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.interfaces import IPushProducer, IReactorTCP, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
@@ -430,8 +430,8 @@ class _Attempt:
 
     def connect_failed(self, reason: Failure) -> None:
         self.acquiring = None
-        if self.d is None:
-            return  # already timed out or cancelled
+        if self.d is None or reason.check(CancelledError):
+            return  # timed out or cancelled: whoever gave up answers the exchange
         if reason.check(ierror.TimeoutError):
             self.failed(UpstreamError("timeout", "connect timed out"))
         else:
@@ -439,9 +439,7 @@ class _Attempt:
 
     def timed_out(self) -> None:
         self.timer = None
-        d, self.d = self.d, None
         self.give_up()
-        self.d = d
         conn, self.conn = self.conn, None
         if conn is not None:
             conn._attempt = None
@@ -513,7 +511,7 @@ class UpstreamResponse:
         return self._conn.origin
 
     def relay(self, status: int, fields: Fields) -> None:
-        """Send `status` and `fields` (no framing fields) to the client, then the body."""
+        """Send `status` and `fields` (no framing fields; taken over) to the client, then the body."""
         ex = self._attempt.exchange
         if ex._gone:
             self._conn.abort()
@@ -711,20 +709,21 @@ class Exchange:
         return self.request.framing != NO_BODY
 
     def forward(self, origin: Origin, method: bytes, target: bytes, fields: Fields, timeout: float) -> Deferred[UpstreamResponse]:
-        """Send the request (and its body, as it arrives) to `origin`; fires with the response head."""
+        """Send the request (and its body, as it arrives) to `origin`; fires with the response head.
+
+        `fields` (no framing fields) is taken over: the framing fields are appended to it."""
         if self._gone:
             return fail(UpstreamError("closed", "client left"))
         if self._body_sent:
             return fail(RuntimeError("request body already sent upstream"))
         req = self.request
-        extra: Fields = []
         if req.framing == LENGTH:
-            extra.append((b"Content-Length", b"%d" % req.length))
+            fields.append((b"Content-Length", b"%d" % req.length))
         elif req.framing == CHUNKED:
-            extra.append((b"Transfer-Encoding", b"chunked"))
+            fields.append((b"Transfer-Encoding", b"chunked"))
         elif method in _SENDS_BODY:
-            extra.append((b"Content-Length", b"0"))  # servers (S3 among them) may want 411 otherwise
-        head = serialize_head(method + b" " + target + b" HTTP/1.1", fields + extra if extra else fields)
+            fields.append((b"Content-Length", b"0"))  # servers (S3 among them) may want 411 otherwise
+        head = serialize_head(method + b" " + target + b" HTTP/1.1", fields)
         attempt = _Attempt(self, origin, method, head, timeout)
         self._attempt = attempt
         d = attempt.d
@@ -732,7 +731,7 @@ class Exchange:
         return d
 
     def respond(self, status: int, fields: Fields, body: bytes = b"") -> None:
-        """Answer locally. Any request body not yet read closes the connection afterwards."""
+        """Answer locally (`fields` is taken over). Any request body not yet read closes the connection afterwards."""
         if self._gone or self._responded:
             return
         self._cancel_attempt()
@@ -804,7 +803,7 @@ class Exchange:
     def _start_response(self, status: int, fields: Fields, upstream: Head) -> None:
         self._responded = True
         self.status = status
-        out: Fields = list(fields)
+        out = fields  # the caller's fresh list: framing and Connection are appended to it
         if upstream.framing == CHUNKED and not self._dechunk:
             out.append((b"Transfer-Encoding", b"chunked"))
         else:

@@ -302,12 +302,11 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         except ListenerError as e:
             raise usage.UsageError(f"--port {e}") from None
         for sock, factory in zip(sockets, built.factories):
-            AdoptedPort(reactor, sock.fileno(), factory).setServiceParent(top)
+            AdoptedPort(reactor, sock, factory).setServiceParent(top)
         socket_dir = tempfile.mkdtemp(prefix="ecrproxy-workers-")
         reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, socket_dir, True)
         children = WorkerProcesses(reactor, options["workers"], options.argv, [s.fileno() for s in sockets], socket_dir)
         children.setServiceParent(top)
-        top._sockets = sockets  # type: ignore[attr-defined]  # keep them open for the children
         others = children.scrape
     if options["metrics-endpoint"] is not None:
         _listen(options["metrics-endpoint"], ops_site(built.registry, built.keeper.ready, others)).setServiceParent(top)

@@ -30,6 +30,20 @@ def make_token(password: str = "secret-password", *, now: float = 0.0, lifetime:
     return Token(authorization=auth, expires_at=now + lifetime, endpoint=endpoint, fetched_at=now)
 
 
+def proc_status(pid: int) -> dict[str, int]:
+    """The sizes in /proc/<pid>/status (VmRSS, VmHWM, ...) in bytes; OSError if the process is gone.
+
+    For the tests and the benchmark, which watch the proxy's memory from outside."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            parts = value.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                out[key] = int(parts[0]) * 1024
+    return out
+
+
 class FakeTokenFetcher:
     """A TokenFetcher whose answers the test decides: queue tokens or exceptions, or hold calls open."""
 

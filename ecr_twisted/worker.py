@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     options = tap.Options()
     options.parseOptions(rest)
     built = tap.build(options, reactor)
-    ports = [AdoptedPort(reactor, fd, factory) for fd, factory in zip(fds, built.factories)]
+    import socket
+
+    ports = [AdoptedPort(reactor, socket.socket(fileno=fd), factory) for fd, factory in zip(fds, built.factories)]
 
     def listen(_: Any) -> None:
         # a child that answered before holding a token would turn its share of requests

@@ -73,20 +73,17 @@ def bind_listener(spec: str) -> socket.socket:
 
 
 class AdoptedPort(service.Service):
-    """Serve `factory` on an already-bound listening socket (given by file descriptor)."""
+    """Serve `factory` on an already-bound listening socket; holding it keeps it open for children."""
 
-    def __init__(self, reactor: Any, fd: int, factory: Any) -> None:
+    def __init__(self, reactor: Any, sock: socket.socket, factory: Any) -> None:
         self.reactor = reactor
-        self.fd = fd
+        self.sock = sock
         self.factory = factory
         self.port: Any = None
 
     def startService(self) -> None:
         super().startService()
-        family = socket.socket(fileno=os.dup(self.fd))
-        fam = family.family
-        family.close()
-        self.port = self.reactor.adoptStreamPort(self.fd, fam, self.factory)
+        self.port = self.reactor.adoptStreamPort(self.sock.fileno(), self.sock.family, self.factory)
 
     def stopService(self) -> Any:
         super().stopService()

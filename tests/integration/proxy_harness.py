@@ -32,6 +32,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from ecr_twisted.emulator import EmulatedECR, _parent_death_preexec
+from ecr_twisted.testing import proc_status
 from ecr_twisted.testing_images import ImageInfo, skopeo_copy
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -337,14 +338,7 @@ class Proxy:
 
     def proc_status(self) -> dict[str, int]:
         """VmRSS/VmHWM/... of the process, in bytes."""
-        out: dict[str, int] = {}
-        with open(f"/proc/{self.pid}/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                parts = value.split()
-                if len(parts) == 2 and parts[1] == "kB":
-                    out[key] = int(parts[0]) * 1024
-        return out
+        return proc_status(self.pid)
 
     def rss(self) -> int:
         return self.proc_status()["VmRSS"]

@@ -7,7 +7,7 @@ import pytest
 from twisted.internet.task import Clock
 
 from ecr_twisted.testing import FakeTokenFetcher, make_token
-from ecr_twisted.tokens import READY_MARGIN, TokenKeeper, backoff, parse_authorization_data, refresh_due
+from ecr_twisted.tokens import READY_MARGIN, Token, TokenKeeper, backoff, parse_authorization_data, refresh_due
 
 H = 3600.0
 
@@ -99,14 +99,19 @@ def test_a_raising_fetcher_does_not_stop_the_loop() -> None:
     assert fetcher.calls >= 2 and k._loop.running and "failure" in results
 
 
-def test_forced_refresh_is_single_flight() -> None:
-    clock = Clock()
+def holding_keeper() -> tuple[FakeTokenFetcher, TokenKeeper, "Token"]:
+    """A started keeper holding a 'stale' token, whose fetcher now holds every call open."""
     fetcher = FakeTokenFetcher()
     stale = make_token("stale", now=0)
     fetcher.results = [stale]
-    k, _ = keeper(clock, fetcher)
+    k, _ = keeper(Clock(), fetcher)
     k.start()
     fetcher.hold = True
+    return fetcher, k, stale
+
+
+def test_forced_refresh_is_single_flight() -> None:
+    fetcher, k, stale = holding_keeper()
     got: list = []
     for _ in range(50):
         k.force_refresh(stale).addCallback(got.append)
@@ -120,13 +125,7 @@ def test_forced_refresh_is_single_flight() -> None:
 
 
 def test_forced_refresh_failure_answers_none() -> None:
-    clock = Clock()
-    fetcher = FakeTokenFetcher()
-    stale = make_token("stale", now=0)
-    fetcher.results = [stale]
-    k, _ = keeper(clock, fetcher)
-    k.start()
-    fetcher.hold = True
+    fetcher, k, stale = holding_keeper()
     got: list = []
     k.force_refresh(stale).addCallback(got.append)
     fetcher.answer(RuntimeError("AWS down"))
