@@ -20,6 +20,9 @@ DIGEST_INVALID = RegistryError("DIGEST_INVALID", "provided digest did not match 
 TAG_INVALID = RegistryError("TAG_INVALID", "manifest tag did not match URI", 400)
 BLOB_UNKNOWN = RegistryError("BLOB_UNKNOWN", "blob unknown to registry", 404)
 RANGE_INVALID = RegistryError("RANGE_INVALID", "requested range not satisfiable", 416)
+NAME_UNKNOWN = RegistryError("NAME_UNKNOWN", "repository name not known to registry", 404)
+UNAUTHORIZED = RegistryError("UNAUTHORIZED", "authentication required", 401)
+TOO_MANY_REQUESTS = RegistryError("TOOMANYREQUESTS", "too many requests", 429)
 DENIED = RegistryError("DENIED", "requested access to the resource is denied", 403)
 UPSTREAM_AUTH = RegistryError(
     "UNAUTHORIZED", "the upstream registry rejected the proxy's ECR credentials", 502

@@ -231,6 +231,10 @@ class BodyReader:
         self._dechunk = dechunk
         self.payload: list[bytes] = []
 
+    def dechunk_on(self) -> None:
+        """From now on, decoded chunk data goes to `payload`."""
+        self._dechunk = True
+
     def feed(self, data: bytes, offset: int = 0) -> int:
         if self.done:
             return 0

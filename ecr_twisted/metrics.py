@@ -48,6 +48,16 @@ class Metrics:
         self.bad_requests = Counter(
             "ecrproxy_bad_requests", "Requests refused by the HTTP parser", ["status"], registry=registry
         )
+        self.auth_attempts = Counter(
+            "ecrproxy_auth_attempts", "Client credential checks by auth mode and result", ["mode", "result"],
+            registry=registry,
+        )
+        self.access_denied = Counter(
+            "ecrproxy_access_denied", "Requests refused by the access policy, by action", ["action"], registry=registry
+        )
+        self.webhook_errors = Counter(
+            "ecrproxy_auth_webhook_errors", "Authorization webhook calls that failed (each one a deny)", registry=registry
+        )
         self._requests: dict[tuple[bytes, str, int], Counter] = {}
         self._per_route: dict[str, tuple[Histogram, Counter, Counter]] = {}
         self._upstream: dict[str, Histogram] = {}

@@ -37,13 +37,18 @@ Globs are `fnmatch` patterns matched case-sensitively: `*` also matches `/`, so
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Iterable, Mapping
 
+from twisted.logger import Logger
+
 from .routes import NAME, TAG
+
+_log = Logger()
 
 ACTIONS = frozenset({"pull", "push", "delete"})
 _NAME = re.compile(NAME + r"\Z")
@@ -126,6 +131,11 @@ class Policy:
                 allowed = True
         return allowed
 
+    def tags_matter(self, who: Principal, action: str, repository: str) -> bool:
+        """Whether a tag-limited rule speaks about this (principal, action, repository)."""
+        names = self._names(who)
+        return any(rule.tags is not None and rule.covers(names, action, repository) for rule in self.rules)
+
     # -- construction
     @classmethod
     def from_toml(cls, text: str, source: str = "policy") -> "Policy":
@@ -152,6 +162,51 @@ class Policy:
         if name not in PRESETS:
             raise PolicyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_toml(PRESETS[name], f"preset {name}")
+
+
+class PolicyFile:
+    """A policy file re-read when it changes (checked at most once a second on use).
+
+    A file that turns unreadable or invalid keeps the last good policy and logs why:
+    a half-saved edit must not open or close the whole registry."""
+
+    def __init__(self, path: str, clock: Any, stat_every: float = 1.0) -> None:
+        self.path = path
+        self.clock = clock
+        self._stat_every = stat_every
+        self._checked_at = -1e18
+        self._stamp: tuple[int, int, int] | None = None
+        self.policy = self._load()
+
+    def _load(self) -> Policy:
+        st = os.stat(self.path)
+        with open(self.path, encoding="utf-8") as f:
+            policy = Policy.from_toml(f.read(), self.path)
+        self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        return policy
+
+    def current(self) -> Policy:
+        now = self.clock.seconds()
+        if now - self._checked_at >= self._stat_every:
+            self._checked_at = now
+            try:
+                st = os.stat(self.path)
+                if (st.st_mtime_ns, st.st_size, st.st_ino) != self._stamp:
+                    self.policy = self._load()
+                    _log.info("re-read policy {path}: {n} rule(s)", path=self.path, n=len(self.policy.rules))
+            except (OSError, PolicyError, UnicodeDecodeError) as e:
+                _log.error("cannot re-read {path}, keeping the previous policy: {error}", path=self.path, error=str(e))
+        return self.policy
+
+
+class FixedPolicy:
+    """A policy that never changes (a preset)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self.policy = policy
+
+    def current(self) -> Policy:
+        return self.policy
 
 
 def _strings(raw: dict[str, Any], key: str, where: str, required: bool = True) -> tuple[str, ...] | None:
@@ -210,11 +265,11 @@ principals = ["authenticated"]
 actions = ["pull", "push"]
 repositories = ["*"]
 """,
-    # anyone who reaches the proxy may pull and push (what --anonymous does today)
+    # anyone who reaches the proxy may do anything the registry allows (what --anonymous always did)
     "open": """
 [[rule]]
 principals = ["*"]
-actions = ["pull", "push"]
+actions = ["pull", "push", "delete"]
 repositories = ["*"]
 """,
 }

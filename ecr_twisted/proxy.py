@@ -14,7 +14,10 @@ from urllib.parse import urljoin
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from twisted.internet.defer import Deferred
+
 from . import errors, routes
+from .access import Decision, Gate, names_from, with_names
 from .errors import RegistryError
 from .http11 import Head
 from .metrics import Metrics
@@ -71,12 +74,19 @@ class ProxyConfig:
     blob_mode: str = "stream"  # or "redirect"
     request_timeout: float = 60.0
     upload_timeout: float = 900.0  # ECR can take minutes to commit a large layer
+    passthrough: bool = False  # --auth passthrough: clients' own ECR credentials go upstream
+
+
+MAX_LISTING = 8 << 20  # tags/list and _catalog bodies the policy filters are read whole: bounded
+_LISTING_KEYS = {routes.TAGS: "tags", routes.CATALOG: "repositories"}
 
 
 class _Ctx:
     """Per-request state of the handler."""
 
-    __slots__ = ("kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "timeout", "target")
+    __slots__ = (
+        "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "timeout", "target", "decision",
+    )
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
@@ -89,6 +99,7 @@ class _Ctx:
         self.redirects = 0
         self.timeout = 60.0
         self.target = "registry"
+        self.decision: Decision | None = None
 
 
 def _rewriter(upstream: Origin, public: bytes) -> tuple[tuple[bytes, ...], bytes]:
@@ -118,9 +129,10 @@ class RegistryProxy:
 
     log = Logger()
 
-    def __init__(self, config: ProxyConfig, tokens: TokenKeeper, metrics: Metrics, clock: Any) -> None:
+    def __init__(self, config: ProxyConfig, tokens: TokenKeeper | None, metrics: Metrics, clock: Any, gate: Gate) -> None:
         self.config = config
         self.tokens = tokens
+        self.gate = gate
         self.metrics = metrics
         self.clock = clock
         self._token_origin: tuple[str, Origin] | None = None
@@ -130,6 +142,9 @@ class RegistryProxy:
         self.metrics.in_flight.inc()
         req = ex.request
         path = req.target.split(b"?", 1)[0]
+        if path == b"/token" and self.gate.mode == "token":
+            ex.ctx = _Ctx("token")
+            return self._token_endpoint(ex)
         m = routes.match(req.method, path)
         ctx = _Ctx(m.route.kind if m.route is not None else routes.OTHER)
         ex.ctx = ctx
@@ -140,22 +155,78 @@ class RegistryProxy:
                 return self._fail(ex, errors.NAME_INVALID)
             return self._fail(ex, errors.NOT_FOUND)
         ctx.match = m
-        token = self.tokens.token_for_request()
-        if token is None:
-            return self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
-        try:
-            origin = self._origin(token)
-        except ValueError:
-            self.log.error("the ECR token names no usable proxyEndpoint; set --upstream")
-            return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
+        decision = self.gate.check(req.method, ctx.kind, m, req.target, req.get(b"authorization"), lambda: self._peer(ex))
+        if type(decision) is Decision:
+            return self._admitted(decision, ex, ctx)
+        decision.addCallback(self._admitted, ex, ctx)
+        decision.addErrback(self._bug, ex)
+
+    def _admitted(self, decision: Decision, ex: Exchange, ctx: _Ctx) -> None:
+        """The gate has decided: refuse, or pick token and origin and forward."""
+        if decision.error is not None:
+            return self._refuse(ex, decision)
+        if ex.gone:
+            return
+        ctx.decision = decision
+        if self.config.passthrough:
+            origin = self.config.upstream
+            assert origin is not None
+        else:
+            assert self.tokens is not None
+            token = self.tokens.token_for_request()
+            if token is None:
+                return self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
+            try:
+                origin = self._origin(token)
+            except ValueError:
+                self.log.error("the ECR token names no usable proxyEndpoint; set --upstream")
+                return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
+            ctx.token = token
         ctx.origin = origin
-        ctx.token = token
         ctx.timeout = self.config.upload_timeout if ctx.kind == routes.UPLOAD else self.config.request_timeout
+        req = ex.request
         skip = req.connection_tokens() if req.get(b"connection") is not None else ()
         fields = [(n, v) for ln, n, v in req.fields if ln not in REQUEST_DROP and ln not in skip]
         fields.append((b"Host", origin.netloc))
         ctx.fields = fields
         self._send(ex, ctx)
+
+    def _refuse(self, ex: Exchange, decision: Decision) -> None:
+        extra: Fields = []
+        if decision.challenge is not None:
+            extra.append((b"WWW-Authenticate", self.gate.challenge_header(decision.challenge, self._public(ex))))
+            extra.append((b"Docker-Distribution-API-Version", b"registry/2.0"))
+        if decision.retry_after is not None:
+            extra.append((b"Retry-After", b"%d" % decision.retry_after))
+        assert decision.error is not None
+        self._fail(ex, decision.error, decision.detail, extra)
+
+    def _peer(self, ex: Exchange) -> str:
+        """The client's address for login throttling (the load balancer's view with --trust-forwarded)."""
+        if self.config.trust_forwarded:
+            forwarded = ex.request.get(b"x-forwarded-for")
+            if forwarded:
+                return forwarded.rsplit(b",", 1)[-1].strip().decode("latin-1")
+        peer = ex.conn.transport.getPeer()
+        return getattr(peer, "host", None) or str(peer)
+
+    def _token_endpoint(self, ex: Exchange) -> None:
+        """`GET /token`: the registry token flow's token server (token mode only)."""
+        req = ex.request
+        if req.method not in (b"GET", b"HEAD"):
+            return self._fail(ex, errors.UNSUPPORTED)
+        query = req.target.partition(b"?")[2]
+        result = self.gate.issue_token(query, req.get(b"authorization"), lambda: self._peer(ex))
+        if isinstance(result, Deferred):
+            result.addCallback(self._token_answer, ex)
+            result.addErrback(self._bug, ex)
+            return
+        self._token_answer(result, ex)
+
+    def _token_answer(self, result: Decision | bytes, ex: Exchange) -> None:
+        if isinstance(result, Decision):
+            return self._refuse(ex, result)
+        ex.respond(200, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")], result)
 
     def finished(self, ex: Exchange) -> None:
         self.metrics.in_flight.dec()
@@ -189,13 +260,17 @@ class RegistryProxy:
         return origin
 
     def _send(self, ex: Exchange, ctx: _Ctx) -> None:
-        assert ctx.token is not None and ctx.origin is not None
+        assert ctx.origin is not None and ctx.decision is not None
         req = ex.request
         ctx.sent_at = self.clock.seconds()
         ctx.target = "registry"
         fields = ctx.fields.copy()  # kept clean for a retry with a fresh token
-        fields.append((b"Authorization", ctx.token.header))
-        d = ex.forward(ctx.origin, req.method, req.target, fields, ctx.timeout)
+        if ctx.token is not None:
+            fields.append((b"Authorization", ctx.token.header))
+        elif ctx.decision.forward_auth is not None:
+            fields.append((b"Authorization", ctx.decision.forward_auth))
+        target = ctx.decision.target or req.target
+        d = ex.forward(ctx.origin, req.method, target, fields, ctx.timeout)
         d.addCallbacks(self._registry_response, self._upstream_failed, (ex, ctx), None, (ex, ctx))
         d.addErrback(self._bug, ex)
 
@@ -205,7 +280,12 @@ class RegistryProxy:
         status = head.status
         if status in (401, 403):
             resp.discard()
+            if self.config.passthrough:  # the client's own credentials were refused: its problem
+                return self._refuse(ex, self.gate.upstream_refused(status))
             return self._refused(ex, ctx, status)
+        listing = ctx.decision.listing if ctx.decision is not None else None
+        if listing is not None and status == 200:
+            return self._filter_listing(resp, ex, ctx, listing)
         if (
             status in REDIRECTS
             and ctx.kind == routes.BLOB
@@ -217,6 +297,28 @@ class RegistryProxy:
                 resp.discard()
                 return self._follow(ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1")))
         resp.relay(status, self._response_fields(head, ex, ctx))
+
+    def _filter_listing(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx, listing: Any) -> None:
+        """tags/list and _catalog show only what the caller may pull: read (bounded), filter, answer."""
+        fields = self._response_fields(resp.head, ex, ctx)
+        key = _LISTING_KEYS[ctx.kind]
+
+        def got(body: bytes) -> Any:
+            names = names_from(body, key)
+            if names is None:
+                raise UpstreamError("closed", "upstream listing is not JSON")
+            kept = listing(names)
+            if isinstance(kept, Deferred):
+                return kept.addCallback(answer, body)
+            return answer(kept, body)
+
+        def answer(kept: list[str], body: bytes) -> None:
+            ex.respond(200, [f for f in fields if f[0].lower() != b"content-encoding"], with_names(body, key, kept))
+
+        d = resp.read(MAX_LISTING, self.config.request_timeout)
+        d.addCallback(got)
+        d.addErrback(self._upstream_failed, ex, ctx)
+        d.addErrback(self._bug, ex)
 
     def _refused(self, ex: Exchange, ctx: _Ctx, status: int) -> None:
         """The upstream refused our token: refresh it once (shared) and retry once when safe."""

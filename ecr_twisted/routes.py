@@ -67,6 +67,11 @@ class Match:
 NOT_FOUND = Match(None, error="not_found")
 
 
+def valid_name(name: str) -> bool:
+    """A repository name by the registry grammar (for names that arrive outside the path)."""
+    return len(name) <= MAX_NAME and _NAME.fullmatch(name.encode("ascii", "replace")) is not None
+
+
 def match(method: bytes, path: bytes) -> Match:
     """Classify a request path (no query string)."""
     if not path.startswith(b"/v2/"):

@@ -186,7 +186,7 @@ class Limits:
 # upstream side
 
 
-_U_IDLE, _U_HEAD, _U_HOLD, _U_RELAY, _U_DRAIN = range(5)
+_U_IDLE, _U_HEAD, _U_HOLD, _U_RELAY, _U_DRAIN, _U_COLLECT = range(6)
 _DRAIN_TIMEOUT = 30.0  # a discarded body that stalls must not hold a pool place
 _MAX_DRAIN = 1 << 20  # discarded bodies beyond this are cheaper to cut than to read
 _SENDS_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -212,6 +212,7 @@ class UpstreamConnection(Protocol):
         self.idle_call: Any = None  # idle-in-pool or drain deadline
         self.connected_ = False
         self.counted = True  # holds one of the pool's per-origin places until lost
+        self._collect: tuple[Deferred[bytes], list[bytes], int] | None = None
 
     def connectionMade(self) -> None:
         self.connected_ = True
@@ -263,6 +264,8 @@ class UpstreamConnection(Protocol):
             elif self._drained > _MAX_DRAIN:
                 self.abort()
             return
+        if mode == _U_COLLECT:
+            return self._collect_data(data)
         # bytes on an idle connection: the server is confused; never reuse it
         self.abort()
 
@@ -334,6 +337,61 @@ class UpstreamConnection(Protocol):
         if self._mode == _U_DRAIN:
             self.transport.resumeProducing()
 
+    def collect(self, limit: int, timeout: float) -> Deferred[bytes]:
+        """Read the held body into memory (at most `limit` bytes), for small JSON the proxy must edit."""
+        reader = self._reader
+        d: Deferred[bytes] = Deferred()
+        if reader is None or (not self.connected_ and not reader.done):
+            return fail(UpstreamError("closed", "upstream closed before the body"))
+        self._collect = (d, [], limit)
+        self._mode = _U_COLLECT
+        reader.dechunk_on()
+        self.idle_call = self.pool.reactor.callLater(timeout, self._collect_failed, UpstreamError("timeout", "body"))
+        buf, self._buf = self._buf, b""
+        if reader.done:
+            self._collected(bool(buf))
+            return d
+        if buf:
+            self._collect_data(buf)
+        if self._mode == _U_COLLECT:
+            self.transport.resumeProducing()
+        return d
+
+    def _collect_data(self, data: bytes) -> None:
+        reader = self._reader
+        assert self._collect is not None and reader is not None
+        _, parts, limit = self._collect
+        try:
+            n = reader.feed(data)
+        except BadMessage:
+            return self._collect_failed(UpstreamError("closed", "invalid body framing from upstream"))
+        if reader.framing == CHUNKED:
+            parts.extend(reader.payload)
+            reader.payload.clear()
+        elif n:
+            parts.append(data if n == len(data) else data[:n])
+        if sum(map(len, parts)) > limit:
+            return self._collect_failed(UpstreamError("closed", f"body over {limit} bytes"))
+        if reader.done:
+            self._collected(n < len(data))
+
+    def _collected(self, extra: bool) -> None:
+        collect, self._collect = self._collect, None
+        assert collect is not None
+        self._body_done(extra)
+        collect[0].callback(b"".join(collect[1]))
+
+    def _collect_failed(self, err: UpstreamError) -> None:
+        collect, self._collect = self._collect, None
+        if self.idle_call is not None and self.idle_call.active():
+            self.idle_call.cancel()
+        self.idle_call = None
+        self._attempt = None
+        self._mode = _U_IDLE
+        self.abort()
+        if collect is not None:
+            collect[0].errback(err)
+
     def _bad_body(self) -> None:
         """Malformed framing from upstream: never reuse the connection, never let the client see an end."""
         relayed = self._mode == _U_RELAY
@@ -389,6 +447,11 @@ class UpstreamConnection(Protocol):
                 attempt.exchange._upstream_truncated()
         elif mode == _U_HOLD:
             attempt.exchange._upstream_lost_held()
+        elif mode == _U_COLLECT:
+            if self._reader.framing == UNTIL_CLOSE and reason.check(ierror.ConnectionDone):
+                self._collected(False)
+            else:
+                self._collect_failed(UpstreamError("closed", "upstream closed mid-body"))
 
 
 class _Attempt:
@@ -526,6 +589,10 @@ class UpstreamResponse:
 
     def discard(self) -> None:
         self._conn.drain()
+
+    def read(self, limit: int, timeout: float) -> Deferred[bytes]:
+        """The whole body, for small bodies the proxy must edit (listings); bigger ones fail."""
+        return self._conn.collect(limit, timeout)
 
 
 class _OneConnection(Factory):

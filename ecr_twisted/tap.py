@@ -19,12 +19,15 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
+from .access import MODES, AccessConfig, AccessMetrics, Gate
+from .auth import Htpasswd, LoginThrottle, TokenIssuer, WebhookAuthorizer, http_post, load_or_create_key
 from .metrics import Metrics
+from .policy import PRESETS, FixedPolicy, Policy, PolicyError, PolicyFile
 from .ops import ops_site
 from .proxy import ProxyConfig, RegistryProxy
 from .streaming import Limits, Origin, RelayFactory, UpstreamPool
 from .tls import client_creator_factory
-from .tokens import ProcessTokenFetcher, TokenKeeper
+from .tokens import NoTokens, ProcessTokenFetcher, TokenKeeper
 
 ENV_PREFIX = "ECRPROXY_"
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+\Z")
@@ -46,7 +49,8 @@ class Options(usage.Options):
     )
 
     optFlags = [
-        ["anonymous", None, "Anyone who reaches the proxy may pull and push (an explicit choice is required)."],
+        ["anonymous", None, "Same as --auth none: anyone who reaches the proxy may pull and push (unless --policy says less)."],
+        ["read-only", None, "No push or delete for anyone, whatever the policy says."],
         ["upstream-insecure", None, "Do not verify the upstream's TLS certificate (tests only)."],
         ["trust-forwarded", None, "Derive the public URL from X-Forwarded-Proto/-Host (behind a trusted load balancer)."],
     ]
@@ -65,10 +69,27 @@ class Options(usage.Options):
         ["upstream-timeout", None, 60.0, "Seconds to wait for an upstream response head.", float],
         ["upload-timeout", None, 900.0, "Seconds to wait for an upstream answer to upload requests (commits are slow).", float],
         ["idle-timeout", None, 300.0, "Seconds a transfer may make no progress before it is aborted.", float],
+        ["auth", None, None, "Who clients are: none, basic, token, passthrough or webhook (an explicit choice is required)."],
+        ["htpasswd", None, None, "Users for --auth basic/token: an htpasswd file of bcrypt hashes (re-read when it changes)."],
+        ["policy", None, None, "Access policy: a TOML file (re-read when it changes) or a preset: "
+         "public-read, private, open. Default: open with --auth none, private otherwise."],
+        ["namespace-pattern", None, None, "Only repositories whose whole name matches this regex exist for clients."],
+        ["exclude-pattern", None, None, "Repositories whose whole name matches this regex do not exist for clients."],
+        ["token-key", None, None, "--auth token: file with the token signing key (created if absent; default: a new key per start)."],
+        ["token-service", None, "ecr-twisted", "--auth token: the service name in challenges and tokens."],
+        ["token-ttl", None, 300, "--auth token: seconds a token lives.", int],
+        ["auth-webhook", None, None, "--auth webhook: URL the proxy POSTs each access question to."],
+        ["auth-webhook-ttl", None, 60.0, "--auth webhook: seconds an answer is remembered.", float],
+        ["auth-webhook-timeout", None, 5.0, "--auth webhook: seconds to wait for an answer (then deny).", float],
         ["workers", None, 1, "Processes serving the listeners (this one and N-1 children); tcp:/unix: listeners.", int],
     ]
 
-    compData = usage.Completions(optActions={"blob-mode": usage.CompleteList(["stream", "redirect"])})
+    compData = usage.Completions(
+        optActions={
+            "blob-mode": usage.CompleteList(["stream", "redirect"]),
+            "auth": usage.CompleteList(list(MODES)),
+        }
+    )
 
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         super().__init__()
@@ -112,11 +133,7 @@ class Options(usage.Options):
         super().parseOptions(options)
 
     def postOptions(self) -> None:
-        if not self["anonymous"]:
-            raise usage.UsageError(
-                "choose who may use the proxy: --anonymous (anyone who can reach it may pull and push). "
-                "The proxy will not publish a private registry by accident."
-            )
+        self._auth_options()
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
             raise usage.UsageError("--tls-cert and --tls-key go together")
         for name in ("tls-cert", "tls-key", "upstream-ca"):
@@ -169,6 +186,79 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--port {spec!r}: --workers needs tcp:, tcp6:, ssl: or unix: listeners")
         self["metrics-endpoint"] = _endpoint(reactor, "metrics-port", self["metrics-port"]) if self["metrics-port"] else None
 
+    def _auth_options(self) -> None:
+        mode = self["auth"]
+        if self["anonymous"]:
+            if mode not in (None, "none"):
+                raise usage.UsageError(f"--anonymous means --auth none; it cannot go with --auth {mode}")
+            mode = "none"
+        if mode is None:
+            raise usage.UsageError(
+                "choose who may use the proxy: --auth none|basic|token|passthrough|webhook "
+                "(--anonymous: anyone who can reach it may pull and push). "
+                "The proxy will not publish a private registry by accident."
+            )
+        if mode not in MODES:
+            raise usage.UsageError(f"--auth must be one of {', '.join(MODES)}, got {mode!r}")
+        self["auth"] = mode
+        if mode in ("basic", "token"):
+            if not self["htpasswd"]:
+                raise usage.UsageError(f"--auth {mode} needs --htpasswd FILE (bcrypt hashes: htpasswd -B)")
+            try:
+                Htpasswd(self["htpasswd"], _NoClock())
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--htpasswd: {e}") from None
+        elif self["htpasswd"]:
+            raise usage.UsageError(f"--htpasswd is for --auth basic or token, not {mode}")
+        if mode == "webhook":
+            if not self["auth-webhook"]:
+                raise usage.UsageError("--auth webhook needs --auth-webhook URL")
+            _url_option("auth-webhook", self["auth-webhook"], allow_path=True)
+            if self["policy"]:
+                raise usage.UsageError("--policy does not apply with --auth webhook: the webhook decides")
+        elif self["auth-webhook"]:
+            raise usage.UsageError("--auth-webhook is for --auth webhook")
+        if mode == "passthrough" and not self["upstream"]:
+            if not self["registry-id"]:
+                raise usage.UsageError("--auth passthrough needs --upstream URL or --registry-id (there is no token to name it)")
+        policy = self["policy"] or ("open" if mode == "none" else "private")
+        if policy in PRESETS:
+            self["policy-source"] = ("preset", policy)
+        else:
+            try:
+                PolicyFile(policy, _NoClock())
+            except OSError as e:
+                raise usage.UsageError(f"--policy: {policy!r} is neither a preset ({', '.join(PRESETS)}) "
+                                       f"nor a readable file: {e.strerror}") from None
+            except PolicyError as e:
+                raise usage.UsageError(f"--policy: {e}") from None
+            self["policy-source"] = ("file", policy)
+        for name in ("namespace-pattern", "exclude-pattern"):
+            if self[name]:
+                try:
+                    self[name + "-re"] = re.compile(self[name])
+                except re.error as e:
+                    raise usage.UsageError(f"--{name}: not a regular expression: {e}") from None
+            else:
+                self[name + "-re"] = None
+        if mode == "token":
+            if not 30 <= self["token-ttl"] <= 86400:
+                raise usage.UsageError("--token-ttl must be between 30 and 86400 seconds")
+            if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,128}", self["token-service"]):
+                raise usage.UsageError("--token-service: letters, digits and .:_- only")
+            if not self["token-key"]:
+                # one key for this start, shared with --workers children through their arguments
+                keydir = tempfile.mkdtemp(prefix="ecrproxy-key-")
+                self["token-key"] = os.path.join(keydir, "token.key")
+                self["token-key-dir"] = keydir
+                self.argv += ["--token-key", self["token-key"]]
+            try:
+                load_or_create_key(self["token-key"])
+            except (OSError, ValueError) as e:
+                raise usage.UsageError(f"--token-key: {e}") from None
+        if not self["auth-webhook-ttl"] >= 0 or not self["auth-webhook-timeout"] > 0:
+            raise usage.UsageError("--auth-webhook-ttl must be >= 0 and --auth-webhook-timeout > 0")
+
     def _listener(self, reactor: Any, spec: str) -> tuple[Any, bool]:
         """(endpoint, TLS applied by the proxy?). With --tls-cert/--tls-key every listener
         speaks TLS, whatever its endpoint type; `ssl:` strings carry their own certificate."""
@@ -210,10 +300,46 @@ def _botocore_region() -> str | None:
         return None
 
 
+class _NoClock:
+    """For reading files once at option time."""
+
+    @staticmethod
+    def seconds() -> float:
+        return 0.0
+
+
+def build_gate(options: Options, reactor: Any, metrics: Metrics) -> Gate:
+    mode = options["auth"]
+    kind, where = options["policy-source"]
+    policy: Any = FixedPolicy(Policy.preset(where)) if kind == "preset" else PolicyFile(where, reactor)
+    config = AccessConfig(
+        mode=mode,
+        namespace=options["namespace-pattern-re"],
+        exclude=options["exclude-pattern-re"],
+        read_only=bool(options["read-only"]),
+        service=options["token-service"],
+    )
+    htpasswd = Htpasswd(options["htpasswd"], reactor) if mode in ("basic", "token") else None
+    issuer = None
+    if mode == "token":
+        issuer = TokenIssuer(load_or_create_key(options["token-key"]), options["token-service"], options["token-ttl"])
+    webhook = None
+    if mode == "webhook":
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+        post = http_post(agent, reactor, options["auth-webhook"], options["auth-webhook-timeout"])
+        webhook = WebhookAuthorizer(
+            post, reactor, options["auth-webhook-ttl"], on_error=lambda problem: metrics.webhook_errors.inc()
+        )
+    gate_metrics = AccessMetrics(metrics.auth_attempts, metrics.access_denied, metrics.webhook_errors)
+    return Gate(config, policy, reactor, gate_metrics, htpasswd, issuer, webhook, LoginThrottle())
+
+
 class _TokenService(service.Service):
     log = Logger()
 
-    def __init__(self, keeper: TokenKeeper, pool: UpstreamPool) -> None:
+    def __init__(self, keeper: TokenKeeper | NoTokens, pool: UpstreamPool) -> None:
         self.keeper = keeper
         self.pool = pool
 
@@ -233,7 +359,7 @@ class Built:
 
     top: service.MultiService
     registry: CollectorRegistry
-    keeper: TokenKeeper
+    keeper: TokenKeeper | NoTokens
     factories: list[Any]  # one per --port, TLS-wrapped where it applies
 
 
@@ -241,29 +367,39 @@ def build(options: Options, reactor: Any) -> Built:
     top = service.MultiService()
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    fetcher = ProcessTokenFetcher(
-        reactor,
-        region=options["region"],
-        registry_id=options["registry-id"],
-        endpoint_url=options["ecr-endpoint-url"],
-    )
+    passthrough = options["auth"] == "passthrough"
+    keeper: TokenKeeper | NoTokens
+    if passthrough:
+        keeper = NoTokens()
+    else:
+        fetcher = ProcessTokenFetcher(
+            reactor,
+            region=options["region"],
+            registry_id=options["registry-id"],
+            endpoint_url=options["ecr-endpoint-url"],
+        )
 
-    def on_result(result: str, token: Any) -> None:
-        metrics.token_result(result, token.expires_at if token is not None else None)
+        def on_result(result: str, token: Any) -> None:
+            metrics.token_result(result, token.expires_at if token is not None else None)
 
-    keeper = TokenKeeper(reactor, fetcher, on_result=on_result)
+        keeper = TokenKeeper(reactor, fetcher, on_result=on_result)
+    upstream = options["upstream-origin"]
+    if passthrough and upstream is None:
+        upstream = Origin("https", f"{options['registry-id']}.dkr.ecr.{options['region']}.amazonaws.com")
     tls_for = client_creator_factory(options["upstream-ca"], bool(options["upstream-insecure"]))
     pool = UpstreamPool(reactor, tls_for, max_per_origin=options["upstream-connections"])
     _TokenService(keeper, pool).setServiceParent(top)
     config = ProxyConfig(
-        upstream=options["upstream-origin"],
+        upstream=upstream,
         public_base=options["public-base"],
         trust_forwarded=bool(options["trust-forwarded"]),
         blob_mode=options["blob-mode"],
         request_timeout=options["upstream-timeout"],
         upload_timeout=options["upload-timeout"],
+        passthrough=passthrough,
     )
-    handler = RegistryProxy(config, keeper, metrics, reactor)
+    gate = build_gate(options, reactor, metrics)
+    handler = RegistryProxy(config, None if passthrough else keeper, metrics, reactor, gate)  # type: ignore[arg-type]
     limits = Limits(idle_timeout=options["idle-timeout"])
 
     def bad_request(e: Any) -> None:
@@ -290,6 +426,8 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
     built = build(options, reactor)
     top = built.top
+    if options.get("token-key-dir"):
+        reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, options["token-key-dir"], True)
     others = None
     if options["workers"] == 1:
         for (endpoint, _), factory in zip(options["listeners"], built.factories):

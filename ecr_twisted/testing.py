@@ -7,7 +7,7 @@ threads, no wall-clock time.
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
@@ -16,7 +16,9 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
+from .access import AccessConfig, AccessMetrics, Gate
 from .metrics import Metrics
+from .policy import FixedPolicy, Policy
 from .proxy import ProxyConfig, RegistryProxy
 from .streaming import ClientConnection, Origin, RelayFactory, UpstreamConnection, UpstreamPool
 from .tokens import Token, TokenKeeper
@@ -129,10 +131,40 @@ class MemoryUpstreams:
         return conn, transport
 
 
+def open_gate(clock: Any) -> Gate:
+    """`--auth none` with the open policy: what `--anonymous` does."""
+    return Gate(AccessConfig("none"), FixedPolicy(Policy.preset("open")), clock)
+
+
+def synchronous_bcrypt(password: bytes, hashed: bytes) -> Deferred[bool]:
+    """An Htpasswd `check` that runs on the test's thread (real bcrypt, no thread pool)."""
+    from .auth import _checkpw
+
+    return succeed(_checkpw(password, hashed))
+
+
+def write_htpasswd(path: str, users: dict[str, str], cost: int = 4) -> None:
+    """An htpasswd file of bcrypt hashes (cost 4: fast for tests), replaced atomically."""
+    import os
+
+    import bcrypt
+
+    lines = "".join(f"{u}:{bcrypt.hashpw(p.encode(), bcrypt.gensalt(cost)).decode()}\n" for u, p in users.items())
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(lines)
+    os.replace(tmp, path)
+
+
 class Harness:
     """A whole proxy (handler, pool, relay) on a MemoryReactorClock, with helpers to play both peers."""
 
-    def __init__(self, config: ProxyConfig | None = None, token: Token | None = None) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig | None = None,
+        token: Token | None = None,
+        gate: Callable[["Harness"], Gate] | None = None,
+    ) -> None:
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_000_000)
         self.registry = CollectorRegistry()
@@ -144,7 +176,10 @@ class Harness:
         self.upstreams = MemoryUpstreams(self.reactor)
         self.pool = UpstreamPool(self.reactor, None, connector=self.upstreams, max_per_origin=4)
         self.config = config or ProxyConfig(upstream=UPSTREAM)
-        self.handler = RegistryProxy(self.config, self.keeper, self.metrics, self.reactor)
+        self.access = AccessMetrics(self.metrics.auth_attempts, self.metrics.access_denied, self.metrics.webhook_errors)
+        self.gate = gate(self) if gate is not None else open_gate(self.reactor)
+        keeper = None if self.config.passthrough else self.keeper
+        self.handler = RegistryProxy(self.config, keeper, self.metrics, self.reactor, self.gate)
         self.factory = RelayFactory(self.handler, self.reactor, self.pool)
 
     def client(self) -> tuple[ClientConnection, StringTransport]:

@@ -306,3 +306,20 @@ class TokenKeeper:
         for w in waiters:
             w.callback(current if isinstance(result, Token) else None)
         d.callback(None)
+
+
+class NoTokens:
+    """The keeper of `--auth passthrough`: clients bring their own ECR credentials, so there
+    is no token to fetch and nothing to wait for."""
+
+    def start(self) -> Deferred[Any]:
+        return succeed(None)
+
+    def stop(self) -> None:
+        pass
+
+    def ready(self, now: float | None = None) -> bool:
+        return True
+
+    def first_token(self) -> Deferred[Any]:
+        return succeed(None)

@@ -96,3 +96,67 @@ def test_make_service_builds_listeners_and_metrics() -> None:
     top = makeService(o, reactor=MemoryReactorClock())
     listeners = [s for s in top if isinstance(s, StreamServerEndpointService)]
     assert len(listeners) == 3
+
+
+def test_access_must_be_chosen_among_the_auth_modes() -> None:
+    with pytest.raises(UsageError, match="--auth none|basic|token"):
+        parse(["--region", "eu-west-1"])
+    with pytest.raises(UsageError, match="--auth must be one of"):
+        parse(["--region", "eu-west-1", "--auth", "kerberos"])
+    with pytest.raises(UsageError, match="--anonymous means --auth none"):
+        parse(BASE + ["--auth", "basic"])
+
+
+@pytest.fixture
+def htpasswd(tmp_path) -> str:
+    from ecr_twisted.testing import write_htpasswd
+
+    path = str(tmp_path / "htpasswd")
+    write_htpasswd(path, {"alice": "pw"})
+    return path
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--auth", "basic"], "--htpasswd"),
+        (["--auth", "basic", "--htpasswd", "/nonexistent"], "--htpasswd"),
+        (["--auth", "none", "--htpasswd", "HTPASSWD"], "--htpasswd is for"),
+        (["--auth", "webhook"], "--auth-webhook"),
+        (["--auth", "webhook", "--auth-webhook", "gopher://x"], "--auth-webhook"),
+        (["--auth", "webhook", "--auth-webhook", "http://x/check", "--policy", "open"], "--policy does not apply"),
+        (["--auth", "none", "--auth-webhook", "http://x/"], "--auth-webhook is for"),
+        (["--auth", "passthrough"], "--upstream URL or --registry-id"),
+        (["--auth", "none", "--policy", "everything"], "--policy"),
+        (["--auth", "none", "--namespace-pattern", "team-a/("], "--namespace-pattern"),
+        (["--auth", "none", "--exclude-pattern", "*"], "--exclude-pattern"),
+        (["--auth", "token", "--htpasswd", "HTPASSWD", "--token-ttl", "5"], "--token-ttl"),
+        (["--auth", "token", "--htpasswd", "HTPASSWD", "--token-service", 'a"b'], "--token-service"),
+    ],
+)
+def test_bad_auth_options_name_their_option(args: list[str], named: str, htpasswd: str) -> None:
+    args = [htpasswd if a == "HTPASSWD" else a for a in args]
+    with pytest.raises(UsageError, match=named):
+        parse(["--region", "eu-west-1"] + args)
+
+
+def test_bad_policy_file_is_a_usage_error_with_its_line(tmp_path) -> None:
+    bad = tmp_path / "policy.toml"
+    bad.write_text('[[rule]]\nprincipals = ["root"]\nactions = ["pull"]\nrepositories = ["*"]\n')
+    with pytest.raises(UsageError, match="rule 1: unknown principal"):
+        parse(["--region", "eu-west-1", "--auth", "none", "--policy", str(bad)])
+
+
+def test_policy_defaults_per_mode_and_token_key_for_workers(htpasswd: str, tmp_path) -> None:
+    assert parse(["--region", "eu-west-1", "--auth", "none"])["policy-source"] == ("preset", "open")
+    o = parse(["--region", "eu-west-1", "--auth", "basic", "--htpasswd", htpasswd])
+    assert o["policy-source"] == ("preset", "private")
+    o = parse(["--region", "eu-west-1", "--auth", "token", "--htpasswd", htpasswd])
+    # no --token-key: one is made for this start, and --workers children are told where it is
+    assert o.argv[-2:] == ["--token-key", o["token-key"]]
+    assert len(open(o["token-key"], "rb").read().strip()) >= 32
+    key = tmp_path / "token.key"
+    o = parse(["--region", "eu-west-1", "--auth", "token", "--htpasswd", htpasswd, "--token-key", str(key)])
+    assert key.stat().st_mode & 0o077 == 0 and o.argv.count("--token-key") == 1
+    o = parse(["--region", "eu-west-1", "--auth", "passthrough", "--registry-id", "123456789012"])
+    assert o["auth"] == "passthrough"

@@ -1,0 +1,504 @@
+"""The gate every registry request passes before anything goes upstream.
+
+It names the action a request needs (pull, push, delete), finds out who is asking in the
+configured `--auth` mode, and asks the policy (or the webhook). Its answer is a `Decision`:
+go ahead (possibly with a rewritten target or a listing filter), or the registry error to send.
+
+Modes:
+- none: everyone is anonymous; the policy says what anonymous may do.
+- basic: htpasswd users with Basic credentials on every request.
+- token: Docker's token flow; `/token` trades Basic credentials for a short-lived JWT
+  whose scopes are what the policy allows, and each request needs a token with its scope.
+- passthrough: the client's own ECR credentials go upstream; ECR decides who they are.
+- webhook: an operator's service answers each (credentials, action, repository, tag).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Iterable
+from urllib.parse import parse_qsl, urlencode
+
+from twisted.internet.defer import Deferred
+
+from . import errors, routes
+from .auth import (
+    ALLOW,
+    UNAUTHENTICATED,
+    UNAVAILABLE,
+    Credentials,
+    Grant,
+    Htpasswd,
+    LoginThrottle,
+    TokenIssuer,
+    WebhookAuthorizer,
+    parse_authorization,
+)
+from .errors import RegistryError
+from .policy import ANONYMOUS, Policy, Principal
+
+MODES = ("none", "basic", "token", "passthrough", "webhook")
+PULL, PUSH, DELETE = "pull", "push", "delete"
+
+# (route kind, method) -> action; the base route and _catalog need none
+_ACTIONS: dict[tuple[str, bytes], str] = {
+    (routes.MANIFEST, b"GET"): PULL,
+    (routes.MANIFEST, b"HEAD"): PULL,
+    (routes.MANIFEST, b"PUT"): PUSH,
+    (routes.MANIFEST, b"DELETE"): DELETE,
+    (routes.BLOB, b"GET"): PULL,
+    (routes.BLOB, b"HEAD"): PULL,
+    (routes.BLOB, b"DELETE"): DELETE,
+    (routes.TAGS, b"GET"): PULL,
+    (routes.REFERRERS, b"GET"): PULL,
+    (routes.UPLOAD, b"POST"): PUSH,
+    (routes.UPLOAD, b"GET"): PUSH,
+    (routes.UPLOAD, b"PATCH"): PUSH,
+    (routes.UPLOAD, b"PUT"): PUSH,
+    (routes.UPLOAD, b"DELETE"): PUSH,
+}
+_SCOPE = re.compile(r"repository:(?P<name>[^:]+):(?P<actions>[a-z*,]*)\Z")
+
+Listing = Callable[[list[str]], "list[str] | Deferred[list[str]]"]
+
+
+class Decision:
+    """The gate's answer. `error` None means: forward the request."""
+
+    __slots__ = ("error", "detail", "challenge", "retry_after", "target", "listing", "forward_auth")
+
+    def __init__(
+        self,
+        error: RegistryError | None = None,
+        detail: str | None = None,
+        challenge: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        self.error = error
+        self.detail = detail
+        self.challenge = challenge  # "basic", or a Bearer "scope|error" spec; the proxy writes the header
+        self.retry_after = retry_after
+        self.target: bytes | None = None  # a rewritten request target (mount -> plain upload)
+        self.listing: Listing | None = None  # filter for tags/list and _catalog names
+        self.forward_auth: bytes | None = None  # passthrough: the client's Authorization
+
+
+GO = Decision()  # shared: never mutated
+
+
+@dataclass
+class Identity:
+    """Who is asking, as far as the mode could tell."""
+
+    who: Principal
+    creds: Credentials
+    grant: Grant | None = None  # token mode: what the token allows
+    failed: Decision | None = None  # credentials were presented and refused
+
+
+@dataclass
+class AccessConfig:
+    mode: str = "none"
+    namespace: re.Pattern[str] | None = None  # --namespace-pattern
+    exclude: re.Pattern[str] | None = None  # --exclude-pattern
+    read_only: bool = False
+    service: str = "ecr-twisted"  # token mode: the JWT audience and the challenge's service=
+
+
+class AccessMetrics:
+    """What the gate counts (labels are modes, results and actions: never names or users)."""
+
+    def __init__(self, attempts: Any, denials: Any, webhook_errors: Any) -> None:
+        self.attempts = attempts
+        self.denials = denials
+        self.webhook_errors = webhook_errors
+
+
+class Gate:
+    """Decides each request before any upstream request; see the module docstring."""
+
+    def __init__(
+        self,
+        config: AccessConfig,
+        policy: Any,  # PolicyFile or FixedPolicy: .current() -> Policy
+        clock: Any,
+        metrics: AccessMetrics | None = None,
+        htpasswd: Htpasswd | None = None,
+        issuer: TokenIssuer | None = None,
+        webhook: WebhookAuthorizer | None = None,
+        throttle: LoginThrottle | None = None,
+    ) -> None:
+        if config.mode not in MODES:
+            raise ValueError(f"unknown auth mode {config.mode!r}")
+        if config.mode in ("basic", "token") and htpasswd is None:
+            raise ValueError(f"--auth {config.mode} needs an htpasswd file")
+        if config.mode == "token" and issuer is None:
+            raise ValueError("--auth token needs a token issuer")
+        if config.mode == "webhook" and webhook is None:
+            raise ValueError("--auth webhook needs a webhook")
+        self.config = config
+        self.mode = config.mode
+        self.policy = policy
+        self.clock = clock
+        self.metrics = metrics
+        self.htpasswd = htpasswd
+        self.issuer = issuer
+        self.webhook = webhook
+        self.throttle = throttle or LoginThrottle()
+        self._filters_names = config.namespace is not None or config.exclude is not None
+
+    # -- names
+    def visible(self, name: str) -> bool:
+        """A repository outside --namespace-pattern / inside --exclude-pattern does not exist for clients."""
+        ns, ex = self.config.namespace, self.config.exclude
+        if ns is not None and ns.fullmatch(name) is None:
+            return False
+        return ex is None or ex.fullmatch(name) is None
+
+    # -- the per-request decision
+    def check(
+        self, method: bytes, kind: str, match: routes.Match, target: bytes, authorization: bytes | None, peer: Callable[[], str]
+    ) -> Decision | Deferred[Decision]:
+        name = match.name
+        if name is not None and self._filters_names and not self.visible(name):
+            return Decision(errors.NAME_UNKNOWN)
+        action = _ACTIONS.get((kind, method))
+        if self.config.read_only and action in (PUSH, DELETE):
+            return self._deny(action, "this registry is read-only")
+        creds = parse_authorization(authorization) if authorization is not None else _NONE
+        ident = self._identify(creds, peer)
+        if isinstance(ident, Deferred):
+            return ident.addCallback(self._decide, method, kind, match, target, action)
+        return self._decide(ident, method, kind, match, target, action)
+
+    def _decide(
+        self, ident: Identity, method: bytes, kind: str, match: routes.Match, target: bytes, action: str | None
+    ) -> Decision | Deferred[Decision]:
+        if ident.failed is not None:
+            return ident.failed
+        mode = self.mode
+        if kind == routes.BASE:
+            return self._base(ident)
+        if kind == routes.CATALOG:
+            if mode in ("token", "passthrough", "webhook") and ident.creds.scheme == "none":
+                return self._challenge()
+            decision = Decision()
+            decision.listing = self._catalog_filter(ident)
+            return self._passthrough(decision, ident)
+        assert action is not None and match.name is not None
+        name = match.name
+        reference = match.reference
+        tag = reference if reference is not None and ":" not in reference else None
+        if mode == "webhook":
+            return self._ask_webhook(ident, action, name, tag, kind, target)
+        if mode == "passthrough" and ident.creds.scheme == "none":
+            return self._challenge()
+        policy: Policy = self.policy.current()
+        if not policy.allows(ident.who, action, name, tag):
+            # pushers check which blobs exist before uploading: HEAD reveals no content
+            if not (kind == routes.BLOB and method == b"HEAD" and policy.allows(ident.who, PUSH, name)):
+                return self._refuse(ident, action, name)
+            action = PUSH
+        if mode == "token":
+            if ident.grant is None:
+                return self._challenge(name, action)
+            if not ident.grant.permits(name, action):
+                if not (kind == routes.BLOB and method == b"HEAD" and ident.grant.permits(name, PUSH)):
+                    return self._challenge(name, action, "insufficient_scope")
+        decision = GO
+        if kind == routes.UPLOAD and method == b"POST" and b"mount=" in target:
+            decision = self._mount(decision, ident, target, policy)
+        elif kind == routes.TAGS and policy.tags_matter(ident.who, PULL, name):
+            decision = Decision()
+            decision.listing = self._tags_filter(ident.who, name, policy)
+        return self._passthrough(decision, ident)
+
+    def _passthrough(self, decision: Decision, ident: Identity) -> Decision:
+        if self.mode == "passthrough":
+            if decision is GO:
+                decision = Decision()
+            decision.forward_auth = ident.creds.raw
+        return decision
+
+    def _base(self, ident: Identity) -> Decision | Deferred[Decision]:
+        """`/v2/`: how clients log in. Modes with credentials answer 401 until they are sent."""
+        mode = self.mode
+        if mode == "none":
+            return GO
+        if mode == "token":
+            return GO if ident.grant is not None else self._challenge()
+        if ident.creds.scheme == "none" or (mode == "basic" and ident.who.anonymous):
+            return self._challenge()
+        if mode == "webhook":
+            d = self._webhook_decide(ident.creds, "login", "", None)
+            if isinstance(d, Deferred):
+                return d.addCallback(self._login_verdict)
+            return self._login_verdict(d)
+        return self._passthrough(Decision(), ident)
+
+    def _login_verdict(self, verdict: str) -> Decision:
+        if verdict == ALLOW:
+            return GO
+        if verdict == UNAVAILABLE:
+            return Decision(errors.DENIED, "the authorization service is unavailable")
+        return self._challenge()
+
+    # -- identification per mode
+    def _identify(self, creds: Credentials, peer: Callable[[], str]) -> Identity | Deferred[Identity]:
+        mode = self.mode
+        scheme = creds.scheme
+        if mode == "none" or scheme == "none":
+            return Identity(ANONYMOUS, creds)
+        if scheme == "invalid":
+            self._count("failure")
+            return Identity(ANONYMOUS, creds, failed=self._challenge(error="invalid_token" if mode == "token" else None))
+        if mode == "passthrough":
+            # ECR checks these credentials; the name is only what the client claims
+            return Identity(Principal(creds.user or "aws"), creds)
+        if mode == "webhook":
+            return Identity(Principal(creds.user) if creds.user else ANONYMOUS, creds)
+        if mode == "token":
+            if scheme != "bearer":
+                return Identity(ANONYMOUS, NO_CREDS, failed=self._challenge())
+            assert self.issuer is not None and creds.secret is not None
+            grant = self.issuer.verify(creds.secret, self.clock.seconds())
+            if grant is None:
+                self._count("failure")
+                return Identity(ANONYMOUS, creds, failed=self._challenge(error="invalid_token"))
+            self._count("success")
+            return Identity(Principal(grant.user) if grant.user else ANONYMOUS, creds, grant)
+        # basic
+        if scheme != "basic":
+            return Identity(ANONYMOUS, creds, failed=self._challenge())
+        return self.login(creds, peer)
+
+    def login(self, creds: Credentials, peer: Callable[[], str]) -> Identity | Deferred[Identity]:
+        """Check Basic credentials against the htpasswd file, throttled per client address."""
+        assert self.htpasswd is not None and creds.user is not None and creds.secret is not None
+        now = self.clock.seconds()
+        addr = peer()
+        wait = self.throttle.wait(addr, now)
+        if wait > 0:
+            self._count("throttled")
+            failed = Decision(errors.TOO_MANY_REQUESTS, "too many failed logins; wait", retry_after=int(wait) + 1)
+            return Identity(ANONYMOUS, creds, failed=failed)
+        result = self.htpasswd.verify(creds.user, creds.secret)
+        if isinstance(result, Deferred):
+            return result.addCallback(self._logged_in, creds, addr)
+        return self._logged_in(result, creds, addr)
+
+    def _logged_in(self, ok: bool, creds: Credentials, addr: str) -> Identity:
+        if ok:
+            self._count("success")
+            self.throttle.succeeded(addr)
+            return Identity(Principal(creds.user), creds)
+        self._count("failure")
+        self.throttle.failed(addr, self.clock.seconds())
+        return Identity(ANONYMOUS, creds, failed=self._challenge(detail="invalid username or password"))
+
+    # -- refusals
+    def _refuse(self, ident: Identity, action: str, name: str) -> Decision:
+        """Not allowed: anonymous callers are asked to log in, known ones are denied."""
+        if ident.who.anonymous and self.mode != "none":
+            self._denied(action)
+            return self._challenge(name, action)
+        return self._deny(action)
+
+    def _deny(self, action: str | None, detail: str | None = None) -> Decision:
+        self._denied(action or "other")
+        return Decision(errors.DENIED, detail)
+
+    def _challenge(
+        self, name: str | None = None, action: str | None = None, error: str | None = None, detail: str | None = None
+    ) -> Decision:
+        spec = "basic"
+        if self.mode == "token":
+            scope = f"repository:{name}:{action}" if name and action else ""
+            spec = f"{scope}|{error or ''}"
+        return Decision(errors.UNAUTHORIZED, detail, challenge=spec)
+
+    def challenge_header(self, spec: str, public: bytes) -> bytes:
+        """The WWW-Authenticate value for a Decision's `challenge`, on the public URL."""
+        if spec == "basic-token":  # /token itself asks for the user's password
+            return b'Basic realm="' + public + b'/token"'
+        if self.mode != "token":
+            return b'Basic realm="' + public + b'"'
+        scope, _, error = spec.partition("|")
+        value = b'Bearer realm="' + public + b'/token",service="' + self.config.service.encode("ascii") + b'"'
+        if scope:
+            value += b',scope="' + scope.encode("ascii") + b'"'
+        if error:
+            value += b',error="' + error.encode("ascii") + b'"'
+        return value
+
+    def upstream_refused(self, status: int) -> Decision:
+        """Passthrough: ECR refused the client's own credentials (401) or their permissions (403)."""
+        if status == 401:
+            self._count("failure")
+            return self._challenge(detail="the registry refused these credentials")
+        self._denied("other")
+        return Decision(errors.DENIED)
+
+    # -- listings
+    def _catalog_filter(self, ident: Identity) -> Listing:
+        if self.mode == "webhook":
+            return lambda names: self._webhook_filter(ident, [n for n in names if self.visible(n)], None)
+        policy = self.policy.current()
+        who = ident.who
+        return lambda names: [n for n in names if self.visible(n) and policy.allows(who, PULL, n)]
+
+    def _tags_filter(self, who: Principal, name: str, policy: Policy) -> Listing:
+        return lambda tags: [t for t in tags if policy.allows(who, PULL, name, t)]
+
+    # -- mount
+    def _mount(self, decision: Decision, ident: Identity, target: bytes, policy: Policy | None) -> Decision:
+        """`from=` must be readable by the caller too, or the mount becomes a normal upload."""
+        path, _, query = target.partition(b"?")
+        params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+        source = next((v for k, v in params if k == "from"), None)
+        readable = (
+            source is not None
+            and policy is not None
+            and routes.valid_name(source)
+            and self.visible(source)
+            and policy.allows(ident.who, PULL, source)
+            and (ident.grant is None or self.mode != "token" or ident.grant.permits(source, PULL))
+        )
+        if readable:
+            return decision
+        kept = [(k, v) for k, v in params if k not in ("mount", "from")]
+        rewritten = Decision()
+        rewritten.target = path + (b"?" + urlencode(kept).encode("ascii") if kept else b"")
+        return rewritten
+
+    # -- webhook
+    def _webhook_decide(self, creds: Credentials, action: str, name: str, tag: str | None) -> str | Deferred[str]:
+        assert self.webhook is not None
+        return self.webhook.decide(creds, action, name, tag)
+
+    def _ask_webhook(
+        self, ident: Identity, action: str, name: str, tag: str | None, kind: str, target: bytes
+    ) -> Decision | Deferred[Decision]:
+        verdict = self._webhook_decide(ident.creds, action, name, tag)
+        if isinstance(verdict, Deferred):
+            return verdict.addCallback(self._webhook_verdict, ident, action, name, kind, target)
+        return self._webhook_verdict(verdict, ident, action, name, kind, target)
+
+    def _webhook_verdict(
+        self, verdict: str, ident: Identity, action: str, name: str, kind: str, target: bytes
+    ) -> Decision | Deferred[Decision]:
+        if verdict == UNAVAILABLE:
+            return self._deny(action, "the authorization service is unavailable")
+        if verdict == UNAUTHENTICATED:
+            self._denied(action)
+            return self._challenge(detail="invalid username or password")
+        if verdict != ALLOW:
+            return self._refuse(ident, action, name)
+        if kind == routes.UPLOAD and b"mount=" in target:
+            return self._webhook_mount(ident, target)
+        return GO
+
+    def _webhook_mount(self, ident: Identity, target: bytes) -> Decision | Deferred[Decision]:
+        query = target.partition(b"?")[2]
+        source = next((v for k, v in parse_qsl(query.decode("latin-1")) if k == "from"), "")
+        if not (routes.valid_name(source) and self.visible(source)):
+            return self._mount(GO, ident, target, None)
+        verdict = self._webhook_decide(ident.creds, PULL, source, None)
+
+        def decided(v: str) -> Decision:
+            return GO if v == ALLOW else self._mount(GO, ident, target, None)
+
+        return verdict.addCallback(decided) if isinstance(verdict, Deferred) else decided(verdict)
+
+    def _webhook_filter(self, ident: Identity, names: list[str], tag: str | None) -> Deferred[list[str]] | list[str]:
+        from twisted.internet.defer import gatherResults, maybeDeferred
+
+        ds = [maybeDeferred(self._webhook_decide, ident.creds, PULL, n, tag) for n in names]
+        return gatherResults(ds).addCallback(lambda vs: [n for n, v in zip(names, vs) if v == ALLOW])
+
+    # -- /token (token mode)
+    def issue_token(self, query: bytes, authorization: bytes | None, peer: Callable[[], str]) -> Any:
+        """Answer `GET /token?service=..&scope=..`: (status, Decision | JSON body)."""
+        creds = parse_authorization(authorization) if authorization is not None else _NONE
+        if creds.scheme == "none":
+            return self._grant(Identity(ANONYMOUS, creds), query)
+        if creds.scheme != "basic":
+            self._count("failure")
+            return self._token_refused()
+        ident = self.login(creds, peer)
+        if isinstance(ident, Deferred):
+            return ident.addCallback(self._grant, query)
+        return self._grant(ident, query)
+
+    def _token_refused(self, failed: Decision | None = None) -> Decision:
+        if failed is not None and failed.error is errors.TOO_MANY_REQUESTS:
+            return failed
+        return Decision(errors.UNAUTHORIZED, "invalid username or password", challenge="basic-token")
+
+    def _grant(self, ident: Identity, query: bytes) -> Decision | bytes:
+        if ident.failed is not None:
+            return self._token_refused(ident.failed)
+        assert self.issuer is not None
+        policy: Policy = self.policy.current()
+        granted: dict[str, set[str]] = {}
+        for key, value in parse_qsl(query.decode("latin-1")):
+            if key != "scope":
+                continue
+            for scope in value.split(" "):
+                m = _SCOPE.match(scope)
+                if m is None:
+                    continue  # registry:catalog:* and unknown resource types grant nothing
+                name = m.group("name")
+                if not (routes.valid_name(name) and self.visible(name)):
+                    continue
+                wanted = set(m.group("actions").split(","))
+                if "*" in wanted:
+                    wanted = {PULL, PUSH, DELETE}
+                for action in wanted & {PULL, PUSH, DELETE}:
+                    if self.config.read_only and action != PULL:
+                        continue
+                    if policy.allows(ident.who, action, name):
+                        granted.setdefault(name, set()).add(action)
+        now = self.clock.seconds()
+        token, ttl = self.issuer.issue(ident.who.user, sorted(granted.items()), now)
+        issued = datetime.fromtimestamp(int(now), timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {"token": token, "access_token": token, "expires_in": ttl, "issued_at": issued}
+        return json.dumps(body, separators=(",", ":")).encode("ascii")
+
+    # -- metrics
+    def _count(self, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.attempts.labels(self.mode, result).inc()
+
+    def _denied(self, action: str) -> None:
+        if self.metrics is not None:
+            self.metrics.denials.labels(action).inc()
+
+
+_NONE = Credentials("none")
+NO_CREDS = _NONE
+
+
+def names_from(body: bytes, key: str) -> list[str] | None:
+    """The list under `key` in a registry listing (tags/list, _catalog); None if it is not one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    value = data.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        return None
+    return value
+
+
+def with_names(body: bytes, key: str, names: Iterable[str]) -> bytes:
+    data = json.loads(body)
+    data[key] = list(names)
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
