@@ -129,3 +129,35 @@ def test_presets() -> None:
 def test_bad_policies_say_where(text: str, message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         Policy.from_toml(text, "p.toml")
+
+
+def test_policy_file_is_reread_on_change_and_a_broken_edit_keeps_the_last_good(tmp_path) -> None:
+    import os
+
+    from twisted.internet.task import Clock
+
+    from ecr_twisted.policy import PolicyFile
+
+    path = tmp_path / "policy.toml"
+    path.write_text(PRESET_PUBLIC)
+    clock = Clock()
+    source = PolicyFile(str(path), clock)
+    assert source.current().allows(ANONYMOUS, "pull", "app") and not source.current().allows(ANONYMOUS, "push", "app")
+
+    def edit(text: str, mtime: int) -> None:
+        path.write_text(text)
+        os.utime(path, ns=(mtime * 10**9, mtime * 10**9))
+
+    edit(PRESET_PUBLIC.replace('["pull"]', '["pull", "push"]'), 1_000)
+    assert not source.current().allows(ANONYMOUS, "push", "app")  # checked at most once a second
+    clock.advance(1)
+    assert source.current().allows(ANONYMOUS, "push", "app")
+    edit("[[rule]\n", 2_000)
+    clock.advance(1)
+    assert source.current().allows(ANONYMOUS, "push", "app")  # the broken edit is not applied
+    path.unlink()
+    clock.advance(1)
+    assert source.current().allows(ANONYMOUS, "push", "app")
+
+
+PRESET_PUBLIC = '[[rule]]\nprincipals = ["*"]\nactions = ["pull"]\nrepositories = ["*"]\n'
