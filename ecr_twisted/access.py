@@ -251,7 +251,7 @@ class Gate:
         mode = self.mode
         scheme = creds.scheme
         if mode == "none" or scheme == "none":
-            return Identity(ANONYMOUS, creds)
+            return _ANONYMOUS_IDENTITY if creds is _NONE else Identity(ANONYMOUS, creds)
         if scheme == "invalid":
             self._count("failure")
             return Identity(ANONYMOUS, creds, failed=self._challenge(error="invalid_token" if mode == "token" else None))
@@ -480,6 +480,7 @@ class Gate:
 
 _NONE = Credentials("none")
 NO_CREDS = _NONE
+_ANONYMOUS_IDENTITY = Identity(ANONYMOUS, _NONE)  # shared: never mutated
 
 
 def names_from(body: bytes, key: str) -> list[str] | None:

@@ -72,6 +72,7 @@ class Principal:
 
 
 ANONYMOUS = Principal()
+_ANONYMOUS_NAMES = frozenset({"*", "anonymous"})
 
 
 @dataclass(frozen=True)
@@ -99,16 +100,23 @@ class Policy:
     def __init__(self, rules: Iterable[Rule], groups: Mapping[str, Iterable[str]] | None = None) -> None:
         self.rules = tuple(rules)
         self._groups_of: dict[str, set[str]] = {}
+        self._names_of: dict[str, frozenset[str]] = {}  # per request otherwise
         for group, members in (groups or {}).items():
             for user in members:
                 self._groups_of.setdefault(user, set()).add(group)
 
     def _names(self, who: Principal) -> frozenset[str]:
-        if who.user is None:
-            return frozenset({"*", "anonymous"})
-        names = {"*", "authenticated", f"user:{who.user}"}
-        names.update(f"group:{g}" for g in self._groups_of.get(who.user, ()))
-        return frozenset(names)
+        user = who.user
+        if user is None:
+            return _ANONYMOUS_NAMES
+        names = self._names_of.get(user)
+        if names is None:
+            found = {"*", "authenticated", f"user:{user}"}
+            found.update(f"group:{g}" for g in self._groups_of.get(user, ()))
+            names = frozenset(found)
+            if len(self._names_of) < 65536:
+                self._names_of[user] = names
+        return names
 
     def allows(self, who: Principal, action: str, repository: str, tag: str | None = None) -> bool:
         # names and tags reach here already checked by the routes; checking again keeps

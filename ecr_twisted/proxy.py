@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin
+from urllib.parse import parse_qsl, urlencode, urljoin
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -79,6 +79,29 @@ class ProxyConfig:
 
 MAX_LISTING = 8 << 20  # tags/list and _catalog bodies the policy filters are read whole: bounded
 _LISTING_KEYS = {routes.TAGS: "tags", routes.CATALOG: "repositories"}
+MAX_HIDDEN_PAGES = 16
+_LINK_TARGET = re.compile(rb"<(?:[a-z]+://[^/>]*)?(/[^>]*)>")
+
+
+def _cursor(link: bytes) -> tuple[bytes, str] | None:
+    """(target, last) of a registry Link header's next page, if it has a `last=`."""
+    m = _LINK_TARGET.search(link)
+    if m is None:
+        return None
+    target = m.group(1)
+    for key, value in parse_qsl(target.partition(b"?")[2].decode("latin-1")):
+        if key == "last":
+            return target, value
+    return None
+
+
+def _with_cursor(link: bytes, last: str) -> bytes:
+    m = _LINK_TARGET.search(link)
+    assert m is not None
+    path, _, query = m.group(1).partition(b"?")
+    params = [(k, last if k == "last" else v) for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True)]
+    target = path + b"?" + urlencode(params).encode("ascii")
+    return link[: m.start(1)] + target + link[m.end(1) :]
 
 
 class _Ctx:
@@ -303,22 +326,50 @@ class RegistryProxy:
         fields = self._response_fields(resp.head, ex, ctx)
         key = _LISTING_KEYS[ctx.kind]
 
+        def answer(kept: list[str], body: bytes) -> None:
+            out: Fields = []
+            for n, v in fields:
+                ln = n.lower()
+                if ln == b"link":
+                    cursor = _cursor(v)
+                    if cursor is not None and cursor[1] in names and cursor[1] not in kept:
+                        # a name-style cursor (distribution's; ECR's is opaque) would name a hidden entry
+                        if not kept:
+                            return self._next_page(ex, ctx, cursor[0], fields, body, key)
+                        v = _with_cursor(v, kept[-1])
+                elif ln == b"content-encoding":
+                    continue
+                out.append((n, v))
+            ex.respond(200, out, with_names(body, key, kept))
+
+        names: list[str] = []
+
         def got(body: bytes) -> Any:
-            names = names_from(body, key)
-            if names is None:
+            found = names_from(body, key)
+            if found is None:
                 raise UpstreamError("closed", "upstream listing is not JSON")
-            kept = listing(names)
+            names.extend(found)
+            kept = listing(found)
             if isinstance(kept, Deferred):
                 return kept.addCallback(answer, body)
             return answer(kept, body)
-
-        def answer(kept: list[str], body: bytes) -> None:
-            ex.respond(200, [f for f in fields if f[0].lower() != b"content-encoding"], with_names(body, key, kept))
 
         d = resp.read(MAX_LISTING, self.config.request_timeout)
         d.addCallback(got)
         d.addErrback(self._upstream_failed, ex, ctx)
         d.addErrback(self._bug, ex)
+
+    def _next_page(self, ex: Exchange, ctx: _Ctx, link_target: bytes, fields: Fields, body: bytes, key: str) -> None:
+        """Nothing on this page may be shown and its cursor names a hidden entry: fetch the next page
+        ourselves (a bounded number of times) rather than hand out that name."""
+        ctx.redirects += 1
+        if ctx.redirects > MAX_HIDDEN_PAGES or ctx.decision is None:
+            self.log.warn("listing {path}: {n} pages in a row hold nothing the caller may see; ending it there",
+                          path=redact_url(ex.request.target), n=MAX_HIDDEN_PAGES)
+            kept_fields = [(n, v) for n, v in fields if n.lower() not in (b"link", b"content-encoding")]
+            return ex.respond(200, kept_fields, with_names(body, key, []))
+        ctx.decision.target = link_target
+        self._send(ex, ctx)
 
     def _refused(self, ex: Exchange, ctx: _Ctx, status: int) -> None:
         """The upstream refused our token: refresh it once (shared) and retry once when safe."""
