@@ -1,0 +1,152 @@
+"""The layer cache's store: atomic commit, verification, eviction order, restarts, Range arithmetic."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from ecr_twisted.cache import UNSATISFIABLE, BlobStore, parse_range
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def fill(store: BlobStore, data: bytes, repo: str = "app", chunks: int = 3) -> str:
+    digest = digest_of(data)
+    f = store.begin(digest, len(data))
+    assert f is not None
+    step = max(1, len(data) // chunks)
+    for i in range(0, len(data), step):
+        f.write(data[i : i + step])
+    assert f.finish()
+    store.confirm(repo, digest)
+    return digest
+
+
+def test_a_blob_is_visible_only_after_it_is_verified(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), 1 << 20)
+    data = os.urandom(5000)
+    digest = digest_of(data)
+    f = store.begin(digest, len(data))
+    assert f is not None and store.begin(digest) is None and store.filling(digest) is f
+    f.write(data[:100])
+    store.confirm("app", digest)
+    assert store.get("app", digest) is None and not os.path.exists(store.path_of(digest))
+    f.write(data[100:])
+    assert f.finish() and f.state == "done"
+    path, size = store.get("app", digest)  # type: ignore[misc]
+    assert size == 5000 and Path(path).read_bytes() == data
+    assert store.filling(digest) is None and list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_mismatch_or_an_interruption_leaves_nothing(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), 1 << 20)
+    data = os.urandom(1000)
+    digest = digest_of(data)
+    f = store.begin(digest)
+    assert f is not None
+    f.write(data[:-1] + b"X")
+    assert not f.finish() and f.state == "failed" and f.failed_reason == "digest mismatch"
+    assert store.mismatches == 1 and not store.has(digest)
+    f = store.begin(digest)
+    assert f is not None
+    f.write(data[:500])
+    f.abort("upstream closed mid-body")
+    assert not store.has(digest) and list((tmp_path / "tmp").iterdir()) == []
+    assert store.begin(digest) is not None  # and it can be tried again
+
+
+def test_blobs_are_shared_but_served_only_to_confirmed_repositories(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), 1 << 20)
+    digest = fill(store, b"layer shared by two repositories", repo="team-a/app")
+    assert store.get("team-a/app", digest) is not None
+    assert store.get("team-b/app", digest) is None  # the upstream never said team-b holds it
+    store.confirm("team-b/app", digest)
+    assert store.get("team-b/app", digest) is not None
+    assert store.size == len(b"layer shared by two repositories")  # stored once
+
+
+def test_least_recently_used_blobs_are_evicted_first(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), 3000)
+    a, b, c = (fill(store, bytes([i]) * 1000) for i in range(3))
+    assert store.get("app", a) is not None  # a is now the most recent
+    d = fill(store, b"\x09" * 1000)
+    assert not store.has(b) and store.has(a) and store.has(c) and store.has(d)
+    assert store.evictions == 1 and store.size == 3000
+    assert store.begin(digest_of(b"x" * 4000), 4000) is None  # bigger than the whole cache
+
+
+def test_the_store_survives_a_restart_and_drops_partial_files(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), 1 << 20)
+    kept = fill(store, b"kept across restarts", repo="team-a/app")
+    partial = store.begin(digest_of(b"never finished"))
+    assert partial is not None
+    partial.write(b"never")
+    store._known_log.flush()
+    # the process dies here: no close(), the partial file stays behind
+    again = BlobStore(str(tmp_path), 1 << 20)
+    assert again.get("team-a/app", kept) is not None and again.size == len(b"kept across restarts")
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert again.get("team-b/app", kept) is None
+
+
+def test_a_full_disk_stops_caching_but_not_the_transfer(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), 1 << 20)
+    data = b"y" * 100
+    f = store.begin(digest_of(data))
+    assert f is not None
+
+    class Full:
+        def write(self, b: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            pass
+
+    f._file = Full()
+    seen: list[str] = []
+    f.on_progress(lambda fl: seen.append(fl.state))
+    f.write(data)  # no exception reaches the data path
+    assert f.state == "failed" and f.failed_reason == "disk full" and seen == ["failed"]
+    assert not f.finish() and not store.has(digest_of(data))
+
+
+def test_followers_hear_of_progress_and_the_end(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), 1 << 20)
+    data = os.urandom(3000)
+    f = store.begin(digest_of(data))
+    assert f is not None
+    seen: list[tuple[str, int]] = []
+    f.on_progress(lambda fl: seen.append((fl.state, fl.written)))
+    f.write(data[:1000])
+    f.write(data[1000:])
+    f.finish()
+    assert seen == [("filling", 1000), ("filling", 3000), ("done", 3000)]
+
+
+@pytest.mark.parametrize(
+    "header,size,expected",
+    [
+        (None, 100, None),
+        (b"bytes=0-99", 100, (0, 99)),
+        (b"bytes=10-", 100, (10, 99)),
+        (b"bytes=10-1000", 100, (10, 99)),
+        (b"bytes=-10", 100, (90, 99)),
+        (b"bytes=-1000", 100, (0, 99)),
+        (b"bytes=100-", 100, UNSATISFIABLE),
+        (b"bytes=-0", 100, UNSATISFIABLE),
+        (b"bytes=0-0", 100, (0, 0)),
+        (b"bytes=5-4", 100, None),
+        (b"bytes=0-1,5-6", 100, None),  # several ranges: the whole blob (allowed by RFC 9110)
+        (b"items=0-1", 100, None),
+        (b"bytes=-", 100, None),
+        (b"bytes=0-", 0, UNSATISFIABLE),
+    ],
+)
+def test_range_arithmetic(header: bytes | None, size: int, expected: object) -> None:
+    assert parse_range(header, size) == expected
