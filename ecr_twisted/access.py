@@ -38,7 +38,7 @@ from .auth import (
     parse_authorization,
 )
 from .errors import RegistryError
-from .policy import ANONYMOUS, Policy, Principal
+from .policy import ANONYMOUS, FixedPolicy, Policy, Principal
 
 MODES = ("none", "basic", "token", "passthrough", "webhook")
 PULL, PUSH, DELETE = "pull", "push", "delete"
@@ -97,6 +97,7 @@ class Identity:
     creds: Credentials
     grant: Grant | None = None  # token mode: what the token allows
     failed: Decision | None = None  # credentials were presented and refused
+    addr: str | None = None  # webhook mode: the client's address, for the login throttle
 
 
 @dataclass
@@ -149,6 +150,14 @@ class Gate:
         self.webhook = webhook
         self.throttle = throttle or LoginThrottle()
         self._filters_names = config.namespace is not None or config.exclude is not None
+        # `--auth none` with the open policy (what --anonymous means): every request goes ahead
+        self.open = (
+            config.mode == "none"
+            and not self._filters_names
+            and not config.read_only
+            and isinstance(policy, FixedPolicy)
+            and policy.policy.allows_everything()
+        )
 
     # -- names
     def visible(self, name: str) -> bool:
@@ -168,7 +177,9 @@ class Gate:
         action = _ACTIONS.get((kind, method))
         if self.config.read_only and action in (PUSH, DELETE):
             return self._deny(action, "this registry is read-only")
-        creds = parse_authorization(authorization) if authorization is not None else _NONE
+        if self.open:
+            return GO
+        creds = parse_authorization(authorization) if authorization is not None and self.mode != "none" else _NONE
         ident = self._identify(creds, peer)
         if isinstance(ident, Deferred):
             return ident.addCallback(self._decide, method, kind, match, target, action)
@@ -197,7 +208,12 @@ class Gate:
         if mode == "passthrough" and ident.creds.scheme == "none":
             return self._challenge()
         policy: Policy = self.policy.current()
-        if not policy.allows(ident.who, action, name, tag):
+        if kind == routes.MANIFEST and method == b"PUT" and tag is None:
+            for extra in _query_tags(target):
+                if not policy.allows(ident.who, PUSH, name, extra):
+                    return self._refuse(ident, action, name)
+        # deleting by digest removes every tag of that image: tag-limited rules must all agree
+        if not policy.allows(ident.who, action, name, tag, every_tag=action == DELETE and tag is None):
             # pushers check which blobs exist before uploading: HEAD reveals no content
             if not (kind == routes.BLOB and method == b"HEAD" and policy.allows(ident.who, PUSH, name)):
                 return self._refuse(ident, action, name)
@@ -209,7 +225,7 @@ class Gate:
                 if not (kind == routes.BLOB and method == b"HEAD" and ident.grant.permits(name, PUSH)):
                     return self._challenge(name, action, "insufficient_scope")
         decision = GO
-        if kind == routes.UPLOAD and method == b"POST" and b"mount=" in target:
+        if kind == routes.UPLOAD and method == b"POST" and b"?" in target:
             decision = self._mount(decision, ident, target, policy)
         elif kind == routes.TAGS and policy.tags_matter(ident.who, PULL, name):
             decision = Decision()
@@ -235,16 +251,23 @@ class Gate:
         if mode == "webhook":
             d = self._webhook_decide(ident.creds, "login", "", None)
             if isinstance(d, Deferred):
-                return d.addCallback(self._login_verdict)
-            return self._login_verdict(d)
+                return d.addCallback(self._login_verdict, ident)
+            return self._login_verdict(d, ident)
         return self._passthrough(Decision(), ident)
 
-    def _login_verdict(self, verdict: str) -> Decision:
+    def _login_verdict(self, verdict: str, ident: Identity) -> Decision:
         if verdict == ALLOW:
+            self._count("success")
             return GO
         if verdict == UNAVAILABLE:
             return Decision(errors.DENIED, "the authorization service is unavailable")
+        self._webhook_failed_login(ident)
         return self._challenge()
+
+    def _webhook_failed_login(self, ident: Identity) -> None:
+        self._count("failure")
+        if ident.addr is not None:
+            self.throttle.failed(ident.addr, self.clock.seconds())
 
     # -- identification per mode
     def _identify(self, creds: Credentials, peer: Callable[[], str]) -> Identity | Deferred[Identity]:
@@ -256,10 +279,16 @@ class Gate:
             self._count("failure")
             return Identity(ANONYMOUS, creds, failed=self._challenge(error="invalid_token" if mode == "token" else None))
         if mode == "passthrough":
-            # ECR checks these credentials; the name is only what the client claims
-            return Identity(Principal(creds.user or "aws"), creds)
+            # ECR checks these credentials; a claimed user name would mean nothing here
+            return Identity(_AWS, creds)
         if mode == "webhook":
-            return Identity(Principal(creds.user) if creds.user else ANONYMOUS, creds)
+            addr = peer()
+            wait = self.throttle.wait(addr, self.clock.seconds())
+            if wait > 0:  # wrong credentials are answered by the webhook; guessing is slowed here
+                self._count("throttled")
+                failed = Decision(errors.TOO_MANY_REQUESTS, "too many failed logins; wait", retry_after=int(wait) + 1)
+                return Identity(ANONYMOUS, creds, failed=failed)
+            return Identity(Principal(creds.user) if creds.user else ANONYMOUS, creds, addr=addr)
         if mode == "token":
             if scheme != "bearer":
                 return Identity(ANONYMOUS, NO_CREDS, failed=self._challenge())
@@ -276,8 +305,13 @@ class Gate:
         return self.login(creds, peer)
 
     def login(self, creds: Credentials, peer: Callable[[], str]) -> Identity | Deferred[Identity]:
-        """Check Basic credentials against the htpasswd file, throttled per client address."""
-        assert self.htpasswd is not None and creds.user is not None and creds.secret is not None
+        """Check Basic credentials against the htpasswd file, throttled per client address.
+
+        The throttle comes first, even for credentials verified before: otherwise a throttled
+        guesser would learn which guesses match a remembered password."""
+        htpasswd = self.htpasswd
+        assert htpasswd is not None and creds.user is not None and creds.secret is not None
+        user, password = creds.user, creds.secret
         now = self.clock.seconds()
         addr = peer()
         wait = self.throttle.wait(addr, now)
@@ -285,18 +319,25 @@ class Gate:
             self._count("throttled")
             failed = Decision(errors.TOO_MANY_REQUESTS, "too many failed logins; wait", retry_after=int(wait) + 1)
             return Identity(ANONYMOUS, creds, failed=failed)
-        result = self.htpasswd.verify(creds.user, creds.secret)
+        if htpasswd.known(user, password):
+            return self._logged_in(True, creds, addr, False)
+        counted = not htpasswd.pending(user, password)
+        if counted:
+            self.throttle.attempt(addr, now)  # a failure until proven right: parallel guesses count too
+        result = htpasswd.verify(user, password)
         if isinstance(result, Deferred):
-            return result.addCallback(self._logged_in, creds, addr)
-        return self._logged_in(result, creds, addr)
+            return result.addCallback(self._logged_in, creds, addr, counted)
+        return self._logged_in(result, creds, addr, counted)
 
-    def _logged_in(self, ok: bool, creds: Credentials, addr: str) -> Identity:
+    def _logged_in(self, ok: bool, creds: Credentials, addr: str, counted: bool) -> Identity:
         if ok:
             self._count("success")
-            self.throttle.succeeded(addr)
+            if counted:
+                self.throttle.forgive(addr)
             return Identity(Principal(creds.user), creds)
         self._count("failure")
-        self.throttle.failed(addr, self.clock.seconds())
+        if counted:
+            self.throttle.confirm(addr, self.clock.seconds())
         return Identity(ANONYMOUS, creds, failed=self._challenge(detail="invalid username or password"))
 
     # -- refusals
@@ -356,23 +397,17 @@ class Gate:
     # -- mount
     def _mount(self, decision: Decision, ident: Identity, target: bytes, policy: Policy | None) -> Decision:
         """`from=` must be readable by the caller too, or the mount becomes a normal upload."""
-        path, _, query = target.partition(b"?")
-        params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
-        source = next((v for k, v in params if k == "from"), None)
+        source = _mount_source(target)
+        if source is _NO_MOUNT:
+            return decision
         readable = (
             source is not None
             and policy is not None
-            and routes.valid_name(source)
             and self.visible(source)
             and policy.allows(ident.who, PULL, source)
-            and (ident.grant is None or self.mode != "token" or ident.grant.permits(source, PULL))
+            and (self.mode != "token" or (ident.grant is not None and ident.grant.permits(source, PULL)))
         )
-        if readable:
-            return decision
-        kept = [(k, v) for k, v in params if k not in ("mount", "from")]
-        rewritten = Decision()
-        rewritten.target = path + (b"?" + urlencode(kept).encode("ascii") if kept else b"")
-        return rewritten
+        return decision if readable else _plain_upload(target)
 
     # -- webhook
     def _webhook_decide(self, creds: Credentials, action: str, name: str, tag: str | None) -> str | Deferred[str]:
@@ -394,29 +429,33 @@ class Gate:
             return self._deny(action, "the authorization service is unavailable")
         if verdict == UNAUTHENTICATED:
             self._denied(action)
+            self._webhook_failed_login(ident)
             return self._challenge(detail="invalid username or password")
         if verdict != ALLOW:
             return self._refuse(ident, action, name)
-        if kind == routes.UPLOAD and b"mount=" in target:
+        if kind == routes.UPLOAD and b"?" in target:
             return self._webhook_mount(ident, target)
         return GO
 
     def _webhook_mount(self, ident: Identity, target: bytes) -> Decision | Deferred[Decision]:
-        query = target.partition(b"?")[2]
-        source = next((v for k, v in parse_qsl(query.decode("latin-1")) if k == "from"), "")
-        if not (routes.valid_name(source) and self.visible(source)):
-            return self._mount(GO, ident, target, None)
+        source = _mount_source(target)
+        if source is _NO_MOUNT:
+            return GO
+        if source is None or not self.visible(source):
+            return _plain_upload(target)
         verdict = self._webhook_decide(ident.creds, PULL, source, None)
 
         def decided(v: str) -> Decision:
-            return GO if v == ALLOW else self._mount(GO, ident, target, None)
+            return GO if v == ALLOW else _plain_upload(target)
 
         return verdict.addCallback(decided) if isinstance(verdict, Deferred) else decided(verdict)
 
     def _webhook_filter(self, ident: Identity, names: list[str], tag: str | None) -> Deferred[list[str]] | list[str]:
-        from twisted.internet.defer import gatherResults, maybeDeferred
+        from twisted.internet.defer import DeferredSemaphore, gatherResults
 
-        ds = [maybeDeferred(self._webhook_decide, ident.creds, PULL, n, tag) for n in names]
+        # at most 8 questions in flight: a catalog page must not become a burst of POSTs
+        limit = DeferredSemaphore(8)
+        ds = [limit.run(self._webhook_decide, ident.creds, PULL, n, tag) for n in names]
         return gatherResults(ds).addCallback(lambda vs: [n for n, v in zip(names, vs) if v == ALLOW])
 
     # -- /token (token mode)
@@ -481,6 +520,46 @@ class Gate:
 _NONE = Credentials("none")
 NO_CREDS = _NONE
 _ANONYMOUS_IDENTITY = Identity(ANONYMOUS, _NONE)  # shared: never mutated
+_AWS = Principal("AWS")  # every passthrough caller: ECR's only user name
+
+
+_NO_MOUNT = "-"  # not a mount request at all
+
+
+def _mount_source(target: bytes) -> str | None:
+    """The repository a mount request reads from; None when it cannot be trusted (no `from`,
+    several, odd spellings of the keys, a bad name); _NO_MOUNT when nothing asks for a mount.
+
+    Keys are compared after percent-decoding and case-folding: registries decode them, and
+    `?%6Dount=` must not slip past a check that looks for the bytes `mount=`."""
+    params = parse_qsl(target.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
+    keys = [k.lower() for k, _ in params]
+    if "mount" not in keys and "from" not in keys:
+        return _NO_MOUNT
+    sources = [v for k, v in params if k == "from"]
+    if len(sources) != 1 or keys.count("from") != 1 or keys.count("mount") != 1 or ("mount", "") in params:
+        return None
+    if not [k for k, _ in params if k == "mount"] or not routes.valid_name(sources[0]):
+        return None
+    return sources[0]
+
+
+def _plain_upload(target: bytes) -> Decision:
+    """The same upload request without any mount: the registry starts a normal upload."""
+    path, _, query = target.partition(b"?")
+    params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    kept = [(k, v) for k, v in params if k.lower() not in ("mount", "from")]
+    decision = Decision()
+    decision.target = path + (b"?" + urlencode(kept).encode("ascii") if kept else b"")
+    return decision
+
+
+def _query_tags(target: bytes) -> list[str]:
+    """`?tag=` values of a manifest PUT (OCI: push by digest and tag it in one request)."""
+    if b"?" not in target:
+        return []
+    return [v for k, v in parse_qsl(target.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
+            if k.lower() == "tag"]
 
 
 def names_from(body: bytes, key: str) -> list[str] | None:

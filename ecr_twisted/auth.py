@@ -145,6 +145,7 @@ class Htpasswd:
         self._good: OrderedDict[tuple[str, bytes], None] = OrderedDict()
         self._dummy_cost = 0
         self._dummy = b""
+        self._inflight: dict[tuple[str, bytes], list[Deferred[bool]]] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -180,34 +181,58 @@ class Htpasswd:
         self._maybe_reload()
         return user in self._users
 
-    def verify(self, user: str, password: str) -> bool | Deferred[bool]:
-        """True/False now when known, else a Deferred firing with the outcome."""
+    def _key(self, user: str, pw: bytes) -> tuple[str, bytes]:
+        return user, hmac.new(self._mac_key, pw, hashlib.sha256).digest()
+
+    def known(self, user: str, password: str) -> bool:
+        """These exact credentials were verified since the file last changed (no bcrypt needed)."""
         self._maybe_reload()
-        pw = password.encode("utf-8")
-        key = (user, hmac.new(self._mac_key, pw, hashlib.sha256).digest())
+        key = self._key(user, password.encode("utf-8"))
         if key in self._good:
             self._good.move_to_end(key)
             return True
+        return False
+
+    def pending(self, user: str, password: str) -> bool:
+        """A check of these exact credentials is under way (a new one would join it)."""
+        return self._key(user, password.encode("utf-8")) in self._inflight
+
+    def verify(self, user: str, password: str) -> bool | Deferred[bool]:
+        """True/False now when known, else a Deferred firing with the outcome. Identical
+        checks in flight share one bcrypt run (clients send several requests at once)."""
+        if self.known(user, password):
+            return True
+        pw = password.encode("utf-8")
+        key = self._key(user, pw)
+        waiting = self._inflight.get(key)
+        d: Deferred[bool] = Deferred()
+        if waiting is not None:
+            waiting.append(d)
+            return d
+        self._inflight[key] = [d]
         hashed = self._users.get(user)
         stamp = self._stamp
-        d = self._check(pw, hashed if hashed is not None else self._dummy)
 
-        def done(ok: bool) -> bool:
-            ok = bool(ok) and hashed is not None
+        def done(ok: Any) -> None:
+            ok = ok is True and hashed is not None
             if ok and stamp == self._stamp:
                 self._good[key] = None
                 if len(self._good) > self.CACHE_SIZE:
                     self._good.popitem(last=False)
-            return ok
+            for waiter in self._inflight.pop(key, []):
+                waiter.callback(ok)
 
-        return d.addCallback(done)
+        check = maybeDeferred(self._check, pw, hashed if hashed is not None else self._dummy)
+        check.addBoth(done)  # a failed check is a failed login, never a stuck one
+        return d
 
 
 # -- failed-login throttle
 class LoginThrottle:
     """Slows down guessing: after `free` failed logins from one address within `window` seconds,
     that address's credentials are not even checked for a penalty that doubles with each further
-    failure (capped), and it is told to come back later. One success clears the record."""
+    failure (capped), and it is told to come back later. A check counts as a failure from the
+    moment it starts (so parallel guesses count too) and is forgiven if it succeeds."""
 
     def __init__(self, free: int = 5, window: float = 900.0, max_penalty: float = 60.0, size: int = 65536) -> None:
         self.free = free
@@ -238,8 +263,33 @@ class LoginThrottle:
         while len(self._failures) > self.size:
             self._failures.popitem(last=False)
 
-    def succeeded(self, addr: str) -> None:
-        self._failures.pop(addr, None)
+    def attempt(self, addr: str, now: float) -> None:
+        """A check starts: it counts as a failure until it turns out right (`forgive`) or
+        wrong (`confirm`), so guesses sent in parallel are counted before bcrypt runs."""
+        count, last = self._failures.pop(addr, (0, now))
+        if now - last > self.window:
+            count, last = 0, now
+        self._failures[addr] = (count + 1, last)
+        while len(self._failures) > self.size:
+            self._failures.popitem(last=False)
+
+    def confirm(self, addr: str, now: float) -> None:
+        """The check counted by `attempt` failed: the penalty runs from now."""
+        entry = self._failures.get(addr)
+        if entry is not None:
+            self._failures[addr] = (entry[0], now)
+        else:
+            self.failed(addr, now)
+
+    def forgive(self, addr: str) -> None:
+        """Take back one failure: a check counted as failed up front turned out right. (Not a reset:
+        logging in with one's own account must not wipe the count of guesses at another's.)"""
+        entry = self._failures.get(addr)
+        if entry is not None:
+            if entry[0] <= 1:
+                del self._failures[addr]
+            else:
+                self._failures[addr] = (entry[0] - 1, entry[1])
 
 
 # -- the proxy's own registry tokens

@@ -114,11 +114,17 @@ class Policy:
             found = {"*", "authenticated", f"user:{user}"}
             found.update(f"group:{g}" for g in self._groups_of.get(user, ()))
             names = frozenset(found)
-            if len(self._names_of) < 65536:
+            if len(self._names_of) < 4096 and len(user) <= 128:
                 self._names_of[user] = names
         return names
 
-    def allows(self, who: Principal, action: str, repository: str, tag: str | None = None) -> bool:
+    def allows(
+        self, who: Principal, action: str, repository: str, tag: str | None = None, every_tag: bool = False
+    ) -> bool:
+        """May `who` do `action` on `repository` (by `tag`, if given)?
+
+        `every_tag`: the request affects whatever tags the object has (a delete by digest),
+        so tag-limited allows do not count and tag-limited denies do."""
         # names and tags reach here already checked by the routes; checking again keeps
         # the policy safe on its own (no "..", encoded slashes or upper case get a match)
         if action not in ACTIONS or _NAME.match(repository) is None or len(repository) > 255:
@@ -131,13 +137,24 @@ class Policy:
             if not rule.covers(names, action, repository):
                 continue
             if rule.effect == "deny":
-                if tag is None and rule.tags is not None:
+                if tag is None and rule.tags is not None and not every_tag:
                     continue  # a tag-limited deny says nothing about repository-level access
                 if tag is None or rule.tag_matches(tag):
                     return False
-            elif tag is None or rule.tag_matches(tag):
+            elif tag is not None:
+                allowed = allowed or rule.tag_matches(tag)
+            elif rule.tags is None or not every_tag:
                 allowed = True
         return allowed
+
+    def allows_everything(self) -> bool:
+        """Every principal may do every action everywhere (the `open` preset): nothing to decide."""
+        if any(rule.effect == "deny" for rule in self.rules):
+            return False
+        return any(
+            rule.tags is None and "*" in rule.principals and rule.actions == ACTIONS and "*" in rule.repositories
+            for rule in self.rules
+        )
 
     def tags_matter(self, who: Principal, action: str, repository: str) -> bool:
         """Whether a tag-limited rule speaks about this (principal, action, repository)."""

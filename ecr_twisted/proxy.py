@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.internet.defer import Deferred
 
 from . import errors, routes
-from .access import Decision, Gate, names_from, with_names
+from .access import GO, Decision, Gate, names_from, with_names
 from .errors import RegistryError
 from .http11 import Head
 from .metrics import Metrics
@@ -40,6 +40,7 @@ HOP_BY_HOP = frozenset(
 # Framing (content-length, transfer-encoding) is re-written by the data path from the
 # message itself; host and authorization are replaced; expect is answered by the proxy.
 REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"host", b"authorization", b"expect"}
+_LISTING_DROP = REQUEST_DROP | {b"accept-encoding"}
 RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"www-authenticate"}
 # Headers of the client's blob request that make sense to object storage.
 STORAGE_REQUEST_KEEP = frozenset(
@@ -178,7 +179,10 @@ class RegistryProxy:
                 return self._fail(ex, errors.NAME_INVALID)
             return self._fail(ex, errors.NOT_FOUND)
         ctx.match = m
-        decision = self.gate.check(req.method, ctx.kind, m, req.target, req.get(b"authorization"), lambda: self._peer(ex))
+        gate = self.gate
+        if gate.open:
+            return self._admitted(GO, ex, ctx)
+        decision = gate.check(req.method, ctx.kind, m, req.target, req.get(b"authorization"), lambda: self._peer(ex))
         if type(decision) is Decision:
             return self._admitted(decision, ex, ctx)
         decision.addCallback(self._admitted, ex, ctx)
@@ -209,7 +213,9 @@ class RegistryProxy:
         ctx.timeout = self.config.upload_timeout if ctx.kind == routes.UPLOAD else self.config.request_timeout
         req = ex.request
         skip = req.connection_tokens() if req.get(b"connection") is not None else ()
-        fields = [(n, v) for ln, n, v in req.fields if ln not in REQUEST_DROP and ln not in skip]
+        # a listing the proxy must read and filter is asked for uncompressed
+        drop = REQUEST_DROP if decision.listing is None else _LISTING_DROP
+        fields = [(n, v) for ln, n, v in req.fields if ln not in drop and ln not in skip]
         fields.append((b"Host", origin.netloc))
         ctx.fields = fields
         self._send(ex, ctx)

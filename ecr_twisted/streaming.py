@@ -343,7 +343,11 @@ class UpstreamConnection(Protocol):
         d: Deferred[bytes] = Deferred()
         if reader is None or (not self.connected_ and not reader.done):
             return fail(UpstreamError("closed", "upstream closed before the body"))
+        if reader.framing == LENGTH and reader.remaining > limit:
+            self.abort()
+            return fail(UpstreamError("closed", f"body over {limit} bytes"))
         self._collect = (d, [], limit)
+        self._drained = 0
         self._mode = _U_COLLECT
         reader.dechunk_on()
         self.idle_call = self.pool.reactor.callLater(timeout, self._collect_failed, UpstreamError("timeout", "body"))
@@ -366,11 +370,14 @@ class UpstreamConnection(Protocol):
         except BadMessage:
             return self._collect_failed(UpstreamError("closed", "invalid body framing from upstream"))
         if reader.framing == CHUNKED:
+            for part in reader.payload:
+                self._drained += len(part)  # the drain counter doubles as the running total
             parts.extend(reader.payload)
             reader.payload.clear()
         elif n:
+            self._drained += n
             parts.append(data if n == len(data) else data[:n])
-        if sum(map(len, parts)) > limit:
+        if self._drained > limit:
             return self._collect_failed(UpstreamError("closed", f"body over {limit} bytes"))
         if reader.done:
             self._collected(n < len(data))

@@ -496,8 +496,9 @@ def test_basic_failed_logins_are_throttled_per_address(htpasswd: str) -> None:
     h.reactor.advance(int(r.header(b"retry-after")))
     forwarded(h, call(h, "GET", "/v2/", basic("alice", "alice-pw")))
     assert h.sample("ecrproxy_auth_attempts_total", {"mode": "basic", "result": "success"}) == 1
-    # one success clears the record
+    # a success adds nothing to the count (nor clears it): the next guess is checked and refused
     assert_refused(h, call(h, "GET", "/v2/", basic("alice", "guess")), 401, "UNAUTHORIZED", before=1)
+    assert_refused(h, call(h, "GET", "/v2/", basic("alice", "alice-pw")), 429, "TOOMANYREQUESTS", before=1)
 
 
 def test_basic_a_throttled_wrong_password_after_the_wait_doubles_the_penalty(htpasswd: str) -> None:
@@ -1077,3 +1078,107 @@ def test_an_opaque_cursor_is_passed_on_and_hidden_pages_are_bounded(htpasswd: st
     r = c.reply()
     assert json.loads(r.body) == {"repositories": []} and r.header(b"link") is None
     assert len(upstream_requests(h)) - before == MAX_HIDDEN_PAGES + 1
+
+
+def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing(htpasswd: str) -> None:
+    """Guesses sent at once all count (a check is a failure until it proves right), identical
+    credentials share one check, and logging in with one's own account does not wipe the count."""
+    from twisted.internet.task import Clock
+
+    from ecr_twisted.access import Identity
+    from ecr_twisted.auth import Credentials, _checkpw
+
+    clock = Clock()
+    pending: list[tuple[Deferred[bool], bytes, bytes]] = []
+
+    def held_check(password: bytes, hashed: bytes) -> Deferred[bool]:
+        d: Deferred[bool] = Deferred()
+        pending.append((d, password, hashed))
+        return d
+
+    gate = Gate(AccessConfig("basic"), FixedPolicy(Policy.preset("private")), clock,
+                htpasswd=Htpasswd(htpasswd, clock, check=held_check))
+
+    def login(user: str, password: str) -> Any:
+        return gate.login(Credentials("basic", user, password), lambda: "10.9.9.9")
+
+    results = [login("alice", f"guess-{i}") for i in range(8)]
+    assert len(pending) == 5  # the 6th guess onwards was throttled before any bcrypt ran
+    assert all(isinstance(r, Identity) and r.failed is not None and r.failed.error.status == 429 for r in results[5:])
+    refused = login("bob", "bob-pw")
+    assert len(pending) == 5 and refused.failed.error.status == 429  # the address is over its limit, whoever it claims to be
+    for d, password, hashed in pending:
+        d.callback(_checkpw(password, hashed))
+    clock.advance(60)
+    assert isinstance(login("bob", "bob-pw"), Deferred) and len(pending) == 6
+    twin = login("bob", "bob-pw")
+    assert len(pending) == 6  # identical credentials in flight share one check
+    pending[-1][0].callback(True)
+    outcomes: list[Identity] = []
+    twin.addCallback(outcomes.append)
+    assert outcomes[0].failed is None and outcomes[0].who.user == "bob"
+    # bob's own login took back only its own count: alice's five failures still stand, so one
+    # more wrong guess (allowed once the 1 s penalty is over) doubles the penalty at once
+    guess = login("alice", "guess-again")
+    assert isinstance(guess, Deferred)
+    pending[-1][0].callback(False)
+    again = login("alice", "guess-again-2")
+    assert isinstance(again, Identity) and again.failed is not None and again.failed.error.status == 429
+    assert again.failed.retry_after == 3  # 2 s penalty, rounded up past its start
+
+
+def _upload(h: Harness, query: str) -> Sent:
+    c = call(h, "POST", "/v2/team-a/app/blobs/uploads/?" + query, basic("alice", "alice-pw"))
+    sent = upstream_requests(h)[-1]
+    answer(h, ok(b"", b"202 Accepted"))
+    assert c.reply().status == 202
+    return sent
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        f"%6Dount={DIGEST}&from=team-b/secret",  # encoded key: registries decode it
+        f"mount={DIGEST}&%66rom=team-b/secret",
+        f"Mount={DIGEST}&From=team-b/secret",
+        f"mount={DIGEST}&from=team-b/shared&from=team-b/secret",  # which one would the upstream read?
+        f"mount={DIGEST}",  # OCI: a mount without from= lets the registry look in any repository
+        f"mount={DIGEST}&from=team-b%2Fsecret",
+    ],
+)
+def test_mount_tricks_become_plain_uploads(htpasswd: str, query: str) -> None:
+    h = make_proxy("basic", htpasswd=htpasswd)
+    assert _upload(h, query).target == b"/v2/team-a/app/blobs/uploads/"
+
+
+def test_a_manifest_put_by_digest_with_tag_parameters_obeys_tag_rules(htpasswd: str) -> None:
+    h = make_proxy("basic", htpasswd=htpasswd)
+    c = call(h, "PUT", f"/v2/team-a/app/manifests/{DIGEST}?tag=latest", basic("alice", "alice-pw"), b"{}")
+    assert_refused(h, c, 403, "DENIED")
+    c = call(h, "PUT", f"/v2/team-a/app/manifests/{DIGEST}?tag=1.0&%74ag=latest", basic("alice", "alice-pw"), b"{}")
+    assert_refused(h, c, 403, "DENIED")
+    c = call(h, "PUT", f"/v2/team-a/app/manifests/{DIGEST}?tag=1.0", basic("alice", "alice-pw"), b"{}")
+    forwarded(h, c, 201)
+
+
+def test_webhook_wrong_credentials_are_throttled_too() -> None:
+    post = FakeWebhook()
+    h = make_proxy("webhook", webhook=post)
+    for i in range(5):
+        c = call(h, "GET", "/v2/hook/app/tags/list", basic("ci", f"guess{i}"))
+        post.answer(200, {"allow": False, "authenticated": False})
+        assert_refused(h, c, 401, "UNAUTHORIZED")
+    asked = len(post.calls)
+    c = call(h, "GET", "/v2/hook/app/tags/list", basic("ci", "guess-6"))
+    assert_refused(h, c, 429, "TOOMANYREQUESTS")
+    assert len(post.calls) == asked  # not even asked
+
+
+def test_filtered_listings_are_asked_for_uncompressed(htpasswd: str) -> None:
+    h = make_proxy("basic", htpasswd=htpasswd)
+    send(h, request("GET", "/v2/team-c/app/tags/list", basic("alice", "alice-pw"),
+                    headers=[(b"Accept-Encoding", b"gzip")]))
+    assert upstream_requests(h)[-1].header(b"accept-encoding") is None
+    send(h, request("GET", "/v2/team-a/app/tags/list", basic("alice", "alice-pw"),
+                    headers=[(b"Accept-Encoding", b"gzip")]))
+    assert upstream_requests(h)[-1].header(b"accept-encoding") == b"gzip"  # nothing to filter there

@@ -266,7 +266,7 @@ def test_penalty_stays_capped_however_many_failures() -> None:
     assert t.wait("1.2.3.4", 0) == 60
 
 
-def test_failures_decay_after_the_window_and_success_clears() -> None:
+def test_failures_decay_after_the_window_and_a_success_takes_back_one() -> None:
     t = LoginThrottle(free=1, window=100, max_penalty=60)
     t.failed("a", 0)
     t.failed("a", 0)
@@ -278,8 +278,13 @@ def test_failures_decay_after_the_window_and_success_clears() -> None:
     t.failed("b", 50)
     t.failed("b", 151)  # more than `window` after the last failure: starts over
     assert t.wait("b", 151) == 1
-    t.succeeded("b")
-    assert t.wait("b", 151) == 0
+    t.forgive("b")
+    assert t.wait("b", 151) == 0  # one failure left: under `free` again
+    t.failed("c", 0)
+    t.failed("c", 0)
+    t.failed("c", 0)
+    t.forgive("c")  # logging in with one's own account does not wipe guesses at another's
+    assert t.wait("c", 0) == 2
 
 
 def test_size_bound_evicts_the_least_recent_failure() -> None:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ecr_twisted.policy import ANONYMOUS, Policy, PolicyError, Principal
+from ecr_twisted.policy import ANONYMOUS, PRESETS, Policy, PolicyError, Principal
 
 POLICY = Policy.from_toml(
     """
@@ -99,6 +99,31 @@ ALICE, JENKINS, BOB, MALLORY = Principal("alice"), Principal("jenkins"), Princip
 )
 def test_decisions(who: Principal, action: str, repository: str, tag: str | None, allowed: bool) -> None:
     assert POLICY.allows(who, action, repository, tag) is allowed
+
+
+def test_only_the_open_policy_allows_everything() -> None:
+    assert Policy.preset("open").allows_everything()
+    assert not Policy.preset("public-read").allows_everything() and not Policy.preset("private").allows_everything()
+    assert not POLICY.allows_everything() and not Policy([]).allows_everything()
+    with_deny = Policy.from_toml(PRESETS["open"] + '[[rule]]\neffect = "deny"\nprincipals = ["*"]\nactions = ["push"]\n'
+                                 'repositories = ["*"]\ntags = ["latest"]\n')
+    assert not with_deny.allows_everything()
+
+
+def test_deleting_by_digest_needs_every_tag_rule_to_agree() -> None:
+    """A delete by digest removes every tag of the image: tag-limited rules cannot grant it, and
+    tag-limited denies block it."""
+    policy = Policy.from_toml(
+        '[[rule]]\nprincipals = ["user:dev"]\nactions = ["delete"]\nrepositories = ["app"]\ntags = ["dev-*"]\n'
+        '[[rule]]\nprincipals = ["user:ops"]\nactions = ["delete"]\nrepositories = ["app"]\n'
+        '[[rule]]\neffect = "deny"\nprincipals = ["*"]\nactions = ["delete"]\nrepositories = ["app"]\n'
+        'tags = ["prod-*"]\n'
+    )
+    dev, ops = Principal("dev"), Principal("ops")
+    assert policy.allows(dev, "delete", "app", "dev-1") and not policy.allows(dev, "delete", "app", "prod-1")
+    assert not policy.allows(dev, "delete", "app", None, every_tag=True)
+    assert policy.allows(ops, "delete", "app", "other") and not policy.allows(ops, "delete", "app", "prod-1")
+    assert not policy.allows(ops, "delete", "app", None, every_tag=True)  # the prod deny speaks for all tags
 
 
 def test_presets() -> None:
