@@ -233,13 +233,18 @@ def test_htpasswd_is_reread_and_failed_logins_are_slowed(
     carol = {"Authorization": basic("carol", "carol-pw")}
     assert http_request(f"{basic_proxy.url}/v2/", headers=carol).status == 401
     write_htpasswd(str(auth_files["htpasswd"]), {**PASSWORDS, "carol": "carol-pw"})
-    wait_for(lambda: http_request(f"{basic_proxy.url}/v2/", headers=carol).status == 200, 10, "carol to log in")
+    # polling with carol's password before the file is re-read counts as failed logins: the throttle
+    # may make her wait a few seconds more
+    wait_for(lambda: http_request(f"{basic_proxy.url}/v2/", headers=carol).status == 200, 30, "carol to log in",
+             interval=0.5)
     write_htpasswd(str(auth_files["htpasswd"]), PASSWORDS)
-    wait_for(lambda: http_request(f"{basic_proxy.url}/v2/", headers=carol).status == 401, 10, "carol to be gone")
+    wait_for(lambda: http_request(f"{basic_proxy.url}/v2/", headers=carol).status == 401, 30, "carol to be gone",
+             interval=0.5)
     # failures are counted per address (per process with --workers): keep guessing from 127.0.0.1
     statuses = [http_request(f"{basic_proxy.url}/v2/", headers={"Authorization": basic("alice", f"guess{i}")}).status
                 for i in range(12 * TEST_WORKERS)]
-    assert set(statuses) == {401, 429} and statuses[-1] == 429, statuses
+    # (earlier wrong logins from this address may have used up the free failures already)
+    assert set(statuses) <= {401, 429} and statuses[-1] == 429, statuses
     # while the penalty lasts, even the right password is not checked
     answers = [http_request(f"{basic_proxy.url}/v2/", headers={"Authorization": basic("alice", PASSWORDS["alice"])})
                for _ in range(2 * TEST_WORKERS)]
