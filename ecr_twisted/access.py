@@ -27,6 +27,7 @@ from twisted.internet.defer import Deferred
 from . import errors, routes
 from .auth import (
     ALLOW,
+    NO_CREDENTIALS,
     UNAUTHENTICATED,
     UNAVAILABLE,
     Credentials,
@@ -291,7 +292,7 @@ class Gate:
             return Identity(Principal(creds.user) if creds.user else ANONYMOUS, creds, addr=addr)
         if mode == "token":
             if scheme != "bearer":
-                return Identity(ANONYMOUS, NO_CREDS, failed=self._challenge())
+                return Identity(ANONYMOUS, _NONE, failed=self._challenge())
             assert self.issuer is not None and creds.secret is not None
             grant = self.issuer.verify(creds.secret, self.clock.seconds())
             if grant is None:
@@ -517,8 +518,7 @@ class Gate:
             self.metrics.denials.labels(action).inc()
 
 
-_NONE = Credentials("none")
-NO_CREDS = _NONE
+_NONE = NO_CREDENTIALS
 _ANONYMOUS_IDENTITY = Identity(ANONYMOUS, _NONE)  # shared: never mutated
 _AWS = Principal("AWS")  # every passthrough caller: ECR's only user name
 

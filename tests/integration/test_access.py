@@ -14,7 +14,6 @@ import json
 import os
 import pathlib
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -204,7 +203,7 @@ def test_team_a_cannot_read_team_b(ecr: EmulatedECR, basic_proxy: Proxy, tmp_pat
     assert r.status == 202, (r.status, r.body)
     assert not upstream_has_blob(ecr, "team-a/mine", layer)
     # tags/list, manifests and blobs by digest of team-b: denied
-    for path in (f"/v2/team-b/secret/tags/list", f"/v2/team-b/secret/manifests/{secret.manifest_digest}",
+    for path in ("/v2/team-b/secret/tags/list", f"/v2/team-b/secret/manifests/{secret.manifest_digest}",
                  f"/v2/team-b/secret/blobs/{layer}", f"/v2/team-b/secret/referrers/{secret.manifest_digest}"):
         r = http_request(basic_proxy.url + path, headers=alice)
         assert r.status == 403 and r.json()["errors"][0]["code"] == "DENIED", (path, r.status, r.body)
