@@ -562,8 +562,8 @@ def _query_tags(target: bytes) -> list[str]:
             if k.lower() == "tag"]
 
 
-def names_from(body: bytes, key: str) -> list[str] | None:
-    """The list under `key` in a registry listing (tags/list, _catalog); None if it is not one."""
+def read_listing(body: bytes, key: str) -> tuple[dict[str, Any], list[str]] | None:
+    """A registry listing (tags/list, _catalog) and its names under `key`; None if it is not one."""
     try:
         data = json.loads(body)
     except ValueError:
@@ -572,13 +572,13 @@ def names_from(body: bytes, key: str) -> list[str] | None:
         return None
     value = data.get(key)
     if value is None:
-        return []
+        return data, []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         return None
-    return value
+    return data, value
 
 
-def with_names(body: bytes, key: str, names: Iterable[str]) -> bytes:
-    data = json.loads(body)
+def with_names(data: dict[str, Any], key: str, names: Iterable[str]) -> bytes:
+    """The listing `data` (as parsed by read_listing) with only `names` under `key`."""
     data[key] = list(names)
     return json.dumps(data, separators=(",", ":")).encode("utf-8")

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.internet.defer import Deferred
 
 from . import errors, routes
-from .access import GO, Decision, Gate, names_from, with_names
+from .access import GO, Decision, Gate, read_listing, with_names
 from .errors import RegistryError
 from .http11 import Head
 from .metrics import Metrics
@@ -109,7 +109,8 @@ class _Ctx:
     """Per-request state of the handler."""
 
     __slots__ = (
-        "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "timeout", "target", "decision",
+        "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "pages", "timeout", "target",
+        "decision",
     )
 
     def __init__(self, kind: str) -> None:
@@ -121,6 +122,7 @@ class _Ctx:
         self.retried = False
         self.sent_at = 0.0
         self.redirects = 0
+        self.pages = 0  # listing pages skipped because nothing on them may be shown
         self.timeout = 60.0
         self.target = "registry"
         self.decision: Decision | None = None
@@ -191,7 +193,7 @@ class RegistryProxy:
     def _admitted(self, decision: Decision, ex: Exchange, ctx: _Ctx) -> None:
         """The gate has decided: refuse, or pick token and origin and forward."""
         if decision.error is not None:
-            return self._refuse(ex, decision)
+            return self._send_refusal(ex, decision)
         if ex.gone:
             return
         ctx.decision = decision
@@ -220,7 +222,8 @@ class RegistryProxy:
         ctx.fields = fields
         self._send(ex, ctx)
 
-    def _refuse(self, ex: Exchange, decision: Decision) -> None:
+    def _send_refusal(self, ex: Exchange, decision: Decision) -> None:
+        """Answer a refusal of the gate (or of ECR to passthrough credentials) with its challenge."""
         extra: Fields = []
         if decision.challenge is not None:
             extra.append((b"WWW-Authenticate", self.gate.challenge_header(decision.challenge, self._public(ex))))
@@ -254,7 +257,7 @@ class RegistryProxy:
 
     def _token_answer(self, result: Decision | bytes, ex: Exchange) -> None:
         if isinstance(result, Decision):
-            return self._refuse(ex, result)
+            return self._send_refusal(ex, result)
         ex.respond(200, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")], result)
 
     def finished(self, ex: Exchange) -> None:
@@ -310,7 +313,7 @@ class RegistryProxy:
         if status in (401, 403):
             resp.discard()
             if self.config.passthrough:  # the client's own credentials were refused: its problem
-                return self._refuse(ex, self.gate.upstream_refused(status))
+                return self._send_refusal(ex, self.gate.upstream_refused(status))
             return self._refused(ex, ctx, status)
         listing = ctx.decision.listing if ctx.decision is not None else None
         if listing is not None and status == 200:
@@ -332,7 +335,7 @@ class RegistryProxy:
         fields = self._response_fields(resp.head, ex, ctx)
         key = _LISTING_KEYS[ctx.kind]
 
-        def answer(kept: list[str], body: bytes) -> None:
+        def answer(kept: list[str], data: dict[str, Any], names: list[str]) -> None:
             out: Fields = []
             for n, v in fields:
                 ln = n.lower()
@@ -341,39 +344,39 @@ class RegistryProxy:
                     if cursor is not None and cursor[1] in names and cursor[1] not in kept:
                         # a name-style cursor (distribution's; ECR's is opaque) would name a hidden entry
                         if not kept:
-                            return self._next_page(ex, ctx, cursor[0], fields, body, key)
+                            return self._next_page(ex, ctx, cursor[0], fields, data, key)
                         v = _with_cursor(v, kept[-1])
                 elif ln == b"content-encoding":
                     continue
                 out.append((n, v))
-            ex.respond(200, out, with_names(body, key, kept))
-
-        names: list[str] = []
+            ex.respond(200, out, with_names(data, key, kept))
 
         def got(body: bytes) -> Any:
-            found = names_from(body, key)
-            if found is None:
+            parsed = read_listing(body, key)
+            if parsed is None:
                 raise UpstreamError("closed", "upstream listing is not JSON")
-            names.extend(found)
-            kept = listing(found)
+            data, names = parsed
+            kept = listing(names)
             if isinstance(kept, Deferred):
-                return kept.addCallback(answer, body)
-            return answer(kept, body)
+                return kept.addCallback(answer, data, names)
+            return answer(kept, data, names)
 
         d = resp.read(MAX_LISTING, self.config.request_timeout)
         d.addCallback(got)
         d.addErrback(self._upstream_failed, ex, ctx)
         d.addErrback(self._bug, ex)
 
-    def _next_page(self, ex: Exchange, ctx: _Ctx, link_target: bytes, fields: Fields, body: bytes, key: str) -> None:
+    def _next_page(
+        self, ex: Exchange, ctx: _Ctx, link_target: bytes, fields: Fields, data: dict[str, Any], key: str
+    ) -> None:
         """Nothing on this page may be shown and its cursor names a hidden entry: fetch the next page
         ourselves (a bounded number of times) rather than hand out that name."""
-        ctx.redirects += 1
-        if ctx.redirects > MAX_HIDDEN_PAGES or ctx.decision is None:
+        ctx.pages += 1
+        if ctx.pages > MAX_HIDDEN_PAGES or ctx.decision is None:
             self.log.warn("listing {path}: {n} pages in a row hold nothing the caller may see; ending it there",
                           path=redact_url(ex.request.target), n=MAX_HIDDEN_PAGES)
             kept_fields = [(n, v) for n, v in fields if n.lower() not in (b"link", b"content-encoding")]
-            return ex.respond(200, kept_fields, with_names(body, key, []))
+            return ex.respond(200, kept_fields, with_names(data, key, []))
         ctx.decision.target = link_target
         self._send(ex, ctx)
 
