@@ -1,288 +1,493 @@
-"""The layer cache's store: blobs on local disk, once per digest, verified before anyone sees them.
+"""The layer cache as the proxy uses it: when to answer from disk, when to fill, when to go upstream.
 
-Blobs are immutable and named by their digest, so the store keys by digest alone: a layer
-pulled through fifty repositories is stored once. A blob arrives through a `Fill` (bytes are
-appended to a temporary file as they come from upstream and hashed on the way); it becomes
-visible only after its sha256 matches, by an atomic rename. Anything else (a mismatch, an
-interrupted transfer, a full disk) leaves nothing behind.
+Blobs and manifests named by digest are immutable, so once verified they are served from
+`blobstore.BlobStore` without asking the upstream again, but only to a repository the
+upstream has confirmed holds them. A miss streams from upstream into the store and every
+request for that blob meanwhile reads the same growing file (one upstream fetch). Tags move,
+so a manifest by tag is trusted for `tag_ttl` seconds, then revalidated with a HEAD; when
+the upstream cannot answer, the last known manifest is served for `stale_if_error` seconds.
 
-What a repository may be served from the cache is remembered separately: a blob is served
-for repository R only after the upstream confirmed once that R holds it (`confirm`), so the
-cache never shows across repositories what the upstream would not. Those pairs are appended
-to a log file and survive restarts, with the blobs.
-
-Nothing here speaks HTTP; `proxy.py` decides when to look and when to fill.
+`RegistryProxy` calls `lookup` once the gate has admitted a request, and hands back
+upstream answers for requests that `lookup` marked (`ctx.cache_op`).
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
+import json
 import os
-import re
-import secrets
-from collections import OrderedDict
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+
+from . import errors, routes
+from .blobstore import UNSATISFIABLE, BlobStore, Fill, Stat, parse_range
+from .http11 import LENGTH
+from .streaming import Exchange, Fields, UpstreamResponse
+
+if TYPE_CHECKING:
+    from .proxy import RegistryProxy, _Ctx
 
 log = Logger()
 
-_SHA256 = re.compile(r"sha256:([0-9a-f]{64})\Z")
-_RANGE = re.compile(rb"bytes=(\d*)-(\d*)\Z")
-UNSATISFIABLE = "unsatisfiable"
+HIT = (b"X-Cache", b"HIT")
+MISS = (b"X-Cache", b"MISS")
+STALE_WARNING = (b"Warning", b'110 - "Response is Stale"')
+_BLOB_FIELDS = (
+    (b"Content-Type", b"application/octet-stream"),
+    (b"Accept-Ranges", b"bytes"),
+    (b"Cache-Control", b"max-age=31536000"),
+    (b"Docker-Distribution-API-Version", b"registry/2.0"),
+)
+MAX_MANIFEST = 4 << 20  # ECR's own limit on a manifest's size
+FILL_STALL = 60.0  # seconds an upstream fill may make no progress before it is cut
+_GET_HEAD = frozenset({b"GET", b"HEAD"})
+
+# ctx.cache_op values: what an upstream answer means to the cache
+FILL = "fill"  # blob GET miss: store the body while serving it
+PROBE = "probe"  # HEAD upstream: does this repository hold a blob we have?
+MANIFEST = "manifest"  # manifest GET miss: read it, store it, answer it
+REVALIDATE = "revalidate"  # HEAD upstream: is this tag still that digest?
 
 
-def parse_range(value: bytes | None, size: int) -> tuple[int, int] | str | None:
-    """The one byte range (first, last inclusive) a `Range` header asks of `size` bytes.
+class TagEntry:
+    __slots__ = ("digest", "checked")
 
-    None: serve the whole blob (no header, a unit other than bytes, several ranges, or
-    nonsense, all of which RFC 9110 lets a server ignore). UNSATISFIABLE: answer 416."""
-    if value is None:
-        return None
-    m = _RANGE.match(value.strip())
-    if m is None:
-        return None
-    first, last = m.group(1), m.group(2)
-    if not first:
-        if not last:
-            return None
-        n = int(last)  # a suffix: the last n bytes
-        if n == 0 or size == 0:
-            return UNSATISFIABLE
-        return max(0, size - n), size - 1
-    start = int(first)
-    if last and int(last) < start:
-        return None
-    if start >= size:
-        return UNSATISFIABLE
-    return start, min(int(last), size - 1) if last else size - 1
-
-
-class Fill:
-    """One blob on its way into the store. `write` as bytes arrive, then `finish` or `abort`.
-
-    Followers (other requests for the same blob) read what is already in the temporary
-    file and are told about more with `on_progress` callbacks."""
-
-    __slots__ = ("store", "digest", "path", "_file", "_hash", "written", "state", "_listeners", "failed_reason")
-
-    def __init__(self, store: "BlobStore", digest: str, path: str) -> None:
-        self.store = store
+    def __init__(self, digest: str, checked: float) -> None:
         self.digest = digest
-        self.path = path
-        self._file: Any = open(path, "wb", buffering=0)
-        self._hash = hashlib.sha256()
-        self.written = 0
-        self.state = "filling"  # then "done", "failed"
-        self._listeners: list[Callable[["Fill"], None]] = []
-        self.failed_reason = ""
+        self.checked = checked  # when the upstream last said the tag is this digest
 
-    def on_progress(self, listener: Callable[["Fill"], None]) -> None:
-        self._listeners.append(listener)
 
-    def off_progress(self, listener: Callable[["Fill"], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+def _accept_key(ex: Exchange) -> bytes:
+    """A manifest by tag depends on what the client accepts (a list, or one platform's manifest)."""
+    return b",".join(v for ln, _, v in ex.request.fields if ln == b"accept")
 
-    def _tell(self) -> None:
-        for listener in list(self._listeners):
-            listener(self)
 
-    def write(self, data: bytes) -> None:
-        if self.state != "filling":
-            return
+class LayerCache:
+    """What the proxy caches and the counters it reports. One per process."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        clock: Any,
+        verify: Callable[[int, int], Deferred[str]],
+        *,
+        tag_ttl: float = 60.0,
+        stale_if_error: float = 86400.0,
+        every_time: bool = False,
+    ) -> None:
+        self.store = store
+        self.proxy: RegistryProxy  # set by the proxy that uses this cache
+        self.clock = clock
+        self.verify = verify  # hashes a stored file off the reactor thread
+        self.tag_ttl = tag_ttl
+        self.stale_if_error = stale_if_error
+        # --auth passthrough: each client's own credentials must be seen by the upstream,
+        # so every request is confirmed upstream (a HEAD) before a stored body is served
+        self.every_time = every_time
+        self.hits = {"blob": 0, "manifest": 0}
+        self.misses = {"blob": 0, "manifest": 0}
+        self.bytes = {"cache": 0, "upstream": 0}
+        self.stale = 0
+        self._waiting: dict[str, list[tuple[Exchange, "_Ctx"]]] = {}
+        self._tags: dict[tuple[str, str, bytes], TagEntry] = {}
+        self._tags_path = os.path.join(store.root, "tags")
+        self._load_tags()
+        self._tags_log: Any = open(self._tags_path, "a", encoding="utf-8")
+
+    # -- entry point
+    def lookup(self, ex: Exchange, ctx: "_Ctx") -> bool:
+        """Answer `ex` from the cache or arrange how its upstream answer is used. True if taken over."""
+        req = ex.request
+        m = ctx.match
+        assert m is not None and m.name is not None
+        if req.method not in _GET_HEAD or ctx.cache_tries > 2:
+            return False
+        ctx.cache_source = "upstream"
+        if ctx.kind == routes.BLOB:
+            assert m.digest is not None
+            return self._blob(ex, ctx, m.name, m.digest)
+        reference = m.reference or ""
+        if ":" in reference:
+            return self._manifest_by_digest(ex, ctx, m.name, reference)
+        return self._manifest_by_tag(ex, ctx, m.name, reference)
+
+    def _blob(self, ex: Exchange, ctx: "_Ctx", repo: str, digest: str) -> bool:
+        store = self.store
+        if not store.cacheable(digest):
+            return False
+        if store.has(digest) or store.filling(digest) is not None:
+            if not self.every_time and store.knows(repo, digest):
+                self._serve(ex, ctx, digest, "blob")
+                return True
+            ctx.cache_op = PROBE
+            ctx.method = b"HEAD"
+            return False
+        if ex.request.method == b"HEAD" or ex.request.get(b"range") is not None:
+            self.misses["blob"] += 1
+            return False  # nothing to store from these: straight through
+        waiting = self._waiting.get(digest)
+        if waiting is not None:
+            if ctx.cache_tries == 0:
+                ctx.cache_tries += 1
+                waiting.append((ex, ctx))
+                return True
+            return False  # a second round of waiting: go alone
+        self.misses["blob"] += 1
+        self._waiting[digest] = []
+        ctx.cache_op = FILL
+        return False
+
+    def _manifest_by_digest(self, ex: Exchange, ctx: "_Ctx", repo: str, digest: str) -> bool:
+        store = self.store
+        if not store.cacheable(digest):
+            return False
+        if store.has(digest) and store.media_type(digest) is not None:
+            if not self.every_time and store.knows(repo, digest):
+                self._serve(ex, ctx, digest, "manifest")
+                return True
+            ctx.cache_op = PROBE
+            ctx.method = b"HEAD"
+            return False
+        self.misses["manifest"] += 1
+        if ex.request.method == b"GET":
+            ctx.cache_op = MANIFEST
+        return False
+
+    def _manifest_by_tag(self, ex: Exchange, ctx: "_Ctx", repo: str, tag: str) -> bool:
+        key = (repo, tag, _accept_key(ex))
+        entry = self._tags.get(key)
+        ctx.tag_key = key
+        if entry is not None and self.store.has(entry.digest) and self.store.media_type(entry.digest) is not None:
+            if (
+                not self.every_time
+                and self.clock.seconds() - entry.checked < self.tag_ttl
+                and self.store.knows(repo, entry.digest)
+            ):
+                self._serve(ex, ctx, entry.digest, "manifest")
+                return True
+            ctx.cache_op = REVALIDATE
+            ctx.method = b"HEAD"
+            return False
+        self.misses["manifest"] += 1
+        if ex.request.method == b"GET":
+            ctx.cache_op = MANIFEST
+        return False
+
+    # -- upstream answers for marked requests
+    def answer(self, resp: UpstreamResponse, ex: Exchange, ctx: "_Ctx") -> bool:
+        """An upstream answer (not a redirect being followed) to a marked request. True if taken over."""
+        op = ctx.cache_op
+        status = resp.head.status
+        m = ctx.match
+        assert m is not None and m.name is not None
+        if op == FILL:
+            assert m.digest is not None
+            return self._fill(resp, ex, ctx, m.name, m.digest)
+        if op == PROBE:
+            digest = m.digest or m.reference or ""
+            resp.discard()
+            if status == 200 or status in (301, 302, 303, 307, 308):
+                self.store.confirm(m.name, digest)
+                self._serve(ex, ctx, digest, "blob" if ctx.kind == routes.BLOB else "manifest")
+            else:
+                self._plain(ex, ctx)  # let the client see the upstream's own answer
+            return True
+        if op == MANIFEST:
+            if status != 200:
+                return False
+            self._read_manifest(resp, ex, ctx)
+            return True
+        if op == REVALIDATE:
+            return self._revalidated(resp, ex, ctx)
+        return False
+
+    def upstream_failed(self, ex: Exchange, ctx: "_Ctx") -> bool:
+        """The upstream could not be asked (unreachable, timeout, no token): serve stale if allowed."""
+        if ctx.cache_op != REVALIDATE:
+            return False
+        return self._stale(ex, ctx)
+
+    def _plain(self, ex: Exchange, ctx: "_Ctx") -> None:
+        ctx.cache_op = None
+        ctx.method = None
+        self.proxy._send(ex, ctx)
+
+    # -- blobs: one fill per digest, everyone reads the growing file
+    def _fill(self, resp: UpstreamResponse, ex: Exchange, ctx: "_Ctx", repo: str, digest: str) -> bool:
+        head = resp.head
+        length = head.length if head.status == 200 and head.framing == LENGTH else None
+        fill = self.store.begin(digest, length) if length is not None else None
+        if fill is None:
+            self._release(digest)
+            return False  # relayed as it comes (an error, a full disk, a stored copy): no caching
         try:
-            self._file.write(data)
-        except OSError as e:
-            # a full disk must never break the pull: stop caching, keep streaming
-            self._fail("disk full" if e.errno == errno.ENOSPC else f"write failed: {e.strerror}")
-            return
-        self._hash.update(data)
-        self.written += len(data)
-        if self._listeners:
-            self._tell()
-
-    def finish(self) -> bool:
-        """The upstream body ended: keep the blob if it is what its digest says. True if kept."""
-        if self.state != "filling":
+            fd = os.open(fill.path, os.O_RDONLY | os.O_CLOEXEC)  # before any byte: the file may be done at once
+        except OSError:
+            fill.abort("cannot read the cache file back")
+            self._release(digest)
             return False
-        if "sha256:" + self._hash.hexdigest() != self.digest:
-            self.store.mismatches += 1
-            log.error("blob {digest} from upstream does not match its digest; not cached", digest=self.digest)
-            self._fail("digest mismatch")
-            return False
-        try:
-            self._file.close()
-            os.replace(self.path, self.store.path_of(self.digest))
-        except OSError as e:
-            self._fail(f"commit failed: {e.strerror}")
-            return False
-        self.state = "done"
-        self.store._committed(self)
-        self._tell()
+        self.store.confirm(repo, digest)
+        cut = resp.into(fill)
+        self._watch_fill(fill, cut, -1)
+        self._release(digest)
+        self._follow(ex, ctx, fill, digest, leader=True, fd=fd)
         return True
 
-    def abort(self, reason: str) -> None:
-        """The transfer was interrupted: leave nothing behind."""
-        if self.state == "filling":
-            self._fail(reason)
+    def _watch_fill(self, fill: Fill, cut: Callable[[], None], seen: int) -> None:
+        if fill.state != "filling":
+            return
+        if fill.written == seen:
+            log.warn("cache fill of {digest} stalled; cut", digest=fill.digest)
+            cut()
+            fill.abort("upstream stalled")
+            return
+        self.clock.callLater(FILL_STALL, self._watch_fill, fill, cut, fill.written)
 
-    def _fail(self, reason: str) -> None:
-        self.state = "failed"
-        self.failed_reason = reason
-        try:
-            self._file.close()
-        except OSError:
-            pass
-        try:
-            os.unlink(self.path)
-        except OSError:
-            pass
-        self.store._fill_ended(self)
-        self._tell()
-
-
-class BlobStore:
-    """Verified blobs under `root`, at most `max_bytes` of them, least recently used evicted first."""
-
-    def __init__(self, root: str, max_bytes: int) -> None:
-        self.root = root
-        self.max_bytes = max_bytes
-        self._blobs = os.path.join(root, "blobs", "sha256")
-        self._tmp = os.path.join(root, "tmp")
-        self._known_path = os.path.join(root, "known")
-        os.makedirs(self._blobs, exist_ok=True)
-        os.makedirs(self._tmp, exist_ok=True)
-        self._lru: OrderedDict[str, int] = OrderedDict()  # digest -> size, least recent first
-        self.size = 0
-        self._known: dict[str, set[str]] = {}  # digest -> repositories confirmed to hold it
-        self._fills: dict[str, Fill] = {}
-        self.evictions = 0
-        self.mismatches = 0
-        self._load()
-        self._known_log: Any = open(self._known_path, "a", encoding="ascii")
-
-    # -- start-up: partial files go, the index is rebuilt from the files themselves
-    def _load(self) -> None:
-        for name in os.listdir(self._tmp):
+    def _follow(
+        self, ex: Exchange, ctx: "_Ctx", fill: Fill, digest: str, leader: bool = False, fd: int | None = None
+    ) -> None:
+        if fd is None:
             try:
-                os.unlink(os.path.join(self._tmp, name))
-            except OSError:
-                pass
-        found = []
-        for name in os.listdir(self._blobs):
-            path = os.path.join(self._blobs, name)
-            if not re.fullmatch(r"[0-9a-f]{64}", name):
-                continue
-            st = os.stat(path)
-            found.append((st.st_mtime, "sha256:" + name, st.st_size))
-        for _, digest, size in sorted(found):
-            self._lru[digest] = size
-            self.size += size
-        try:
-            with open(self._known_path, encoding="ascii") as f:
-                for line in f:
-                    repo, _, digest = line.strip().partition(" ")
-                    if digest in self._lru:
-                        self._known.setdefault(digest, set()).add(repo)
-        except FileNotFoundError:
-            pass
-        # compact the log to the pairs whose blobs are still here
-        tmp = self._known_path + ".new"
-        with open(tmp, "w", encoding="ascii") as f:
-            for digest, repos in self._known.items():
-                f.writelines(f"{repo} {digest}\n" for repo in sorted(repos))
-        os.replace(tmp, self._known_path)
-        self._make_room(0)
+                fd = os.open(fill.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:  # a fill still in the store's table always has its file
+                ex.error = "cache fill vanished"
+                return ex.respond(502, list(errors.JSON_FIELDS), errors.envelope(errors.UPSTREAM_BROKEN))
+        size = fill.size or 0
+        fields = self._blob_fields(digest)
+        # the request that fetches is the miss; the ones reading along cost the upstream nothing
+        fields.append(MISS if leader else HIT)
+        ctx.cache_source = "upstream" if leader else "cache"
+        ex.respond_file(200, fields, fd, 0, size, size, fill)
+
+    def _release(self, digest: str) -> None:
+        """The leader's answer is in: requests that waited for it look again (and mostly follow the fill)."""
+        waiting = self._waiting.pop(digest, None)
+        for ex, ctx in waiting or ():
+            if not ex.gone:
+                self.proxy._resume(ex, ctx)
+
+    def leader_finished(self, ctx: "_Ctx") -> None:
+        if ctx.cache_op == FILL and ctx.match is not None and ctx.match.digest is not None:
+            self._release(ctx.match.digest)
+
+    # -- serving what is stored
+    def _serve(self, ex: Exchange, ctx: "_Ctx", digest: str, kind: str) -> None:
+        store = self.store
+        fill = store.filling(digest)
+        if fill is not None:
+            self.hits[kind] += 1
+            return self._follow(ex, ctx, fill, digest)
+        opened = store.open(digest)
+        if opened is None:
+            return self._gone_from_disk(ex, ctx)
+        fd, stat = opened
+        if store.trusted(digest, stat):
+            return self._send(ex, ctx, digest, kind, fd, stat.size)
+        d = self.verify(fd, stat.size)
+        d.addCallback(self._checked, ex, ctx, digest, kind, fd, stat)
+        d.addErrback(self._check_failed, ex, ctx, fd)
+
+    def _checked(self, got: str, ex: Exchange, ctx: "_Ctx", digest: str, kind: str, fd: int, stat: Stat) -> None:
+        ok = got == digest
+        self.store.verified(digest, stat, ok)
+        if ok and not ex.gone:
+            return self._send(ex, ctx, digest, kind, fd, stat.size)
+        os.close(fd)
+        if not ex.gone:
+            self._gone_from_disk(ex, ctx)
+
+    def _check_failed(self, reason: Any, ex: Exchange, ctx: "_Ctx", fd: int) -> None:
+        log.failure("verifying a cached file failed", reason)
+        os.close(fd)
+        if not ex.gone:
+            ctx.cache_tries = 99  # straight upstream, no more cache for this one
+            self._gone_from_disk(ex, ctx)
+
+    def _gone_from_disk(self, ex: Exchange, ctx: "_Ctx") -> None:
+        """The stored copy is unusable (evicted by another worker, or corrupt): fetch it again."""
+        ctx.cache_op = None
+        ctx.method = None
+        ctx.cache_tries += 1
+        self.proxy._resume(ex, ctx)
+
+    def _send(self, ex: Exchange, ctx: "_Ctx", digest: str, kind: str, fd: int, size: int) -> None:
+        if ex.gone:
+            os.close(fd)
+            return
+        self.hits[kind] += 1
+        ctx.cache_source = "cache"
+        if kind == "manifest":
+            fields: Fields = [
+                (b"Content-Type", (self.store.media_type(digest) or "application/octet-stream").encode("latin-1")),
+                (b"Docker-Content-Digest", digest.encode("ascii")),
+                (b"ETag", b'"' + digest.encode("ascii") + b'"'),
+                (b"Docker-Distribution-API-Version", b"registry/2.0"),
+                HIT,
+            ]
+            if ctx.stale:
+                fields.append(STALE_WARNING)
+            return ex.respond_file(200, fields, fd, 0, size, size)
+        fields = self._blob_fields(digest)
+        fields.append(HIT)
+        wanted = parse_range(ex.request.get(b"range"), size)
+        if wanted is None:
+            return ex.respond_file(200, fields, fd, 0, size, size)
+        if wanted == UNSATISFIABLE:
+            os.close(fd)
+            out = list(errors.JSON_FIELDS)
+            out.append((b"Content-Range", b"bytes */%d" % size))
+            out.append(HIT)
+            return ex.respond(416, out, errors.envelope(errors.RANGE_INVALID))
+        first, last = wanted  # type: ignore[misc]
+        fields.append((b"Content-Range", b"bytes %d-%d/%d" % (first, last, size)))
+        ex.respond_file(206, fields, fd, first, last - first + 1, size)
 
     @staticmethod
-    def cacheable(digest: str) -> bool:
-        return _SHA256.match(digest) is not None
+    def _blob_fields(digest: str) -> Fields:
+        d = digest.encode("ascii")
+        fields = list(_BLOB_FIELDS)
+        fields.append((b"Docker-Content-Digest", d))
+        fields.append((b"ETag", b'"' + d + b'"'))
+        return fields
 
-    def path_of(self, digest: str) -> str:
-        return os.path.join(self._blobs, digest[7:])
+    # -- manifests
+    def _read_manifest(self, resp: UpstreamResponse, ex: Exchange, ctx: "_Ctx") -> None:
+        fields = self.proxy._response_fields(resp.head, ex, ctx)
+        media_type = resp.head.get(b"content-type")
+        announced = resp.head.get(b"docker-content-digest")
+        m = ctx.match
+        assert m is not None and m.name is not None
 
-    # -- lookups
-    def get(self, repository: str, digest: str) -> tuple[str, int] | None:
-        """(path, size) of a verified blob that `repository` is known to hold; marks it recently used."""
-        size = self._lru.get(digest)
-        if size is None or repository not in self._known.get(digest, ()):
-            return None
-        self._lru.move_to_end(digest)
-        return self.path_of(digest), size
+        def got(body: bytes) -> None:
+            if m.reference and ":" in m.reference:
+                digest = m.reference
+            elif announced:
+                digest = announced.decode("latin-1")
+            else:
+                digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            if media_type is not None and self.store.put(
+                digest, body, media_type.decode("latin-1")
+            ):
+                self.store.confirm(m.name, digest)
+                if ctx.tag_key is not None:
+                    self._remember_tag(ctx.tag_key, digest)
+            fields.append(MISS)
+            ex.respond(200, fields, body)
 
-    def has(self, digest: str) -> bool:
-        return digest in self._lru
+        d = resp.read(MAX_MANIFEST, self.proxy.config.request_timeout)
+        d.addCallback(got)
+        d.addErrback(self.proxy._upstream_failed, ex, ctx)
+        d.addErrback(self.proxy._bug, ex)
 
-    def knows(self, repository: str, digest: str) -> bool:
-        return repository in self._known.get(digest, ())
+    def _revalidated(self, resp: UpstreamResponse, ex: Exchange, ctx: "_Ctx") -> bool:
+        status = resp.head.status
+        entry = self._tags.get(ctx.tag_key) if ctx.tag_key is not None else None
+        resp.discard()
+        if entry is not None and status >= 500:
+            if self._stale(ex, ctx):
+                return True
+        elif entry is not None and status == 200:
+            announced = resp.head.get(b"docker-content-digest")
+            if announced is not None and announced.decode("latin-1") == entry.digest:
+                entry.checked = self.clock.seconds()
+                assert ctx.match is not None and ctx.match.name is not None
+                self.store.confirm(ctx.match.name, entry.digest)
+                self._serve(ex, ctx, entry.digest, "manifest")
+                return True
+        # moved, gone or refused: the upstream's own answer to the client's own request
+        self.misses["manifest"] += 1
+        ctx.method = None
+        ctx.cache_op = MANIFEST if ex.request.method == b"GET" and status == 200 else None
+        self.proxy._send(ex, ctx)
+        return True
 
-    def confirm(self, repository: str, digest: str) -> None:
-        """The upstream showed that `repository` holds `digest` (it answered 200 for it)."""
-        repos = self._known.setdefault(digest, set())
-        if repository not in repos:
-            repos.add(repository)
-            self._known_log.write(f"{repository} {digest}\n")
-            self._known_log.flush()
+    def _stale(self, ex: Exchange, ctx: "_Ctx") -> bool:
+        entry = self._tags.get(ctx.tag_key) if ctx.tag_key is not None else None
+        if entry is None or self.every_time or self.clock.seconds() - entry.checked > self.stale_if_error:
+            return False
+        if not self.store.has(entry.digest):
+            return False
+        self.stale += 1
+        ctx.stale = True
+        log.warn("upstream unavailable: serving a stale manifest for {repo}:{tag}",
+                 repo=ctx.tag_key[0], tag=ctx.tag_key[1])
+        self._serve(ex, ctx, entry.digest, "manifest")
+        return True
 
-    # -- filling
-    def filling(self, digest: str) -> Fill | None:
-        return self._fills.get(digest)
-
-    def begin(self, digest: str, expected_size: int | None = None) -> Fill | None:
-        """Start storing `digest`; None when it is stored already, being stored, or cannot be."""
-        if not self.cacheable(digest) or digest in self._lru or digest in self._fills:
-            return None
-        if expected_size is not None:
-            if expected_size > self.max_bytes:
-                return None
-            self._make_room(expected_size)
-        path = os.path.join(self._tmp, secrets.token_hex(8))
+    # -- tags survive restarts, so a restart while ECR is down still serves
+    def _remember_tag(self, key: tuple[str, str, bytes], digest: str) -> None:
+        now = self.clock.seconds()
+        entry = self._tags.get(key)
+        if entry is not None and entry.digest == digest:
+            entry.checked = now
+            return
+        self._tags[key] = TagEntry(digest, now)
+        line = json.dumps([key[0], key[1], key[2].decode("latin-1"), digest, now])
         try:
-            fill = Fill(self, digest, path)
+            self._tags_log.write(line + "\n")
+            self._tags_log.flush()
         except OSError as e:
-            log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
-            return None
-        self._fills[digest] = fill
-        return fill
+            log.warn("cannot record a tag in the cache: {error}", error=e.strerror)
 
-    def _fill_ended(self, fill: Fill) -> None:
-        if self._fills.get(fill.digest) is fill:
-            del self._fills[fill.digest]
-
-    def _committed(self, fill: Fill) -> None:
-        self._fill_ended(fill)
-        self._lru[fill.digest] = fill.written
-        self.size += fill.written
-        self._make_room(0)
-
-    # -- eviction
-    def _make_room(self, incoming: int) -> None:
-        while self._lru and self.size + incoming > self.max_bytes:
-            digest, size = self._lru.popitem(last=False)
-            self.size -= size
-            self.evictions += 1
+    def _load_tags(self) -> None:
+        try:
+            with open(self._tags_path, encoding="utf-8") as f:
+                lines = f.readlines()
+        except FileNotFoundError:
+            return
+        for line in lines:
             try:
-                os.unlink(self.path_of(digest))
-            except FileNotFoundError:
-                pass
-            # pairs of evicted blobs are dropped from memory; the log keeps growing until
-            # compacted at the next start (only pairs of blobs present are read back)
-            self._known.pop(digest, None)
+                repo, tag, accept, digest, checked = json.loads(line)
+            except (ValueError, TypeError):
+                continue  # a torn last line
+            if self.store.has(digest):
+                self._tags[(repo, tag, accept.encode("latin-1"))] = TagEntry(digest, float(checked))
+        tmp = self._tags_path + ".new"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for (repo, tag, accept), entry in self._tags.items():
+                f.write(json.dumps([repo, tag, accept.decode("latin-1"), entry.digest, entry.checked]) + "\n")
+        os.replace(tmp, self._tags_path)
 
-    def remove(self, digest: str) -> None:
-        """Forget a blob found corrupt on disk (it will be fetched again)."""
-        size = self._lru.pop(digest, None)
-        self._known.pop(digest, None)
-        if size is not None:
-            self.size -= size
-            try:
-                os.unlink(self.path_of(digest))
-            except FileNotFoundError:
-                pass
+    def count_bytes(self, source: str, n: int) -> None:
+        self.bytes[source] += n
 
     def close(self) -> None:
-        for fill in list(self._fills.values()):
-            fill.abort("shutting down")
-        self._known_log.close()
+        self.store.close()
+        self._tags_log.close()
+
+
+class CacheCollector:
+    """The cache's counters, read at scrape time: nothing on the hot path touches Prometheus."""
+
+    def __init__(self, cache: LayerCache) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterable[Any]:
+        cache, store = self.cache, self.cache.store
+        hits = CounterMetricFamily("ecrproxy_cache_hits", "Requests answered from the cache", labels=["kind"])
+        misses = CounterMetricFamily("ecrproxy_cache_misses", "Cacheable requests that went upstream", labels=["kind"])
+        for kind in ("blob", "manifest"):
+            hits.add_metric([kind], cache.hits[kind])
+            misses.add_metric([kind], cache.misses[kind])
+        served = CounterMetricFamily(
+            "ecrproxy_cache_bytes", "Blob and manifest body bytes sent to clients, by where they came from",
+            labels=["source"],
+        )
+        for source in ("cache", "upstream"):
+            served.add_metric([source], cache.bytes[source])
+        yield hits
+        yield misses
+        yield served
+        yield CounterMetricFamily("ecrproxy_cache_evictions", "Blobs evicted to stay under --cache-size",
+                                  value=store.evictions)
+        yield CounterMetricFamily("ecrproxy_cache_digest_mismatches",
+                                  "Blobs from upstream or on disk that did not match their digest", value=store.mismatches)
+        yield CounterMetricFamily("ecrproxy_cache_stale",
+                                  "Manifests served stale because the upstream could not revalidate them",
+                                  value=cache.stale)
+        yield CounterMetricFamily("ecrproxy_cache_disk_full", "Blobs streamed without caching for lack of disk space",
+                                  value=store.disk_full)
+        yield GaugeMetricFamily("ecrproxy_cache_size_bytes", "Bytes of verified blobs in the cache", value=store.size)

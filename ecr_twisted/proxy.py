@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred
 
 from . import errors, routes
 from .access import GO, Decision, Gate, read_listing, with_names
+from .cache import FILL, MISS, REVALIDATE, LayerCache
 from .errors import RegistryError
 from .http11 import Head
 from .metrics import Metrics
@@ -78,6 +79,7 @@ class ProxyConfig:
     passthrough: bool = False  # --auth passthrough: clients' own ECR credentials go upstream
 
 
+_CACHEABLE = frozenset({routes.BLOB, routes.MANIFEST})
 MAX_LISTING = 8 << 20  # tags/list and _catalog bodies the policy filters are read whole: bounded
 _LISTING_KEYS = {routes.TAGS: "tags", routes.CATALOG: "repositories"}
 MAX_HIDDEN_PAGES = 16
@@ -110,7 +112,7 @@ class _Ctx:
 
     __slots__ = (
         "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "pages", "timeout", "target",
-        "decision",
+        "decision", "method", "cache_op", "cache_tries", "cache_source", "tag_key", "stale",
     )
 
     def __init__(self, kind: str) -> None:
@@ -126,6 +128,12 @@ class _Ctx:
         self.timeout = 60.0
         self.target = "registry"
         self.decision: Decision | None = None
+        self.method: bytes | None = None  # sent upstream instead of the client's (a cache's HEAD)
+        self.cache_op: str | None = None  # what the cache makes of the upstream answer (cache.FILL, ...)
+        self.cache_tries = 0
+        self.cache_source: str | None = None  # "cache" or "upstream" for cacheable requests
+        self.tag_key: tuple[str, str, bytes] | None = None
+        self.stale = False
 
 
 def _rewriter(upstream: Origin, public: bytes) -> tuple[tuple[bytes, ...], bytes]:
@@ -155,10 +163,21 @@ class RegistryProxy:
 
     log = Logger()
 
-    def __init__(self, config: ProxyConfig, tokens: TokenKeeper | None, metrics: Metrics, clock: Any, gate: Gate) -> None:
+    def __init__(
+        self,
+        config: ProxyConfig,
+        tokens: TokenKeeper | None,
+        metrics: Metrics,
+        clock: Any,
+        gate: Gate,
+        cache: LayerCache | None = None,
+    ) -> None:
         self.config = config
         self.tokens = tokens
         self.gate = gate
+        self.cache = cache
+        if cache is not None:
+            cache.proxy = self
         self.metrics = metrics
         self.clock = clock
         self._token_origin: tuple[str, Origin] | None = None
@@ -197,6 +216,21 @@ class RegistryProxy:
         if ex.gone:
             return
         ctx.decision = decision
+        if self.cache is not None and ctx.kind in _CACHEABLE and self.cache.lookup(ex, ctx):
+            return
+        self._go_upstream(ex, ctx)
+
+    def _resume(self, ex: Exchange, ctx: _Ctx) -> None:
+        """The cache sends a request it held (or could not serve) on its way again."""
+        if ex.gone:
+            return
+        if self.cache is not None and self.cache.lookup(ex, ctx):
+            return
+        self._go_upstream(ex, ctx)
+
+    def _go_upstream(self, ex: Exchange, ctx: _Ctx) -> None:
+        decision = ctx.decision
+        assert decision is not None
         if self.config.passthrough:
             origin = self.config.upstream
             assert origin is not None
@@ -204,6 +238,8 @@ class RegistryProxy:
             assert self.tokens is not None
             token = self.tokens.token_for_request()
             if token is None:
+                if ctx.cache_op == REVALIDATE and self.cache is not None and self.cache.upstream_failed(ex, ctx):
+                    return
                 return self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
             try:
                 origin = self._origin(token)
@@ -267,16 +303,23 @@ class RegistryProxy:
         status = ex.status or 499  # 499: the client left before any response
         duration = self.clock.seconds() - ex.started
         self.metrics.observe_request(ex.request.method, kind, status, duration, ex.bytes_in, ex.bytes_out)
+        if ctx is not None and ctx.cache_source is not None:
+            cache = self.cache
+            assert cache is not None
+            cache.count_bytes(ctx.cache_source, ex.bytes_out)
+            if ctx.cache_op == FILL:
+                cache.leader_finished(ctx)
         if ex.error is not None and ex.status:
             self.metrics.upstream_errors.labels("aborted").inc()
         self.log.info(
-            "{method} {target} {status} {bytes_out} {duration:.3f}s upstream={upstream}{error}",
+            "{method} {target} {status} {bytes_out} {duration:.3f}s upstream={upstream}{cache}{error}",
             method=ex.request.method.decode("ascii"),
             target=redact_target(ex.request.target),
             status=status,
             bytes_out=ex.bytes_out,
             duration=duration,
             upstream=ex.upstream_status or "-",
+            cache=f" cache={ctx.cache_source}" if ctx is not None and ctx.cache_source is not None else "",
             error=f" error={ex.error!r}" if ex.error else "",
         )
 
@@ -302,7 +345,7 @@ class RegistryProxy:
         elif ctx.decision.forward_auth is not None:
             fields.append((b"Authorization", ctx.decision.forward_auth))
         target = ctx.decision.target or req.target
-        d = ex.forward(ctx.origin, req.method, target, fields, ctx.timeout)
+        d = ex.forward(ctx.origin, ctx.method or req.method, target, fields, ctx.timeout)
         d.addCallbacks(self._registry_response, self._upstream_failed, (ex, ctx), None, (ex, ctx))
         d.addErrback(self._bug, ex)
 
@@ -318,17 +361,25 @@ class RegistryProxy:
         listing = ctx.decision.listing if ctx.decision is not None else None
         if listing is not None and status == 200:
             return self._filter_listing(resp, ex, ctx, listing)
+        op = ctx.cache_op
+        if op is not None and not (op == FILL and status in REDIRECTS):
+            assert self.cache is not None
+            if self.cache.answer(resp, ex, ctx):
+                return
         if (
             status in REDIRECTS
             and ctx.kind == routes.BLOB
-            and self.config.blob_mode == "stream"
+            and (self.config.blob_mode == "stream" or op == FILL)  # a blob to cache is fetched here
             and ex.request.method in (b"GET", b"HEAD")
         ):
             location = head.get(b"location")
             if location:
                 resp.discard()
                 return self._follow(ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1")))
-        resp.relay(status, self._response_fields(head, ex, ctx))
+        fields = self._response_fields(head, ex, ctx)
+        if ctx.cache_source is not None:
+            fields.append(MISS)
+        resp.relay(status, fields)
 
     def _filter_listing(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx, listing: Any) -> None:
         """tags/list and _catalog show only what the caller may pull: read (bounded), filter, answer."""
@@ -433,6 +484,10 @@ class RegistryProxy:
             if location:
                 resp.discard()
                 return self._follow(ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1")))
+        if status == 200 and ctx.cache_op == FILL:
+            assert self.cache is not None
+            if self.cache.answer(resp, ex, ctx):
+                return
         if status in (200, 206, 304):
             fields = [
                 (n, v)
@@ -441,6 +496,8 @@ class RegistryProxy:
             ]
             if head.get(b"docker-content-digest") is None and ctx.match is not None and ctx.match.digest:
                 fields.append((b"Docker-Content-Digest", ctx.match.digest.encode("ascii")))
+            if ctx.cache_source is not None:
+                fields.append(MISS)
             return resp.relay(status, fields)
         # Storage error bodies can quote the signed request: never pass them on.
         resp.discard()
@@ -457,6 +514,8 @@ class RegistryProxy:
             return self._bug(reason, ex)
         if ex.gone:
             return  # the client left; nothing failed upstream
+        if ctx.cache_op == REVALIDATE and self.cache is not None and self.cache.upstream_failed(ex, ctx):
+            return
         if ex.error is None:
             ex.error = f"{ctx.target} {err}"
         self.metrics.upstream_errors.labels(err.kind).inc()

@@ -11,6 +11,7 @@ as the other's producer so a slow side pauses the fast one. Framing headers
 
 from __future__ import annotations
 
+import os
 from collections import deque
 from typing import Any, Callable, Protocol as TypingProtocol
 from urllib.parse import urlsplit
@@ -186,7 +187,7 @@ class Limits:
 # upstream side
 
 
-_U_IDLE, _U_HEAD, _U_HOLD, _U_RELAY, _U_DRAIN, _U_COLLECT = range(6)
+_U_IDLE, _U_HEAD, _U_HOLD, _U_RELAY, _U_DRAIN, _U_COLLECT, _U_SINK = range(7)
 _DRAIN_TIMEOUT = 30.0  # a discarded body that stalls must not hold a pool place
 _MAX_DRAIN = 1 << 20  # discarded bodies beyond this are cheaper to cut than to read
 _SENDS_BODY = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -213,6 +214,7 @@ class UpstreamConnection(Protocol):
         self.connected_ = False
         self.counted = True  # holds one of the pool's per-origin places until lost
         self._collect: tuple[Deferred[bytes], list[bytes], int] | None = None
+        self._sink: Sink | None = None
 
     def connectionMade(self) -> None:
         self.connected_ = True
@@ -243,6 +245,8 @@ class UpstreamConnection(Protocol):
             if reader.done:
                 self._body_done(n < len(data))
             return
+        if mode == _U_SINK:
+            return self._sink_data(data)
         if mode == _U_HEAD:
             self._got_bytes = True
             self._buf = self._buf + data if self._buf else data
@@ -361,6 +365,50 @@ class UpstreamConnection(Protocol):
             self.transport.resumeProducing()
         return d
 
+    def sink(self, sink: "Sink") -> None:
+        """Hand the held body to `sink` instead of a client; the exchange no longer owns this connection."""
+        reader = self._reader
+        assert reader is not None
+        self._attempt = None
+        self._sink = sink
+        self._mode = _U_SINK
+        reader.dechunk_on()
+        buf, self._buf = self._buf, b""
+        if reader.done:
+            self._sink_done(bool(buf))
+            return
+        if buf:
+            self._sink_data(buf)
+        if self._mode == _U_SINK:
+            self.transport.resumeProducing()
+
+    def _sink_data(self, data: bytes) -> None:
+        reader = self._reader
+        sink = self._sink
+        assert reader is not None and sink is not None
+        try:
+            n = reader.feed(data)
+        except BadMessage:
+            self._sink = None
+            self._mode = _U_IDLE
+            self.abort()
+            sink.abort("invalid body framing from upstream")
+            return
+        if reader.framing == CHUNKED:
+            for part in reader.payload:
+                sink.write(part)
+            reader.payload.clear()
+        elif n:
+            sink.write(data if n == len(data) else data[:n])
+        if reader.done and self._sink is sink:
+            self._sink_done(n < len(data))
+
+    def _sink_done(self, extra: bool) -> None:
+        sink, self._sink = self._sink, None
+        self._body_done(extra)
+        if sink is not None:
+            sink.finish()
+
     def _collect_data(self, data: bytes) -> None:
         reader = self._reader
         assert self._collect is not None and reader is not None
@@ -443,6 +491,14 @@ class UpstreamConnection(Protocol):
         attempt = self._attempt
         self._attempt = None
         self.pool._lost(self)
+        if mode == _U_SINK:
+            sink, self._sink = self._sink, None
+            if sink is not None:
+                if self._reader.framing == UNTIL_CLOSE and reason.check(ierror.ConnectionDone):
+                    sink.finish()
+                else:
+                    sink.abort("upstream closed mid-body")
+            return
         if attempt is None:
             return
         if mode == _U_HEAD:
@@ -601,6 +657,165 @@ class UpstreamResponse:
         """The whole body, for small bodies the proxy must edit (listings); bigger ones fail."""
         return self._conn.collect(limit, timeout)
 
+    def into(self, sink: "Sink") -> Callable[[], None]:
+        """Send the (de-chunked) body to `sink` rather than the client, e.g. into the cache,
+        whatever becomes of the exchange. Returns a function that cuts the transfer."""
+        conn = self._conn
+        if conn._attempt is not self._attempt:
+            sink.abort("upstream closed before the body")
+            return lambda: None
+        conn.sink(sink)
+        return conn.abort
+
+
+class Sink(TypingProtocol):
+    """Where `UpstreamResponse.into` puts a body: `cache.Fill` is one."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> Any: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
+class Source(TypingProtocol):
+    """A file still being written (a `cache.Fill`): how much is there, and news of more."""
+
+    written: int
+    state: str  # "filling", then "done" or "failed"
+
+    def on_progress(self, listener: Callable[[Any], None]) -> None: ...
+
+    def off_progress(self, listener: Callable[[Any], None]) -> None: ...
+
+
+_FILE_TURN = 8 << 20  # bytes sent from a file before letting other connections have the reactor
+
+
+@implementer(IPushProducer)
+class _FileSender:
+    """Sends bytes [pos, end) of an open file to an exchange's client as fast as it reads them.
+
+    With a `source` (a file still being written) it sends what is there and waits for more;
+    the blob's last byte waits until the source is done (verified), so a body that fails
+    verification never reaches a client whole."""
+
+    __slots__ = ("ex", "fd", "pos", "end", "size", "source", "paused", "busy", "later")
+
+    def __init__(self, ex: "Exchange", fd: int, pos: int, end: int, size: int, source: Source | None) -> None:
+        self.ex: Exchange | None = ex
+        self.fd = fd
+        self.pos = pos
+        self.end = end
+        self.size = size
+        self.source = source
+        self.paused = False
+        self.busy = False
+        self.later: Any = None
+
+    def start(self) -> None:
+        ex = self.ex
+        assert ex is not None
+        ex.conn.transport.registerProducer(self, True)
+        if self.source is not None:
+            self.source.on_progress(self._progress)
+        ex._arm_watch()
+        self.pump()
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.pump()
+
+    def stopProducing(self) -> None:
+        self.close()
+
+    def _progress(self, source: Any) -> None:
+        if not self.paused:
+            self.pump()
+
+    def _again(self) -> None:
+        self.later = None
+        self.pump()
+
+    def pump(self) -> None:
+        if self.busy or self.later is not None:
+            return
+        self.busy = True
+        try:
+            self._pump()
+        finally:
+            self.busy = False
+
+    def _pump(self) -> None:
+        budget = _FILE_TURN
+        while not self.paused:
+            ex = self.ex
+            if ex is None:
+                return
+            limit = self.end
+            source = self.source
+            if source is not None:
+                if source.state == "done":
+                    source.off_progress(self._progress)
+                    self.source = source = None
+                elif source.state == "failed":
+                    return self._abort("cache fill failed")
+                else:
+                    limit = min(limit, source.written, self.size - 1)
+            if self.pos >= limit:
+                if self.pos >= self.end:
+                    return self._done()
+                return  # wait for the source
+            try:
+                data = os.pread(self.fd, min(READ_SIZE, limit - self.pos), self.pos)
+            except OSError:
+                data = b""
+            if not data:
+                return self._abort("cached file shorter than expected")
+            self.pos += len(data)
+            ex.bytes_out += len(data)
+            ex.conn.send_body(data)
+            budget -= len(data)
+            if budget <= 0:
+                self.later = ex.conn.reactor.callLater(0, self._again)
+                return
+
+    def _done(self) -> None:
+        ex = self.ex
+        self.close()
+        if ex is not None and not ex._gone:
+            ex.conn.transport.unregisterProducer()
+            ex._response_finished()
+
+    def _abort(self, reason: str) -> None:
+        ex = self.ex
+        self.close()
+        if ex is not None and not ex._gone:
+            ex.error = ex.error or reason
+            ex.conn.transport.unregisterProducer()
+            ex._abort_client()
+
+    def close(self) -> None:
+        ex, self.ex = self.ex, None
+        if ex is None:
+            return
+        if ex._sender is self:
+            ex._sender = None
+        if self.later is not None:
+            if self.later.active():
+                self.later.cancel()
+            self.later = None
+        if self.source is not None:
+            self.source.off_progress(self._progress)
+            self.source = None
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
 
 class _OneConnection(Factory):
     """Hands out one prepared protocol; quiet, unlike connectProtocol's factory which logs every connection."""
@@ -735,7 +950,7 @@ class Exchange:
         "conn", "request", "started", "status", "upstream_status", "bytes_in", "bytes_out",
         "error", "ctx", "_dechunk", "_pending", "_body_complete", "_body_sent", "_upstream",
         "_attempt", "_relaying", "_responded", "_done", "_gone", "_keep", "_watch", "_moved",
-        "_expect_continue", "_is_head", "_pending_size",
+        "_expect_continue", "_is_head", "_pending_size", "_sender",
     )
 
     def __init__(self, conn: "ClientConnection", request: Head, started: float) -> None:
@@ -763,6 +978,7 @@ class Exchange:
         self._watch: Any = None
         self._moved = -1
         self._is_head = request.method == b"HEAD"
+        self._sender: _FileSender | None = None
         expect = request.get(b"expect")
         self._expect_continue = (
             expect is not None and expect.lower() == b"100-continue" and request.version == b"1.1"
@@ -823,6 +1039,27 @@ class Exchange:
             self.conn.transport.write(body)
             self.bytes_out += len(body)
         self._response_finished()
+
+    def respond_file(
+        self, status: int, fields: Fields, fd: int, first: int, length: int, size: int, source: Source | None = None
+    ) -> None:
+        """Answer with `length` bytes of the open file `fd` from offset `first` (`fd` is taken over
+        and closed). `size` is the whole file's; with `source`, the file is still being written."""
+        if self._gone or self._responded:
+            os.close(fd)
+            return
+        self._cancel_attempt()
+        fake = Head()
+        fake.framing = LENGTH
+        fake.length = length
+        fake.fields = [(b"content-length", b"Content-Length", b"%d" % length)]
+        self._start_response(status, fields, fake)
+        if self._is_head or length == 0:
+            os.close(fd)
+            self._response_finished()
+            return
+        sender = self._sender = _FileSender(self, fd, first, first + length, size, source)
+        sender.start()
 
     # -- internals: request body
     def _attach_body(self, up: UpstreamConnection) -> None:
@@ -956,6 +1193,8 @@ class Exchange:
         if self.error is None and not self._done:
             self.error = "client disconnected"
         self._disarm_watch()
+        if self._sender is not None:
+            self._sender.close()
         self._cancel_attempt(UpstreamError("closed", "client left"))
         for up in (self._upstream, self._relaying):
             if up is not None:
@@ -997,6 +1236,8 @@ class Exchange:
             self._arm_watch()
             return
         self.error = "idle timeout"
+        if self._sender is not None:
+            self._sender.close()
         for up in (self._upstream, self._relaying):
             if up is not None:
                 up._attempt = None

@@ -14,12 +14,15 @@ from urllib.parse import urlsplit
 from prometheus_client import CollectorRegistry
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
-from twisted.internet import endpoints
+from twisted.internet import endpoints, threads
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
 from .access import MODES, AccessConfig, AccessMetrics, Gate
+from .blobstore import BlobStore, hash_file
+from .cache import CacheCollector, LayerCache
 from .auth import Htpasswd, LoginThrottle, TokenIssuer, WebhookAuthorizer, http_post, load_or_create_key
 from .metrics import Metrics
 from .policy import PRESETS, FixedPolicy, Policy, PolicyError, PolicyFile
@@ -82,6 +85,10 @@ class Options(usage.Options):
         ["auth-webhook-ttl", None, 60.0, "--auth webhook: seconds an answer is remembered.", float],
         ["auth-webhook-timeout", None, 5.0, "--auth webhook: seconds to wait for an answer (then deny).", float],
         ["workers", None, 1, "Processes serving the listeners (this one and N-1 children); tcp:/unix: listeners.", int],
+        ["cache-dir", None, None, "Keep pulled blobs and manifests here and serve them from disk (off without it)."],
+        ["cache-size", None, "50GiB", "Most the cache may hold (e.g. 50GiB, 512MiB, 10G); least recently used blobs go first."],
+        ["tag-ttl", None, 60.0, "Seconds a cached manifest by tag is served before it is revalidated upstream.", float],
+        ["stale-if-error", None, 86400.0, "Seconds a manifest by tag may be served stale while the upstream cannot answer.", float],
     ]
 
     compData = usage.Completions(
@@ -185,6 +192,25 @@ class Options(usage.Options):
                 if not (spec.isdigit() or spec.split(":", 1)[0] in ("tcp", "tcp6", "ssl", "unix")):
                     raise usage.UsageError(f"--port {spec!r}: --workers needs tcp:, tcp6:, ssl: or unix: listeners")
         self["metrics-endpoint"] = _endpoint(reactor, "metrics-port", self["metrics-port"]) if self["metrics-port"] else None
+        self._cache_options()
+
+    def _cache_options(self) -> None:
+        try:
+            self["cache-bytes"] = parse_size(str(self["cache-size"]))
+        except ValueError as e:
+            raise usage.UsageError(f"--cache-size: {e}") from None
+        for name in ("tag-ttl", "stale-if-error"):
+            if not self[name] >= 0:
+                raise usage.UsageError(f"--{name} must be zero or a positive number of seconds")
+        where = self["cache-dir"]
+        if not where:
+            return
+        try:
+            os.makedirs(where, exist_ok=True)
+        except OSError as e:
+            raise usage.UsageError(f"--cache-dir {where}: {e.strerror}") from None
+        if not os.access(where, os.W_OK | os.X_OK):
+            raise usage.UsageError(f"--cache-dir {where}: not writable")
 
     def _auth_options(self) -> None:
         mode = self["auth"]
@@ -270,6 +296,22 @@ class Options(usage.Options):
         return endpoint, self.get("tls-options") is not None
 
 
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b?|b?)\s*\Z", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+
+
+def parse_size(value: str) -> int:
+    """Bytes in '50GiB', '512MiB', '10G', '1.5T' or '1048576' (K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024)."""
+    m = _SIZE.match(value)
+    if m is None:
+        raise ValueError(f"not a size: {value!r} (e.g. 50GiB, 512MiB, 10G)")
+    unit = m.group(2).lower().rstrip("b")
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size < 1 << 20:
+        raise ValueError(f"{value!r} is under 1 MiB: too small to cache layers")
+    return size
+
+
 def _endpoint(reactor: Any, option: str, spec: str) -> Any:
     if spec.isdigit():
         spec = "tcp:" + spec
@@ -336,6 +378,52 @@ def build_gate(options: Options, reactor: Any, metrics: Metrics) -> Gate:
     return Gate(config, policy, reactor, gate_metrics, htpasswd, issuer, webhook, LoginThrottle())
 
 
+class _CacheService(service.Service):
+    """Keeps one process's view of a cache directory shared with other workers current."""
+
+    log = Logger()
+    RESCAN = 30.0
+
+    def __init__(self, cache: LayerCache, reactor: Any) -> None:
+        self.cache = cache
+        self.loop = LoopingCall(self._rescan)
+        self.loop.clock = reactor
+
+    def _rescan(self) -> None:
+        try:
+            self.cache.store.rescan()
+        except Exception:
+            self.log.failure("cache rescan failed (will try again)")
+
+    def startService(self) -> None:
+        super().startService()
+        self.loop.start(self.RESCAN, now=False)
+
+    def stopService(self) -> Any:
+        if self.loop.running:
+            self.loop.stop()
+        self.cache.close()
+        return super().stopService()
+
+
+def build_cache(options: Options, reactor: Any) -> LayerCache | None:
+    if not options["cache-dir"]:
+        return None
+    store = BlobStore(options["cache-dir"], options["cache-bytes"])
+
+    def verify(fd: int, size: int) -> Any:
+        return threads.deferToThreadPool(reactor, reactor.getThreadPool(), hash_file, fd, size)
+
+    return LayerCache(
+        store,
+        reactor,
+        verify,
+        tag_ttl=options["tag-ttl"],
+        stale_if_error=options["stale-if-error"],
+        every_time=options["auth"] == "passthrough",
+    )
+
+
 class _TokenService(service.Service):
     log = Logger()
 
@@ -399,7 +487,13 @@ def build(options: Options, reactor: Any) -> Built:
         passthrough=passthrough,
     )
     gate = build_gate(options, reactor, metrics)
-    handler = RegistryProxy(config, None if passthrough else keeper, metrics, reactor, gate)  # type: ignore[arg-type]
+    cache = build_cache(options, reactor)
+    if cache is not None:
+        registry.register(CacheCollector(cache))  # type: ignore[arg-type]
+        _CacheService(cache, reactor).setServiceParent(top)
+    handler = RegistryProxy(
+        config, None if passthrough else keeper, metrics, reactor, gate, cache  # type: ignore[arg-type]
+    )
     limits = Limits(idle_timeout=options["idle-timeout"])
 
     def bad_request(e: Any) -> None:

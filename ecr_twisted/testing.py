@@ -17,6 +17,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
 from .access import AccessConfig, AccessMetrics, Gate
+from .blobstore import BlobStore, hash_file
+from .cache import CacheCollector, LayerCache
 from .metrics import Metrics
 from .policy import FixedPolicy, Policy
 from .proxy import ProxyConfig, RegistryProxy
@@ -156,6 +158,11 @@ def write_htpasswd(path: str, users: dict[str, str], cost: int = 4) -> None:
     os.replace(tmp, path)
 
 
+def synchronous_verify(fd: int, size: int) -> Deferred[str]:
+    """The cache's file check on the test's thread (the real one runs in the reactor's thread pool)."""
+    return succeed(hash_file(fd, size))
+
+
 class Harness:
     """A whole proxy (handler, pool, relay) on a MemoryReactorClock, with helpers to play both peers."""
 
@@ -164,6 +171,10 @@ class Harness:
         config: ProxyConfig | None = None,
         token: Token | None = None,
         gate: Callable[["Harness"], Gate] | None = None,
+        cache_dir: str | None = None,
+        cache_size: int = 1 << 30,
+        tag_ttl: float = 60.0,
+        stale_if_error: float = 86400.0,
     ) -> None:
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_000_000)
@@ -179,7 +190,18 @@ class Harness:
         self.access = AccessMetrics(self.metrics.auth_attempts, self.metrics.access_denied, self.metrics.webhook_errors)
         self.gate = gate(self) if gate is not None else open_gate(self.reactor)
         keeper = None if self.config.passthrough else self.keeper
-        self.handler = RegistryProxy(self.config, keeper, self.metrics, self.reactor, self.gate)
+        self.cache: LayerCache | None = None
+        if cache_dir is not None:
+            self.cache = LayerCache(
+                BlobStore(cache_dir, cache_size),
+                self.reactor,
+                synchronous_verify,
+                tag_ttl=tag_ttl,
+                stale_if_error=stale_if_error,
+                every_time=self.config.passthrough,
+            )
+            self.registry.register(CacheCollector(self.cache))  # type: ignore[arg-type]
+        self.handler = RegistryProxy(self.config, keeper, self.metrics, self.reactor, self.gate, self.cache)
         self.factory = RelayFactory(self.handler, self.reactor, self.pool)
 
     def client(self) -> tuple[ClientConnection, StringTransport]:

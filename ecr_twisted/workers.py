@@ -216,8 +216,8 @@ class _OneShot(protocol.Factory):
 def _combine(name: str, mtype: str) -> Callable[[float, float], float]:
     if name.endswith("_created"):
         return min
-    if mtype == "gauge" and name.endswith("_timestamp_seconds"):
-        return max
+    if mtype == "gauge" and (name.endswith("_timestamp_seconds") or name == "ecrproxy_cache_size_bytes"):
+        return max  # the latest expiry; every worker's view of the one shared cache directory
     return lambda a, b: a + b
 
 

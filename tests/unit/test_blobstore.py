@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ecr_twisted.cache import UNSATISFIABLE, BlobStore, parse_range
+from ecr_twisted.blobstore import UNSATISFIABLE, BlobStore, parse_range
 
 
 def digest_of(data: bytes) -> str:

@@ -1,0 +1,480 @@
+"""The layer cache's store: blobs on local disk, once per digest, verified before anyone sees them.
+
+Blobs are immutable and named by their digest, so the store keys by digest alone: a layer
+pulled through fifty repositories is stored once. A blob arrives through a `Fill` (bytes are
+appended to a temporary file as they come from upstream and hashed on the way); it becomes
+visible only after its sha256 matches, by an atomic rename. Anything else (a mismatch, an
+interrupted transfer, a full disk) leaves nothing behind.
+
+What a repository may be served from the cache is remembered separately: a blob is served
+for repository R only after the upstream confirmed once that R holds it (`confirm`), so the
+cache never shows across repositories what the upstream would not. Those pairs are appended
+to a log file and survive restarts, with the blobs.
+
+Several `--workers` processes may share one directory: temporary files carry their
+process's id (a start removes only those of dead processes), a blob committed twice is the
+same bytes, a file another process evicted is noticed when opened, and `rescan` adopts
+what the others stored and confirmed.
+
+Nothing here speaks HTTP; `cache.py` decides when to look and when to fill.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import secrets
+from collections import OrderedDict
+from typing import Any, Callable, NamedTuple
+
+from twisted.logger import Logger
+
+log = Logger()
+
+_SHA256 = re.compile(r"sha256:([0-9a-f]{64})\Z")
+_RANGE = re.compile(rb"bytes=(\d*)-(\d*)\Z")
+_HEX64 = re.compile(r"[0-9a-f]{64}\Z")
+UNSATISFIABLE = "unsatisfiable"
+MAX_MEDIA_TYPE = 255
+
+
+class Stat(NamedTuple):
+    """What identifies a file's contents cheaply: a change of any means it must be verified again."""
+
+    size: int
+    mtime_ns: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "Stat":
+        return cls(st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def hash_file(fd: int, size: int) -> str:
+    """The sha256 digest of the first `size` bytes of an open file (run in a thread: it reads it all)."""
+    h = hashlib.sha256()
+    pos = 0
+    while pos < size:
+        data = os.pread(fd, min(1 << 20, size - pos), pos)
+        if not data:
+            break
+        h.update(data)
+        pos += len(data)
+    return "sha256:" + h.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def parse_range(value: bytes | None, size: int) -> tuple[int, int] | str | None:
+    """The one byte range (first, last inclusive) a `Range` header asks of `size` bytes.
+
+    None: serve the whole blob (no header, a unit other than bytes, several ranges, or
+    nonsense, all of which RFC 9110 lets a server ignore). UNSATISFIABLE: answer 416."""
+    if value is None:
+        return None
+    m = _RANGE.match(value.strip())
+    if m is None:
+        return None
+    first, last = m.group(1), m.group(2)
+    if not first:
+        if not last:
+            return None
+        n = int(last)  # a suffix: the last n bytes
+        if n == 0 or size == 0:
+            return UNSATISFIABLE
+        return max(0, size - n), size - 1
+    start = int(first)
+    if last and int(last) < start:
+        return None
+    if start >= size:
+        return UNSATISFIABLE
+    return start, min(int(last), size - 1) if last else size - 1
+
+
+class Fill:
+    """One blob on its way into the store. `write` as bytes arrive, then `finish` or `abort`.
+
+    Followers (other requests for the same blob) read what is already in the temporary
+    file and are told about more with `on_progress` callbacks."""
+
+    __slots__ = (
+        "store", "digest", "path", "size", "_file", "_hash", "written", "state", "_listeners", "failed_reason",
+    )
+
+    def __init__(self, store: "BlobStore", digest: str, path: str, size: int | None) -> None:
+        self.store = store
+        self.digest = digest
+        self.path = path
+        self.size = size  # what the upstream announced, if it did
+        self._file: Any = open(path, "wb", buffering=0)
+        self._hash = hashlib.sha256()
+        self.written = 0
+        self.state = "filling"  # then "done", "failed"
+        self._listeners: list[Callable[["Fill"], None]] = []
+        self.failed_reason = ""
+
+    def on_progress(self, listener: Callable[["Fill"], None]) -> None:
+        self._listeners.append(listener)
+
+    def off_progress(self, listener: Callable[["Fill"], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _tell(self) -> None:
+        for listener in list(self._listeners):
+            listener(self)
+
+    def write(self, data: bytes) -> None:
+        if self.state != "filling":
+            return
+        try:
+            self._file.write(data)
+        except OSError as e:
+            # a full disk must never break the pull: stop caching, keep streaming
+            self._fail("disk full" if e.errno == errno.ENOSPC else f"write failed: {e.strerror}")
+            return
+        self._hash.update(data)
+        self.written += len(data)
+        if self._listeners:
+            self._tell()
+
+    def finish(self) -> bool:
+        """The upstream body ended: keep the blob if it is what its digest says. True if kept."""
+        if self.state != "filling":
+            return False
+        if (self.size is not None and self.written != self.size) or "sha256:" + self._hash.hexdigest() != self.digest:
+            self.store.mismatches += 1
+            log.error("blob {digest} from upstream does not match its digest; not cached", digest=self.digest)
+            self._fail("digest mismatch")
+            return False
+        try:
+            self._file.close()
+            os.replace(self.path, self.store.path_of(self.digest))
+        except OSError as e:
+            self._fail(f"commit failed: {e.strerror}")
+            return False
+        self.state = "done"
+        try:
+            self.store._committed(self, Stat.of(os.stat(self.store.path_of(self.digest))))
+        except OSError:
+            pass  # evicted or removed at once by another process: nothing to index
+        self._tell()
+        return True
+
+    def abort(self, reason: str) -> None:
+        """The transfer was interrupted: leave nothing behind."""
+        if self.state == "filling":
+            self._fail(reason)
+
+    def _fail(self, reason: str) -> None:
+        self.state = "failed"
+        self.failed_reason = reason
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self.path)
+        except OSError:
+            pass
+        self.store._fill_ended(self)
+        self._tell()
+
+
+class BlobStore:
+    """Verified blobs under `root`, at most `max_bytes` of them, least recently used evicted first."""
+
+    def __init__(
+        self, root: str, max_bytes: int, allocate: Callable[[int, int, int], None] | None = os.posix_fallocate
+    ) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self._allocate = allocate  # reserves a blob's space up front, so a full disk shows before any byte
+        self._prefix = f"{os.getpid()}-"
+        self._blobs = os.path.join(root, "blobs", "sha256")
+        self._tmp = os.path.join(root, "tmp")
+        self._known_path = os.path.join(root, "known")
+        os.makedirs(self._blobs, exist_ok=True)
+        os.makedirs(self._tmp, exist_ok=True)
+        self._lru: OrderedDict[str, int] = OrderedDict()  # digest -> size, least recent first
+        self.size = 0
+        self._known: dict[str, set[str]] = {}  # digest -> repositories confirmed to hold it
+        self._fills: dict[str, Fill] = {}
+        self._verified: dict[str, Stat] = {}  # digest -> the file as it was when its sha256 was last checked
+        self._types: dict[str, str] = {}  # manifest digest -> media type
+        self.evictions = 0
+        self.mismatches = 0
+        self.disk_full = 0
+        self._load()
+        self._known_log: Any = open(self._known_path, "a", encoding="ascii")
+        self._known_seen = os.fstat(self._known_log.fileno())
+        self._known_read = self._known_seen.st_size
+
+    # -- start-up: partial files go, the index is rebuilt from the files themselves
+    def _load(self) -> None:
+        own = os.getpid()
+        for name in os.listdir(self._tmp):
+            pid = name.partition("-")[0]
+            if pid.isdigit() and int(pid) != own and _pid_alive(int(pid)):
+                continue  # another worker's transfer in progress
+            try:
+                os.unlink(os.path.join(self._tmp, name))
+            except OSError:
+                pass
+        found = []
+        for name in os.listdir(self._blobs):
+            if not _HEX64.match(name):
+                continue
+            try:
+                st = os.stat(os.path.join(self._blobs, name))
+            except FileNotFoundError:
+                continue
+            found.append((st.st_mtime, "sha256:" + name, st.st_size))
+        for _, digest, size in sorted(found):
+            self._lru[digest] = size
+            self.size += size
+        try:
+            with open(self._known_path, encoding="ascii") as f:
+                for line in f:
+                    repo, _, digest = line.strip().partition(" ")
+                    if digest in self._lru:
+                        self._known.setdefault(digest, set()).add(repo)
+        except FileNotFoundError:
+            pass
+        # compact the log to the pairs whose blobs are still here
+        tmp = self._known_path + ".new"
+        with open(tmp, "w", encoding="ascii") as f:
+            for digest, repos in self._known.items():
+                f.writelines(f"{repo} {digest}\n" for repo in sorted(repos))
+        os.replace(tmp, self._known_path)
+        self._make_room(0)
+
+    @staticmethod
+    def cacheable(digest: str) -> bool:
+        return _SHA256.match(digest) is not None
+
+    def path_of(self, digest: str) -> str:
+        return os.path.join(self._blobs, digest[7:])
+
+    # -- lookups
+    def get(self, repository: str, digest: str) -> tuple[str, int] | None:
+        """(path, size) of a verified blob that `repository` is known to hold; marks it recently used."""
+        size = self._lru.get(digest)
+        if size is None or repository not in self._known.get(digest, ()):
+            return None
+        self._lru.move_to_end(digest)
+        return self.path_of(digest), size
+
+    def has(self, digest: str) -> bool:
+        return digest in self._lru
+
+    def knows(self, repository: str, digest: str) -> bool:
+        return repository in self._known.get(digest, ())
+
+    def size_of(self, digest: str) -> int | None:
+        return self._lru.get(digest)
+
+    def confirm(self, repository: str, digest: str) -> None:
+        """The upstream showed that `repository` holds `digest` (it answered 200 for it)."""
+        if digest not in self._lru and digest not in self._fills:
+            return  # nothing stored to reveal; remembering would only grow memory
+        repos = self._known.setdefault(digest, set())
+        if repository not in repos:
+            repos.add(repository)
+            self._known_log.write(f"{repository} {digest}\n")
+            self._known_log.flush()
+
+    # -- filling
+    def filling(self, digest: str) -> Fill | None:
+        return self._fills.get(digest)
+
+    def begin(self, digest: str, expected_size: int | None = None) -> Fill | None:
+        """Start storing `digest`; None when it is stored already, being stored, or cannot be."""
+        if not self.cacheable(digest) or digest in self._lru or digest in self._fills:
+            return None
+        if expected_size is not None:
+            if expected_size > self.max_bytes:
+                return None
+            self._make_room(expected_size)
+        path = os.path.join(self._tmp, self._prefix + secrets.token_hex(8))
+        try:
+            fill = Fill(self, digest, path, expected_size)
+        except OSError as e:
+            log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
+            return None
+        if expected_size and self._allocate is not None:
+            try:
+                self._allocate(fill._file.fileno(), 0, expected_size)
+            except OSError as e:
+                if e.errno == errno.ENOSPC:
+                    self.disk_full += 1
+                    log.warn("cache disk full: {digest} is streamed without caching", digest=digest)
+                elif e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    fill._file.close()
+                    os.unlink(path)
+                    return None
+        self._fills[digest] = fill
+        return fill
+
+    def put(self, digest: str, data: bytes, media_type: str | None = None) -> bool:
+        """Store a small blob held whole (a manifest) with its media type, if `data` is what `digest` says."""
+        if not self.cacheable(digest) or digest in self._lru or len(data) > self.max_bytes:
+            return False
+        if "sha256:" + hashlib.sha256(data).hexdigest() != digest:
+            self.mismatches += 1
+            log.error("manifest {digest} from upstream does not match its digest; not cached", digest=digest)
+            return False
+        self._make_room(len(data))
+        path = self.path_of(digest)
+        tmp = os.path.join(self._tmp, self._prefix + secrets.token_hex(8))
+        try:
+            if media_type is not None:
+                with open(tmp, "w", encoding="latin-1") as f:
+                    f.write(media_type[:MAX_MEDIA_TYPE])
+                os.replace(tmp, path + ".type")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+            st = os.stat(path)
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                self.disk_full += 1
+            log.warn("cannot cache manifest {digest}: {error}", digest=digest, error=e.strerror)
+            for leftover in (tmp, path + ".type"):
+                try:
+                    os.unlink(leftover)
+                except OSError:
+                    pass
+            return False
+        if media_type is not None:
+            self._types[digest] = media_type
+        self._lru[digest] = len(data)
+        self.size += len(data)
+        self._verified[digest] = Stat.of(st)
+        return True
+
+    def media_type(self, digest: str) -> str | None:
+        """The media type a manifest was stored with (read once from its side file)."""
+        found = self._types.get(digest)
+        if found is None:
+            try:
+                with open(self.path_of(digest) + ".type", encoding="latin-1") as f:
+                    found = f.read(MAX_MEDIA_TYPE)
+            except OSError:
+                return None
+            self._types[digest] = found
+        return found
+
+    # -- serving: a file is trusted as long as it is the file that was verified
+    def open(self, digest: str) -> tuple[int, Stat] | None:
+        """An open descriptor on a stored blob, or None (and forgotten) if another process evicted it."""
+        try:
+            fd = os.open(self.path_of(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            self._forget(digest)
+            return None
+        return fd, Stat.of(os.fstat(fd))
+
+    def trusted(self, digest: str, stat: Stat) -> bool:
+        return self._verified.get(digest) == stat
+
+    def verified(self, digest: str, stat: Stat, ok: bool) -> None:
+        """The outcome of hashing a stored file (see `hash_file`): trust it, or throw it away."""
+        if ok:
+            self._verified[digest] = stat
+            return
+        self.mismatches += 1
+        log.error("cached blob {digest} is corrupt on disk; removed, it will be fetched again", digest=digest)
+        self.remove(digest)
+
+    def _fill_ended(self, fill: Fill) -> None:
+        if self._fills.get(fill.digest) is fill:
+            del self._fills[fill.digest]
+
+    def _committed(self, fill: Fill, stat: Stat) -> None:
+        self._fill_ended(fill)
+        if fill.digest not in self._lru:
+            self._lru[fill.digest] = fill.written
+            self.size += fill.written
+        self._verified[fill.digest] = stat
+        self._make_room(0)
+
+    # -- eviction
+    def _make_room(self, incoming: int) -> None:
+        while self._lru and self.size + incoming > self.max_bytes:
+            digest = next(iter(self._lru))
+            self.evictions += 1
+            # pairs of evicted blobs are dropped from memory; the log keeps growing until
+            # compacted at the next start (only pairs of blobs present are read back)
+            self.remove(digest)
+
+    def remove(self, digest: str) -> None:
+        """Delete a blob (evicted, or found corrupt on disk: it will be fetched again)."""
+        path = self.path_of(digest)
+        for name in (path, path + ".type"):
+            try:
+                os.unlink(name)
+            except FileNotFoundError:
+                pass
+        self._forget(digest)
+
+    def _forget(self, digest: str) -> None:
+        size = self._lru.pop(digest, None)
+        if size is not None:
+            self.size -= size
+        self._known.pop(digest, None)
+        self._verified.pop(digest, None)
+        self._types.pop(digest, None)
+
+    def rescan(self) -> None:
+        """Catch up with the directory: blobs other processes stored or evicted, pairs they confirmed."""
+        present: dict[str, int] = {}
+        for name in os.listdir(self._blobs):
+            if _HEX64.match(name):
+                try:
+                    present["sha256:" + name] = os.stat(os.path.join(self._blobs, name)).st_size
+                except FileNotFoundError:
+                    pass
+        for digest in [d for d in self._lru if d not in present]:
+            self._forget(digest)
+        for digest, size in present.items():
+            if digest not in self._lru:
+                self._lru[digest] = size
+                self._lru.move_to_end(digest, last=False)  # news to us, not recently used by us
+                self.size += size
+        try:
+            st = os.stat(self._known_path)
+        except FileNotFoundError:
+            st = None
+        if st is None or st.st_ino != self._known_seen.st_ino:
+            self._known_log.close()  # compacted (or removed) by a newer start: follow the new file
+            self._known_log = open(self._known_path, "a", encoding="ascii")
+            self._known_seen = os.fstat(self._known_log.fileno())
+            self._known_read = 0
+        with open(self._known_path, encoding="ascii") as f:
+            f.seek(self._known_read)
+            for line in f:
+                if not line.endswith("\n"):
+                    break  # half a line still being written
+                self._known_read += len(line)
+                repo, _, digest = line.strip().partition(" ")
+                if digest in self._lru:
+                    self._known.setdefault(digest, set()).add(repo)
+        self._make_room(0)
+
+    def close(self) -> None:
+        for fill in list(self._fills.values()):
+            fill.abort("shutting down")
+        self._known_log.close()
