@@ -195,11 +195,16 @@ class BlobStore:
     """Verified blobs under `root`, at most `max_bytes` of them, least recently used evicted first."""
 
     def __init__(
-        self, root: str, max_bytes: int, allocate: Callable[[int, int, int], None] | None = os.posix_fallocate
+        self,
+        root: str,
+        max_bytes: int,
+        allocate: Callable[[int, int, int], None] | None = os.posix_fallocate,
+        compact: bool = True,
     ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self._allocate = allocate  # reserves a blob's space up front, so a full disk shows before any byte
+        self.compact = compact  # rewrite the logs at start: only the first process of a --workers group does
         self._prefix = f"{os.getpid()}-"
         self._blobs = os.path.join(root, "blobs", "sha256")
         self._tmp = os.path.join(root, "tmp")
@@ -251,6 +256,8 @@ class BlobStore:
                         self._known.setdefault(digest, set()).add(repo)
         except FileNotFoundError:
             pass
+        if not self.compact:
+            return
         # compact the log to the pairs whose blobs are still here
         tmp = self._known_path + ".new"
         with open(tmp, "w", encoding="ascii") as f:

@@ -196,8 +196,9 @@ class LayerCache:
                 self._plain(ex, ctx)  # let the client see the upstream's own answer
             return True
         if op == MANIFEST:
-            if status != 200:
-                return False
+            head = resp.head
+            if status != 200 or (head.framing == LENGTH and head.length > MAX_MANIFEST):
+                return False  # an error, or too big to hold: straight through
             self._read_manifest(resp, ex, ctx)
             return True
         if op == REVALIDATE:
@@ -445,6 +446,8 @@ class LayerCache:
                 continue  # a torn last line
             if self.store.has(digest):
                 self._tags[(repo, tag, accept.encode("latin-1"))] = TagEntry(digest, float(checked))
+        if not self.store.compact:
+            return
         tmp = self._tags_path + ".new"
         with open(tmp, "w", encoding="utf-8") as f:
             for (repo, tag, accept), entry in self._tags.items():

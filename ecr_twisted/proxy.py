@@ -361,6 +361,9 @@ class RegistryProxy:
         listing = ctx.decision.listing if ctx.decision is not None else None
         if listing is not None and status == 200:
             return self._filter_listing(resp, ex, ctx, listing)
+        if status >= 500 and ctx.kind == routes.BASE and self._base_offline(ex):
+            resp.discard()
+            return
         op = ctx.cache_op
         if op is not None and not (op == FILL and status in REDIRECTS):
             assert self.cache is not None
@@ -514,16 +517,30 @@ class RegistryProxy:
             return self._bug(reason, ex)
         if ex.gone:
             return  # the client left; nothing failed upstream
+        self.metrics.upstream_errors.labels(err.kind).inc()
         if ctx.cache_op == REVALIDATE and self.cache is not None and self.cache.upstream_failed(ex, ctx):
+            return
+        if ctx.kind == routes.BASE and self._base_offline(ex):
             return
         if ex.error is None:
             ex.error = f"{ctx.target} {err}"
-        self.metrics.upstream_errors.labels(err.kind).inc()
         if err.kind == "timeout":
             return self._fail(ex, errors.UPSTREAM_TIMEOUT)
         if err.kind == "unreachable":
             return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
         self._fail(ex, errors.UPSTREAM_BROKEN)
+
+    def _base_offline(self, ex: Exchange) -> bool:
+        """`GET /v2/` while the upstream is down: with a cache, clients that pass the gate may still pull
+        what is stored, so answer the API check here (never in passthrough: it checks the client's login)."""
+        if self.cache is None or self.config.passthrough:
+            return False
+        ex.respond(
+            200,
+            [(b"Content-Type", b"application/json"), (b"Docker-Distribution-API-Version", b"registry/2.0")],
+            b"{}",
+        )
+        return True
 
     def _bug(self, reason: Failure, ex: Exchange) -> None:
         self.log.failure("proxy bug while handling a request", reason)

@@ -409,7 +409,8 @@ class _CacheService(service.Service):
 def build_cache(options: Options, reactor: Any) -> LayerCache | None:
     if not options["cache-dir"]:
         return None
-    store = BlobStore(options["cache-dir"], options["cache-bytes"])
+    # --workers children share the main process's directory and leave its logs as they are
+    store = BlobStore(options["cache-dir"], options["cache-bytes"], compact=not options.get("worker-child"))
 
     def verify(fd: int, size: int) -> Any:
         return threads.deferToThreadPool(reactor, reactor.getThreadPool(), hash_file, fd, size)

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     options = tap.Options()
     options.parseOptions(rest)
+    options["worker-child"] = True
     built = tap.build(options, reactor)
     import socket
 
