@@ -369,8 +369,11 @@ class LayerCache:
                 digest = announced.decode("latin-1")
             else:
                 digest = "sha256:" + hashlib.sha256(body).hexdigest()
-            if media_type is not None and self.store.put(
-                digest, body, media_type.decode("latin-1")
+            store = self.store
+            if media_type is not None and (
+                store.put(digest, body, media_type.decode("latin-1"))
+                # stored already (another tag, another Accept, fetched by digest): the same bytes?
+                or (store.has(digest) and "sha256:" + hashlib.sha256(body).hexdigest() == digest)
             ):
                 self.store.confirm(m.name, digest)
                 if ctx.tag_key is not None:
