@@ -12,6 +12,8 @@ alike:
 * the same pull with a slow client (curl --limit-rate 100M) and each contender's peak RSS;
 * push of the same blob as one streamed PATCH + PUT ?digest= (new repository each run);
 * small requests: manifest GET with wrk (req/s, p50/p99), 1 and 2 workers (wrk 4.1 cannot do HEAD);
+* the layer cache (``--cache-dir``): the same pull from a fresh, empty cache (miss: streamed from the
+  registry while written to disk) and again from disk (hit), against direct and nginx pulls;
 * pull and small requests again with TLS on the upstream leg;
 * pull and small requests again in front of a fast stub upstream (``bench/stub.conf.tmpl``,
   nginx answering like the registry), since distribution itself caps small requests at ~1k/s.
@@ -80,7 +82,11 @@ NGINX_BUFFER = "256k"
 #: wrk 4.1 cannot count HEAD responses (it waits for the Content-Length body), so the small
 #: request is a GET of the same manifest (bench/small.lua; see bench/README.md).
 SMALL_METHOD = "GET"
-SCENARIOS = ("pull", "slow", "push", "small", "tls", "stub")
+SCENARIOS = ("pull", "slow", "push", "small", "cache", "tls", "stub")
+#: --cache-size for the cache scenario: far above the blob, so nothing is evicted
+CACHE_SIZE = "50GiB"
+#: how long the cache scenario waits after the miss for the fill to be committed (tmp/ -> blobs/)
+CACHE_COMMIT_WAIT = 10.0
 
 #: Targets (ecr-twisted against nginx, and absolute limits).
 PULL_PLAIN_VS_NGINX = 0.9
@@ -517,7 +523,7 @@ def proxy_env(ecr: EmulatedECR) -> dict[str, str]:
     return env
 
 
-def twistd_command(up: Upstream, port: int, workers: int) -> list[str]:
+def twistd_command(up: Upstream, port: int, workers: int, extra: Sequence[str] = ()) -> list[str]:
     argv = [str(TWISTD), "-n", "--pidfile=", "ecrproxy", "--anonymous",
             "--port", f"tcp:{port}:interface=127.0.0.1",
             "--region", up.ecr.region, "--registry-id", up.ecr.registry_id,
@@ -526,14 +532,15 @@ def twistd_command(up: Upstream, port: int, workers: int) -> list[str]:
         argv += ["--upstream-ca", up.ca_file]
     if workers > 1:
         argv += ["--workers", str(workers)]
-    return argv
+    return argv + list(extra)
 
 
-def start_ecr_twisted(up: Upstream, workers: int, workdir: pathlib.Path, label: str) -> Endpoint:
+def start_ecr_twisted(up: Upstream, workers: int, workdir: pathlib.Path, label: str,
+                      extra: Sequence[str] = ()) -> Endpoint:
     directory = fresh_dir(workdir / f"ecr-twisted-{label}")
     port = free_port()
     log = directory / "twistd.log"
-    proc = PROCS.spawn(f"ecr-twisted-{label}", twistd_command(up, port, workers), log_path=log,
+    proc = PROCS.spawn(f"ecr-twisted-{label}", twistd_command(up, port, workers, extra), log_path=log,
                        env=proxy_env(up.ecr), cwd=directory)
     ep = Endpoint("ecr-twisted", f"http://127.0.0.1:{port}", roots=[proc.pid], proc=proc, log_path=log)
     try:
@@ -556,6 +563,25 @@ def twistd_has_workers() -> tuple[bool, str]:
         return False, f"twistd ecrproxy --help failed: {e!r}"
     text = out.stdout + out.stderr
     return "--workers" in text, text
+
+
+def stale_install() -> list[str]:
+    """Modules of the working tree's ecr_twisted/ that the imported (installed) package lacks or differs in.
+
+    twistd runs the package installed in .venv (not editable; ``make bench`` refreshes it through
+    scripts/venv.sh), so a working tree changed since would otherwise be measured as it was."""
+    import ecr_twisted
+
+    installed = pathlib.Path(ecr_twisted.__file__).resolve().parent
+    source = REPO / "ecr_twisted"
+    if installed == source.resolve():
+        return []
+    out = []
+    for f in sorted(source.glob("*.py")):
+        other = installed / f.name
+        if not other.exists() or other.read_bytes() != f.read_bytes():
+            out.append(f.name)
+    return out
 
 
 # ---------------------------------------------------------------- clients
@@ -583,15 +609,43 @@ def curl(argv: Sequence[str], *, timeout: float = 900) -> tuple[str, dict[str, s
     return fields[0] if fields else "", headers, fields
 
 
-def curl_pull(ep: Endpoint, path: str, size: int, limit_rate: str | None = None) -> float:
-    """GET a blob to /dev/null; returns curl's speed_download in bytes/s (checks status and size)."""
+def curl_pull(ep: Endpoint, path: str, size: int, limit_rate: str | None = None,
+              x_cache: str | None = None) -> float:
+    """GET a blob to /dev/null; returns curl's speed_download in bytes/s (checks status and size, and
+    with ``x_cache`` that the response's ``X-Cache`` header says so: HIT or MISS)."""
     argv = [*ep.curl_auth(), "-w", f"{W_MARK} %{{http_code}} %{{size_download}} %{{speed_download}}"]
     if limit_rate:
         argv += ["--limit-rate", limit_rate]
-    code, _, f = curl([*argv, ep.url(path)])
+    code, headers, f = curl([*argv, ep.url(path)])
     if code != "200" or int(f[1]) != size:
         raise CurlError(f"GET {path}: HTTP {code}, {f[1] if len(f) > 1 else '?'} of {size} bytes")
+    if x_cache is not None and headers.get("x-cache") != x_cache:
+        raise CurlError(f"GET {path}: X-Cache {headers.get('x-cache', '(none)')!r}, expected {x_cache!r}")
     return float(f[2])
+
+
+def dir_usage(root: pathlib.Path) -> dict[str, int]:
+    """Bytes under a cache directory: apparent sizes (``du -sb``) by top-level part, and allocated (``du -s``)."""
+    out = {"total_bytes": 0, "allocated_bytes": 0, "blob_bytes": 0, "blob_files": 0, "tmp_bytes": 0,
+           "tmp_files": 0, "other_bytes": 0}
+    for dirpath, _, files in os.walk(root):
+        rel = pathlib.Path(dirpath).relative_to(root).parts
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                continue
+            out["total_bytes"] += st.st_size
+            out["allocated_bytes"] += st.st_blocks * 512
+            if rel[:1] == ("blobs",) and not name.endswith(".type"):
+                out["blob_bytes"] += st.st_size
+                out["blob_files"] += 1
+            elif rel[:1] == ("tmp",):
+                out["tmp_bytes"] += st.st_size
+                out["tmp_files"] += 1
+            else:
+                out["other_bytes"] += st.st_size
+    return out
 
 
 def resolve(ep: Endpoint, location: str) -> str:
@@ -748,6 +802,7 @@ class Row:
     rss: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     targets: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     wrk: dict[str, Any] = dataclasses.field(default_factory=dict)
+    details: dict[str, Any] = dataclasses.field(default_factory=dict)  # scenario-specific raw figures
     note: str = ""
     short: str = ""  # label in the chart
 
@@ -797,7 +852,7 @@ def row_status(row: Row) -> str:
 def fmt(x: float | None, unit: str) -> str:
     if x is None:
         return "FAILED"
-    if unit in ("MB/s", "req/s"):
+    if unit in ("MB/s", "req/s", "bytes"):
         return f"{x:,.0f}"
     if unit == "ms":
         return f"{x:.2f}"
@@ -948,6 +1003,7 @@ class Bench:
         self.digest = ""
         self.push_counter = 0
         self.workers_available = False
+        self.cache_available = False
         self.idle: list[dict[str, Any]] = []
 
     # -- helpers
@@ -1093,6 +1149,144 @@ class Bench:
         target_max(p99, P99_LIMIT_MS, "ecr-twisted p99 ms", p99.values.get("ecr-twisted"), p99.values.get("direct"))
         self.rss_row(rps, peaks, target=False)
 
+    def scenario_cache(self, up: Upstream) -> None:
+        """The layer cache: ``runs`` times, a fresh ecr-twisted with an empty ``--cache-dir``, then
+        round-robin direct, nginx (the plain proxy: no proxy_cache), ecr-twisted's first GET (MISS:
+        streamed from upstream while written to disk; the directory's size is taken after it) and the
+        same GET again on the same proxy (HIT: from disk). The cache directory is removed after each run.
+
+        Rows: cache miss and cache hit MB/s, each against the same direct and nginx runs, their peak
+        RSS, and the cache directory's size after the miss (must be the blob's)."""
+        where, tag, mib = self.where(up), self.tag(up), self.blob_size // MIB
+        path = f"/v2/bench/blob/blobs/{self.digest}"
+        shared = "direct and nginx: the same runs in both cache rows; nginx has no proxy_cache"
+        miss = Row(f"cache_miss_{tag}", f"cache miss, pull {mib} MiB ({where} upstream)", f"median of {self.runs}",
+                   "MB/s", note=f"first GET through an empty --cache-dir (X-Cache: MISS); {shared}",
+                   short=f"cache miss\n{self.brief(up)}")
+        hit = Row(f"cache_hit_{tag}", f"cache hit, pull {mib} MiB ({where} upstream)", f"median of {self.runs}",
+                  "MB/s", note=f"the same GET again, served from disk (X-Cache: HIT); {shared}",
+                  short=f"cache hit\n{self.brief(up)}")
+        size_row = Row(f"cache_dir_{tag}", miss.scenario, "cache dir after the miss", "bytes",
+                       higher_is_better=False, short=miss.short)
+        nginx_peak, miss_peak, hit_peak = RssPeak(), RssPeak(), RssPeak()
+        direct = direct_endpoint(up)
+        cache_dir = self.workdir / f"cache-dir-{tag}"
+        usages: list[dict[str, Any]] = []
+        nginx: Endpoint | None = None
+        try:
+            progress(f"cache ({where}): starting nginx (plain proxy config, 1 worker)")
+            try:
+                nginx = start_nginx(up, 1, self.workdir, f"{tag}-cache")
+                rss, n = nginx.rss_now()
+                self.idle.append({"upstream": f"{where}, cache scenario", "workers": 1, "contender": "nginx",
+                                  "idle_rss_mib": round(rss / MIB, 1), "processes": n})
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                self.note(f"nginx ({where}, cache scenario) did not start: {first}")
+                nginx = Endpoint("nginx", "http://127.0.0.1:9", start_error=f"did not start: {first}")
+            for i in range(self.runs):
+                run = f"cache ({where}) run {i + 1}/{self.runs}"
+                fresh_dir(cache_dir)
+                ecr: Endpoint | None = None
+                try:
+                    progress(f"{run}: starting ecr-twisted with an empty --cache-dir {cache_dir}")
+                    try:
+                        ecr = start_ecr_twisted(up, 1, self.workdir, f"{tag}-cache-run{i + 1}",
+                                                ["--cache-dir", str(cache_dir), "--cache-size", CACHE_SIZE])
+                        if i == 0:
+                            rss, n = ecr.rss_now()
+                            self.idle.append({"upstream": f"{where}, --cache-dir", "workers": 1,
+                                              "contender": "ecr-twisted", "idle_rss_mib": round(rss / MIB, 1),
+                                              "processes": n})
+                    except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                        first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                        self.note(f"ecr-twisted with --cache-dir ({where}) did not start in run {i + 1}: {first}")
+                        say(str(e))
+                        ecr = Endpoint("ecr-twisted", "http://127.0.0.1:9", start_error=f"did not start: {first}")
+                    assert nginx is not None
+                    steps: list[tuple[str, Endpoint, Row, RssPeak | None, str | None]] = [
+                        ("direct", direct, miss, None, None),
+                        ("nginx", nginx, miss, nginx_peak, None),
+                        ("ecr-twisted MISS (first GET, empty cache)", ecr, miss, miss_peak, "MISS"),
+                        ("ecr-twisted HIT (same GET again)", ecr, hit, hit_peak, "HIT"),
+                    ]
+                    for what, ep, row, peak, expect in steps:
+                        progress(f"{run}: {what}")
+                        self.measure(row, ep, lambda ep=ep, expect=expect: curl_pull(
+                            ep, path, self.blob_size, x_cache=expect), peak)
+                        if expect == "MISS" and not ep.start_error:
+                            usages.append(self.cache_dir_after_miss(cache_dir, ok=ep.name not in miss.errors))
+                finally:
+                    if ecr is not None and ecr.proc is not None:
+                        if not ecr.alive():
+                            self.note(f"ecr-twisted with --cache-dir ({where}) exited during run {i + 1} with "
+                                      f"{ecr.proc.returncode}; log: {ecr.log_path}")
+                        PROCS.stop(ecr.proc)
+                        self.log_complaints(ecr, f"ecr-twisted with --cache-dir ({where}), run {i + 1}")
+                    shutil.rmtree(cache_dir, ignore_errors=True)
+        finally:
+            if nginx is not None and nginx.proc is not None:
+                PROCS.stop(nginx.proc)
+            shutil.rmtree(cache_dir, ignore_errors=True)
+        # direct and nginx were measured once per run, for both rows
+        for name in ("direct", "nginx"):
+            if name in miss.runs:
+                hit.runs[name] = list(miss.runs[name])
+            if name in miss.errors:
+                hit.errors[name] = miss.errors[name]
+        for row, peak in ((miss, miss_peak), (hit, hit_peak)):
+            self.add(row)
+            self.finish_row(row, 1 / MB)
+            self.rss_row(row, {"nginx": nginx_peak, "ecr-twisted": peak}, target=True)
+            if row is miss:
+                self.add(size_row)
+                self.cache_size_row(size_row, usages)
+
+    def cache_dir_after_miss(self, cache_dir: pathlib.Path, *, ok: bool) -> dict[str, Any]:
+        """The cache directory's usage once the miss's fill is committed (waits up to CACHE_COMMIT_WAIT s
+        for the temporary file to become the blob when the miss succeeded)."""
+        t0 = time.monotonic()
+        usage = dir_usage(cache_dir)
+        while ok and (usage["tmp_files"] or usage["blob_bytes"] != self.blob_size) \
+                and time.monotonic() - t0 < CACHE_COMMIT_WAIT:
+            time.sleep(0.05)
+            usage = dir_usage(cache_dir)
+        usage["waited_s"] = round(time.monotonic() - t0, 2)
+        progress(f"  cache dir after the miss: {usage['total_bytes']:,} bytes ({usage['blob_bytes']:,} in "
+                 f"{usage['blob_files']} blob file(s), {usage['tmp_bytes']:,} in {usage['tmp_files']} tmp file(s), "
+                 f"{usage['other_bytes']:,} other), {usage['allocated_bytes']:,} allocated"
+                 + (f"; waited {usage['waited_s']} s for the commit" if usage["waited_s"] >= 0.1 else ""))
+        return usage
+
+    def cache_size_row(self, row: Row, usages: list[dict[str, Any]]) -> None:
+        if usages:
+            sizes = sorted({float(u["total_bytes"]) for u in usages})  # one figure when every run agrees
+            row.runs["ecr-twisted"] = sizes
+        elif "ecr-twisted" not in row.errors:
+            row.errors["ecr-twisted"] = "not measured (ecr-twisted did not start)"
+        self.finish_row(row, 1, 0)
+        row.details = {"blob_bytes": self.blob_size, "after_miss": usages}
+        good = [u["blob_bytes"] == self.blob_size and u["blob_files"] == 1 and not u["tmp_files"]
+                and u["other_bytes"] < 64 * 1024 for u in usages]
+        row.targets.append({"target": f"= blob {self.blob_size:,} (+ index < 64 KiB)",
+                            "met": all(good) if good else None})
+        if usages:
+            last = usages[-1]
+            row.note = (f"apparent size; blob file {last['blob_bytes']:,}, tmp/ {last['tmp_bytes']:,}, index files "
+                        f"{last['other_bytes']:,}; allocated on disk {last['allocated_bytes']:,}")
+
+    def log_complaints(self, ep: Endpoint, what: str) -> None:
+        """Warnings, errors and tracebacks in a contender's log become notes (first one quoted)."""
+        if ep.log_path is None:
+            return
+        try:
+            lines = ep.log_path.read_text("utf-8", "replace").splitlines()
+        except OSError:
+            return
+        bad = [ln for ln in lines if re.search(r"#(warn|error|critical)\]|Traceback|Unhandled", ln)]
+        if bad:
+            self.note(f"{what}: {len(bad)} warning/error line(s) in {ep.log_path}, first: {bad[0][:300]}")
+
     # -- phases
     def push_fixtures(self, registry: Upstream) -> tuple[bytes, str]:
         direct = direct_endpoint(registry)
@@ -1105,7 +1299,7 @@ class Bench:
         """One emulator (plain or TLS upstream) and its fixtures; the contenders in front of the registry,
         then in front of the fast stub.
 
-        Plain: pull, slow, push, small as asked (stub: pull and small). TLS: pull and small.
+        Plain: pull, slow, push, small, cache as asked (stub: pull and small). TLS: pull and small.
         """
         label = "TLS" if tls else "plain"
         want = set(self.args.scenarios)
@@ -1121,6 +1315,8 @@ class Bench:
             manifest, manifest_digest = self.push_fixtures(registry)
             self.against(registry, pull=tls or "pull" in want, slow=not tls and "slow" in want,
                          push=not tls and "push" in want, small=tls or "small" in want)
+            if not tls and "cache" in want and self.cache_available:
+                self.scenario_cache(registry)
             if "stub" in want:
                 progress(f"starting the fast stub upstream ({label})")
                 stub = start_stub(ecr, self.workdir, label.lower(), blob=self.blob_path, blob_digest=self.digest,
@@ -1185,13 +1381,21 @@ class Bench:
 
     def run(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.workers_available, _ = twistd_has_workers()
+        stale = stale_install()
+        if stale:
+            self.note(f"the ecr_twisted installed in .venv is not the working tree's ({', '.join(stale)} differ): "
+                      "`bash scripts/venv.sh` (make bench does) reinstalls it; this run measures the installed one")
+        self.workers_available, help_text = twistd_has_workers()
+        self.cache_available = "--cache-dir" in help_text
+        if "cache" in self.args.scenarios and not self.cache_available:
+            self.note("`twistd ecrproxy --help` does not list --cache-dir: the cache scenario is skipped")
         if not self.workers_available:
             self.note("`twistd ecrproxy --help` does not list --workers yet: only the 1-worker small-request "
                       "case is measured (the 2-worker case runs by itself once the option exists).")
         self.digest = make_blob(self.blob_path, self.blob_size)
         progress(f"blob: {self.blob_path} ({self.blob_size} bytes, {self.digest})")
-        if set(self.args.scenarios) & {"pull", "slow", "push", "small"}:
+        plain = {"pull", "slow", "push", "small"} | ({"cache"} if self.cache_available else set())
+        if set(self.args.scenarios) & plain:
             self.phase(tls=False)
         if "tls" in self.args.scenarios:
             self.phase(tls=True)
@@ -1202,7 +1406,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Benchmark ecr-twisted against nginx and direct registry access.")
     p.add_argument("--quick", action="store_true", help="256 MiB blob, 1 run, 3 s wrk: for iterating")
     p.add_argument("--blob-mib", type=int, help="blob size in MiB (default 1024, --quick 256)")
-    p.add_argument("--runs", type=int, help="runs per contender for pull and push (default 5, --quick 1)")
+    p.add_argument("--runs", type=int, help="runs per contender for pull, push and cache (default 5, --quick 1)")
     p.add_argument("--wrk-seconds", type=int, help="wrk duration (default 10, --quick 3)")
     p.add_argument("--scenarios", default=",".join(SCENARIOS),
                    help=f"comma-separated subset of {','.join(SCENARIOS)} (default: all)")
@@ -1247,6 +1451,7 @@ def write_results(bench: Bench, command: str, started: float, env: dict[str, Any
         "small_request": f"{SMALL_METHOD} /v2/bench/small/manifests/v1 (docker schema2, Accept set)",
         "slow_client_rate": SLOW_RATE, "rss_interval_s": RSS_INTERVAL, "nginx_buffers": NGINX_BUFFER,
         "scenarios": args.scenarios, "workers_option": bench.workers_available,
+        "cache_option": bench.cache_available, "cache_size": CACHE_SIZE,
         "registry": f"distribution, filesystem storage, {args.registry_auth} auth",
         "units": {"MB/s": "10^6 bytes per second", "MiB": "2^20 bytes"},
     }
@@ -1281,7 +1486,10 @@ def render_outputs(doc: dict[str, Any], out: pathlib.Path) -> None:
         f"({SMALL_METHOD} of one manifest). MB/s = 10^6 bytes/s. Peak RSS: sum over the contender's processes, "
         "sampled every 0.1 s (per-process peak in results.json). Ratios are ecr-twisted / other. Upstream "
         "`registry`: the emulated ECR (distribution, filesystem storage, no bcrypt); `stub`: nginx answering "
-        "like the registry, so that the proxies' own cost shows (bench/README.md).",
+        "like the registry, so that the proxies' own cost shows (bench/README.md). Cache rows: ecr-twisted with "
+        "`--cache-dir` (a fresh, empty one per run): the first GET (miss, streamed from the registry while "
+        "written to disk) and the same GET again (hit, from disk), against the same runs of direct and nginx "
+        "(no `proxy_cache`).",
         "",
         markdown_table(rows),
         "",
