@@ -328,12 +328,22 @@ class BlobStore:
                     log.warn("cache disk full: {digest} is streamed without caching", digest=digest)
                 elif e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or not self._room_for(expected_size):
+                    # no reservation possible: at least never start what the free space cannot hold
+                    if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                        self.disk_full += 1
                     fill._file.close()
                     os.unlink(path)
                     return None
         self._fills[digest] = fill
         return fill
+
+    def _room_for(self, size: int) -> bool:
+        try:
+            st = os.statvfs(self._tmp)
+        except OSError:
+            return False
+        return st.f_bavail * st.f_frsize >= size + (64 << 20)
 
     def put(self, digest: str, data: bytes, media_type: str | None = None) -> bool:
         """Store a small blob held whole (a manifest) with its media type, if `data` is what `digest` says."""

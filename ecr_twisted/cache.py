@@ -401,6 +401,8 @@ class LayerCache:
                 self.store.confirm(ctx.match.name, entry.digest)
                 self._serve(ex, ctx, entry.digest, "manifest")
                 return True
+        if status == 404 and ctx.tag_key is not None:
+            self._forget_tag(ctx.tag_key)  # deleted upstream: never to be served stale
         # moved, gone or refused: the upstream's own answer to the client's own request
         self.misses["manifest"] += 1
         ctx.method = None
@@ -436,6 +438,15 @@ class LayerCache:
         except OSError as e:
             log.warn("cannot record a tag in the cache: {error}", error=e.strerror)
 
+    def _forget_tag(self, key: tuple[str, str, bytes]) -> None:
+        if self._tags.pop(key, None) is None:
+            return
+        try:
+            self._tags_log.write(json.dumps([key[0], key[1], key[2].decode("latin-1"), None, 0]) + "\n")
+            self._tags_log.flush()
+        except OSError as e:
+            log.warn("cannot record a tag in the cache: {error}", error=e.strerror)
+
     def _load_tags(self) -> None:
         try:
             with open(self._tags_path, encoding="utf-8") as f:
@@ -447,8 +458,11 @@ class LayerCache:
                 repo, tag, accept, digest, checked = json.loads(line)
             except (ValueError, TypeError):
                 continue  # a torn last line
-            if self.store.has(digest):
-                self._tags[(repo, tag, accept.encode("latin-1"))] = TagEntry(digest, float(checked))
+            key = (repo, tag, accept.encode("latin-1"))
+            if digest is not None and self.store.has(digest):
+                self._tags[key] = TagEntry(digest, float(checked))
+            else:
+                self._tags.pop(key, None)  # deleted upstream since, or its manifest evicted
         if not self.store.compact:
             return
         tmp = self._tags_path + ".new"

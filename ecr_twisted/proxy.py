@@ -240,6 +240,8 @@ class RegistryProxy:
             if token is None:
                 if ctx.cache_op == REVALIDATE and self.cache is not None and self.cache.upstream_failed(ex, ctx):
                     return
+                if ctx.kind == routes.BASE and self._base_offline(ex):
+                    return
                 return self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
             try:
                 origin = self._origin(token)
