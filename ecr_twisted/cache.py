@@ -119,12 +119,7 @@ class LayerCache:
         if not store.cacheable(digest):
             return False
         if store.has(digest) or store.filling(digest) is not None:
-            if not self.every_time and store.knows(repo, digest):
-                self._serve(ex, ctx, digest, "blob")
-                return True
-            ctx.cache_op = PROBE
-            ctx.method = b"HEAD"
-            return False
+            return self._stored(ex, ctx, repo, digest, "blob")
         if ex.request.method == b"HEAD" or ex.request.get(b"range") is not None:
             self.misses["blob"] += 1
             return False  # nothing to store from these: straight through
@@ -140,17 +135,21 @@ class LayerCache:
         ctx.cache_op = FILL
         return False
 
+    def _stored(self, ex: Exchange, ctx: "_Ctx", repo: str, digest: str, kind: str) -> bool:
+        """We hold `digest`: serve it if `repo` is known to hold it too, else ask the upstream first (HEAD)."""
+        if not self.every_time and self.store.knows(repo, digest):
+            self._serve(ex, ctx, digest, kind)
+            return True
+        ctx.cache_op = PROBE
+        ctx.method = b"HEAD"
+        return False
+
     def _manifest_by_digest(self, ex: Exchange, ctx: "_Ctx", repo: str, digest: str) -> bool:
         store = self.store
         if not store.cacheable(digest):
             return False
         if store.has(digest) and store.media_type(digest) is not None:
-            if not self.every_time and store.knows(repo, digest):
-                self._serve(ex, ctx, digest, "manifest")
-                return True
-            ctx.cache_op = PROBE
-            ctx.method = b"HEAD"
-            return False
+            return self._stored(ex, ctx, repo, digest, "manifest")
         self.misses["manifest"] += 1
         if ex.request.method == b"GET":
             ctx.cache_op = MANIFEST
