@@ -5,7 +5,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.python.usage import UsageError
 
-from ecr_twisted.tap import Options, makeService
+from ecr_twisted.tap import Options, build, makeService, parse_size
 
 BASE = ["--anonymous", "--region", "eu-west-1"]
 
@@ -160,3 +160,43 @@ def test_policy_defaults_per_mode_and_token_key_for_workers(htpasswd: str, tmp_p
     assert key.stat().st_mode & 0o077 == 0 and o.argv.count("--token-key") == 1
     o = parse(["--region", "eu-west-1", "--auth", "passthrough", "--registry-id", "123456789012"])
     assert o["auth"] == "passthrough"
+
+
+@pytest.mark.parametrize(
+    "value,expected",
+    [("50GiB", 50 << 30), ("512MiB", 512 << 20), ("10G", 10 * 10**9), ("1.5TiB", int(1.5 * (1 << 40))),
+     ("2097152", 2 << 20), ("3 mib", 3 << 20)],
+)
+def test_cache_sizes(value: str, expected: int) -> None:
+    assert parse_size(value) == expected
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["--cache-size", "lots"], "--cache-size"),
+        (["--cache-size", "100KiB"], "--cache-size"),  # too small for layers
+        (["--tag-ttl", "-1"], "--tag-ttl"),
+        (["--stale-if-error", "-5"], "--stale-if-error"),
+    ],
+)
+def test_bad_cache_options_name_their_option(args: list[str], named: str) -> None:
+    with pytest.raises(UsageError, match=named):
+        parse(BASE + args)
+
+
+def test_the_cache_is_built_only_with_a_directory_and_its_metrics_are_exposed(tmp_path) -> None:
+    from prometheus_client import generate_latest
+    from twisted.internet.testing import MemoryReactorClock
+
+    assert build(parse(BASE), MemoryReactorClock()).registry.get_sample_value("ecrproxy_cache_size_bytes") is None
+    a_file = tmp_path / "not-a-dir"
+    a_file.write_text("")
+    with pytest.raises(UsageError, match="--cache-dir"):
+        parse(BASE + ["--cache-dir", str(a_file)])
+    where = tmp_path / "cache"
+    o = parse(BASE + ["--cache-dir", str(where), "--cache-size", "1GiB", "--tag-ttl", "5"])
+    built = build(o, MemoryReactorClock())
+    assert (where / "blobs" / "sha256").is_dir() and (where / "tmp").is_dir()
+    text = generate_latest(built.registry).decode()
+    assert "ecrproxy_cache_size_bytes 0.0" in text and 'ecrproxy_cache_hits_total{kind="blob"} 0.0' in text
