@@ -667,12 +667,19 @@ class RecordingRelay:
             threading.Thread(target=self._pump, args=(client, server, False), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, True), daemon=True).start()
 
+    def _request_watcher(self) -> Callable[[bytes], None] | None:
+        """Per connection: something to see the client-to-server bytes before they are forwarded."""
+        return None
+
     def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
+        watch = None if record else self._request_watcher()
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
+                if watch is not None:
+                    watch(data)
                 if record:
                     with self._lock:
                         room = self.record_limit - len(self.recorded)

@@ -18,7 +18,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import pytest
 from proxy_harness import (
@@ -82,25 +82,16 @@ class CountingRelay(RecordingRelay):
         self.requests: list[tuple[str, str]] = []
         super().__init__(target_port, record_limit=0)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, record: bool) -> None:
-        if record:  # server to client: plain relay
-            return super()._pump(src, dst, record)
+    def _request_watcher(self) -> Callable[[bytes], None]:
         heads = _RequestHeads()
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                seen = heads.feed(data)
-                if seen:
-                    with self._lock:  # recorded before forwarding: counted by the time an answer comes
-                        self.requests += seen
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                dst.shutdown(socket.SHUT_WR)
+
+        def watch(data: bytes) -> None:
+            seen = heads.feed(data)
+            if seen:
+                with self._lock:  # recorded before forwarding: counted by the time an answer comes
+                    self.requests += seen
+
+        return watch
 
     def mark(self) -> int:
         with self._lock:
