@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 
 from . import errors, routes
 from .access import GO, Decision, Gate, read_listing, with_names
-from .cache import FILL, MISS, REVALIDATE, LayerCache
+from .cache import FILL, MISS, LayerCache
 from .errors import RegistryError
 from .http11 import Head
 from .metrics import Metrics
@@ -238,9 +238,7 @@ class RegistryProxy:
             assert self.tokens is not None
             token = self.tokens.token_for_request()
             if token is None:
-                if ctx.cache_op == REVALIDATE and self.cache is not None and self.cache.upstream_failed(ex, ctx):
-                    return
-                if ctx.kind == routes.BASE and self._base_offline(ex):
+                if self._offline(ex, ctx):
                     return
                 return self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
             try:
@@ -520,9 +518,7 @@ class RegistryProxy:
         if ex.gone:
             return  # the client left; nothing failed upstream
         self.metrics.upstream_errors.labels(err.kind).inc()
-        if ctx.cache_op == REVALIDATE and self.cache is not None and self.cache.upstream_failed(ex, ctx):
-            return
-        if ctx.kind == routes.BASE and self._base_offline(ex):
+        if self._offline(ex, ctx):
             return
         if ex.error is None:
             ex.error = f"{ctx.target} {err}"
@@ -531,6 +527,14 @@ class RegistryProxy:
         if err.kind == "unreachable":
             return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
         self._fail(ex, errors.UPSTREAM_BROKEN)
+
+    def _offline(self, ex: Exchange, ctx: _Ctx) -> bool:
+        """The upstream cannot be asked (unreachable, timed out, no token): answer from the cache if it can."""
+        if self.cache is None:
+            return False
+        if ctx.kind == routes.BASE:
+            return self._base_offline(ex)
+        return self.cache.upstream_failed(ex, ctx)
 
     def _base_offline(self, ex: Exchange) -> bool:
         """`GET /v2/` while the upstream is down: with a cache, clients that pass the gate may still pull
