@@ -316,9 +316,14 @@ def _endpoint(reactor: Any, option: str, spec: str) -> Any:
     if spec.isdigit():
         spec = "tcp:" + spec
     try:
-        return endpoints.serverFromString(reactor, spec)
+        endpoint = endpoints.serverFromString(reactor, spec)
     except Exception as e:
         raise usage.UsageError(f"--{option}: invalid endpoint {spec!r}: {e}") from None
+    if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
+        from .tls import serve_http11
+
+        serve_http11(endpoint._sslContextFactory)  # Twisted's ssl: endpoints refuse ALPN clients otherwise
+    return endpoint
 
 
 def _url_option(option: str, value: str, allow_path: bool = False) -> Origin:

@@ -27,17 +27,41 @@ def _read_pem_chain(path: str) -> list[ssl.Certificate]:
     return certs
 
 
+HTTP11 = b"http/1.1"
+
+
+def select_protocol(conn: SSL.Connection, offered: list[bytes]) -> bytes | object:
+    """ALPN on the front door: HTTP/1.1 when offered, otherwise go on without ALPN.
+
+    Twisted installs a selection callback on every server context that answers with
+    nothing when no protocols were declared, which OpenSSL turns into an `internal error`
+    alert: curl, urllib3 and Go clients all offer ALPN by default and were refused. A
+    client that offers only protocols we do not speak (h2 alone) still gets its handshake,
+    as with a server that knows no ALPN; HTTP/1.1 is then the only thing it can speak."""
+    return HTTP11 if HTTP11 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def serve_http11(options: Any) -> Any:
+    """Make a server context factory (ours or an `ssl:` endpoint's) negotiate ALPN as above.
+
+    `CertificateOptions.getContext` builds its context once and keeps it, so the callback
+    set here is the one every connection of that listener uses."""
+    options.getContext().set_alpn_select_callback(select_protocol)
+    return options
+
+
 def server_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
     """Server TLS from PEM files (certificate first, then any intermediates); TLS 1.2 minimum."""
     chain = _read_pem_chain(cert_file)
     with open(key_file, "rb") as f:
         key = ssl.KeyPair.load(f.read(), crypto.FILETYPE_PEM)
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=key.original,
         certificate=chain[0].original,
         extraCertChain=[c.original for c in chain[1:]],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
+    return serve_http11(options)
 
 
 @implementer(IOpenSSLTrustRoot)

@@ -11,6 +11,7 @@ import os
 import pathlib
 import socket
 import ssl
+import subprocess
 import warnings
 from collections.abc import Iterator
 
@@ -26,6 +27,7 @@ from proxy_harness import (
     pull_via,
     push_direct,
     push_via,
+    sha256_file,
 )
 
 from ecr_twisted.emulator import EmulatedECR, _make_tls_files
@@ -122,6 +124,24 @@ def _check_client_tls(
     # a verified HTTPS request
     r = http_request(f"https://127.0.0.1:{p.port}/v2/", context=client_tls_context(ca_file))
     assert r.status == 200 and r.body == b"{}"
+    # clients that offer ALPN (curl, urllib3, Go do by default) complete the handshake on http/1.1
+    for offer in (["http/1.1"], ["h2", "http/1.1"], ["h2"]):
+        ctx = client_tls_context(ca_file)
+        ctx.set_alpn_protocols(offer)
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s, \
+                ctx.wrap_socket(s, server_hostname="127.0.0.1") as t:
+            assert t.selected_alpn_protocol() == ("http/1.1" if "http/1.1" in offer else None), offer
+            t.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            assert t.recv(64).startswith(b"HTTP/1.1 200"), offer
+    digest = image.blob_digests[-1]
+    curl = subprocess.run(
+        ["curl", "-sS", "--fail", "--cacert", str(ca_file), "-o", str(tmp_path / "curl-blob"),
+         "-w", "%{http_version}", f"https://127.0.0.1:{p.port}/v2/{REPO}/blobs/{digest}"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert curl.returncode == 0, f"curl with its defaults (ALPN offered) failed: {curl.stderr}"
+    assert curl.stdout == "1.1"
+    assert sha256_file(tmp_path / "curl-blob") == digest
     # skopeo verifies the certificate against the CA (cert dir) and pulls every blob through TLS
     pull_via(p, REPO, image.tag, tmp_path / "pulled", cert_dir=ca_file.parent)
     assert_layout_matches(tmp_path / "pulled", image.tag, image)
