@@ -238,9 +238,12 @@ class RegistryProxy:
             assert self.tokens is not None
             token = self.tokens.token_for_request()
             if token is None:
-                if self._offline(ex, ctx):
+                waiting = self.tokens.wait_for_token(self.config.request_timeout)
+                if waiting is not None:  # the first token is on its way: go on when it comes
+                    waiting.addCallback(self._token_came, ex, ctx)
+                    waiting.addErrback(self._bug, ex)
                     return
-                return self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
+                return self._no_token(ex, ctx)
             try:
                 origin = self._origin(token)
             except ValueError:
@@ -257,6 +260,18 @@ class RegistryProxy:
         fields.append((b"Host", origin.netloc))
         ctx.fields = fields
         self._send(ex, ctx)
+
+    def _token_came(self, token: Token | None, ex: Exchange, ctx: _Ctx) -> None:
+        if ex.gone:
+            return
+        if token is None:  # the fetch failed or took longer than a request may wait
+            return self._no_token(ex, ctx)
+        self._go_upstream(ex, ctx)
+
+    def _no_token(self, ex: Exchange, ctx: _Ctx) -> None:
+        if self._offline(ex, ctx):
+            return
+        self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
 
     def _send_refusal(self, ex: Exchange, decision: Decision) -> None:
         """Answer a refusal of the gate (or of ECR to passthrough credentials) with its challenge."""

@@ -208,6 +208,27 @@ class TokenKeeper:
             return token
         return None
 
+    def wait_for_token(self, timeout: float) -> Deferred[Token | None] | None:
+        """A request found no usable token: if a fetch is under way (the first one, at start-up),
+        a Deferred that fires with the token it brings, or None when it fails or `timeout`
+        passes first. None when nothing is being fetched: the caller answers 503 at once.
+
+        Clients started together with the proxy (a CI job, a pod and its sidecar) would
+        otherwise be refused for the half second the first fetch takes."""
+        if self._inflight is None:
+            return None
+        waiters = self._waiters
+
+        def gone(d: Deferred[Token | None]) -> None:
+            # cancelled (the timeout below): it must not be fired again by _settle
+            if d in waiters:
+                waiters.remove(d)
+
+        d: Deferred[Token | None] = Deferred(gone)
+        waiters.append(d)
+        d.addTimeout(timeout, self._clock, onTimeoutCancel=lambda result, timeout: None)
+        return d
+
     def ready(self, now: float | None = None) -> bool:
         token = self.current
         if token is None:

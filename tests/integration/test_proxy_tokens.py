@@ -6,6 +6,7 @@ Uses an emulator of its own: these tests change what the registry accepts.
 from __future__ import annotations
 
 import concurrent.futures
+import http.client
 import os
 import pathlib
 import time
@@ -199,3 +200,31 @@ def test_persistent_rejection_does_not_call_ecr_api_per_request(
         assert calls <= 5, f"{calls} GetAuthorizationToken calls for 30 refused requests"
     finally:
         ecr.set_registry_password(ecr.moto_password)
+
+
+def test_a_request_sent_the_moment_the_port_opens_succeeds(
+    rot_ecr: EmulatedECR, image: ImageInfo, proxy_factory: ProxyFactory
+) -> None:
+    """Clients started together with the proxy (a CI job, a pod and its sidecar) wait for the first
+    token instead of getting 503 for the half second its fetch takes."""
+    p = proxy_factory(rot_ecr, wait=None)
+    assert p.port is not None
+    deadline = time.monotonic() + 15
+    while True:
+        assert p.alive(), p.log_tail()
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", p.port, timeout=30)
+            conn.connect()
+            break
+        except OSError:
+            assert time.monotonic() < deadline, "the port never opened"
+            time.sleep(0.005)  # polling a real process's port: there is no clock to advance
+    try:
+        conn.request("GET", f"/v2/{REPO}/manifests/{image.tag}", headers={"Accept": MANIFEST_ACCEPT})
+        r = conn.getresponse()
+        body = r.read()
+    finally:
+        conn.close()
+    assert r.status == 200, (r.status, body)
+    assert r.getheader("Docker-Content-Digest") == image.manifest_digest
+    assert body == image.manifest

@@ -256,6 +256,80 @@ def test_no_token_yet_is_503_with_retry_after() -> None:
     assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
 
 
+def _starting(h: Harness) -> None:
+    """The keeper as at start-up: no token, the first fetch under way (held open by the test)."""
+    h.keeper.current = None
+    h.keeper.next_attempt = 0.0
+    h.fetcher.hold = True
+    h.keeper._check()
+    assert h.fetcher.calls == 1
+
+
+def test_a_request_during_the_first_token_fetch_waits_for_it() -> None:
+    h = Harness()
+    _starting(h)
+    proto, client = h.client()
+    proto.dataReceived(b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.reactor.advance(5)
+    assert client.value() == b"" and h.upstreams.connections == [], "answered before the token came"
+    token = make_token("first", now=h.reactor.seconds())
+    h.fetcher.answer(token)
+    conn, upstream = h.upstreams.last()
+    assert b"\r\nAuthorization: " + token.header + b"\r\n" in upstream.value()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+    line, _, body = split(client.value())
+    assert line == b"HTTP/1.1 200 OK" and body == b"{}"
+    # the wait's timer went with it
+    assert not [c for c in h.reactor.getDelayedCalls() if "imeout" in repr(c.func) and "Deferred" in repr(c.func)]
+
+
+def test_a_failed_first_fetch_answers_the_waiting_requests_with_503() -> None:
+    h = Harness()
+    _starting(h)
+    clients = []
+    for _ in range(3):
+        proto, client = h.client()
+        proto.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+        clients.append(client)
+    h.reactor.advance(1)
+    assert all(c.value() == b"" for c in clients)
+    h.fetcher.answer(RuntimeError("AccessDenied"))
+    for client in clients:
+        line, fields, body = split(client.value())
+        assert line == b"HTTP/1.1 503 Service Unavailable" and fields[b"retry-after"] == [b"5"]
+        assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    # while backing off there is nothing to wait for: 503 at once
+    proto, client = h.client()
+    proto.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    assert split(client.value())[0] == b"HTTP/1.1 503 Service Unavailable"
+
+
+def test_waiting_for_the_first_token_is_bounded_by_the_request_timeout() -> None:
+    h = Harness(config=ProxyConfig(upstream=UPSTREAM, request_timeout=20.0))
+    _starting(h)
+    proto, client = h.client()
+    proto.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    h.reactor.advance(19.9)
+    assert client.value() == b""
+    h.reactor.advance(0.2)
+    assert split(client.value())[0] == b"HTTP/1.1 503 Service Unavailable"
+    # the fetch that comes in later neither answers that request twice nor fails
+    h.fetcher.answer(make_token(now=h.reactor.seconds()))
+    assert client.value().count(b"HTTP/1.1 ") == 1
+    assert h.keeper.current is not None
+
+
+def test_a_client_that_leaves_while_waiting_costs_nothing_upstream() -> None:
+    h = Harness()
+    _starting(h)
+    proto, client = h.client()
+    proto.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
+    proto.connectionLost(None)
+    h.fetcher.answer(make_token(now=h.reactor.seconds()))
+    assert h.upstreams.connections == []
+    assert h.sample("ecrproxy_requests_in_flight") == 0
+
+
 def test_envelope_shape() -> None:
     assert json.loads(errors.envelope(errors.BLOB_UNKNOWN)) == {
         "errors": [{"code": "BLOB_UNKNOWN", "message": "blob unknown to registry"}]
