@@ -6,7 +6,11 @@ go ahead (possibly with a rewritten target or a listing filter), or the registry
 
 Modes:
 - none: everyone is anonymous; the policy says what anonymous may do.
-- basic: htpasswd users with Basic credentials on every request.
+- basic: htpasswd users with Basic credentials on every request. When the policy gives
+  anonymous callers anything, the challenge is the token flow's Bearer one instead (with
+  `/token` served as in token mode), and Bearer tokens are accepted besides Basic: docker
+  refuses a Basic challenge it holds no credentials for, and containers/image clients answer
+  one with empty credentials, so only the token flow lets every client pull anonymously.
 - token: Docker's token flow; `/token` trades Basic credentials for a short-lived JWT
   whose scopes are what the policy allows, and each request needs a token with its scope.
 - passthrough: the client's own ECR credentials go upstream; ECR decides who they are.
@@ -80,7 +84,7 @@ class Decision:
     ) -> None:
         self.error = error
         self.detail = detail
-        self.challenge = challenge  # "basic", or a Bearer "scope|error" spec; the proxy writes the header
+        self.challenge = challenge  # "scope|error" (or "basic-token" for /token); the gate writes the header
         self.retry_after = retry_after
         self.target: bytes | None = None  # a rewritten request target (mount -> plain upload)
         self.listing: Listing | None = None  # filter for tags/list and _catalog names
@@ -139,6 +143,8 @@ class Gate:
             raise ValueError(f"--auth {config.mode} needs an htpasswd file")
         if config.mode == "token" and issuer is None:
             raise ValueError("--auth token needs a token issuer")
+        if issuer is not None and config.mode not in ("basic", "token"):
+            raise ValueError(f"--auth {config.mode} issues no tokens")
         if config.mode == "webhook" and webhook is None:
             raise ValueError("--auth webhook needs a webhook")
         self.config = config
@@ -150,6 +156,7 @@ class Gate:
         self.issuer = issuer
         self.webhook = webhook
         self.throttle = throttle or LoginThrottle()
+        self.issues_tokens = issuer is not None  # `/token` is served
         self._filters_names = config.namespace is not None or config.exclude is not None
         # `--auth none` with the open policy (what --anonymous means): every request goes ahead
         self.open = (
@@ -219,7 +226,7 @@ class Gate:
             if not (kind == routes.BLOB and method == b"HEAD" and policy.allows(ident.who, PUSH, name)):
                 return self._refuse(ident, action, name)
             action = PUSH
-        if mode == "token":
+        if mode == "token" or ident.grant is not None:  # basic mode accepts our tokens too
             if ident.grant is None:
                 return self._challenge(name, action)
             if not ident.grant.permits(name, action):
@@ -245,7 +252,7 @@ class Gate:
         mode = self.mode
         if mode == "none":
             return GO
-        if mode == "token":
+        if mode == "token" or ident.grant is not None:
             return GO if ident.grant is not None else self._challenge()
         if ident.creds.scheme == "none" or (mode == "basic" and ident.who.anonymous):
             return self._challenge()
@@ -290,20 +297,21 @@ class Gate:
                 failed = Decision(errors.TOO_MANY_REQUESTS, "too many failed logins; wait", retry_after=int(wait) + 1)
                 return Identity(ANONYMOUS, creds, failed=failed)
             return Identity(Principal(creds.user) if creds.user else ANONYMOUS, creds, addr=addr)
-        if mode == "token":
-            if scheme != "bearer":
-                return Identity(ANONYMOUS, _NONE, failed=self._challenge())
-            assert self.issuer is not None and creds.secret is not None
-            grant = self.issuer.verify(creds.secret, self.clock.seconds())
-            if grant is None:
-                self._count("failure")
-                return Identity(ANONYMOUS, creds, failed=self._challenge(error="invalid_token"))
-            self._count("success")
-            return Identity(Principal(grant.user) if grant.user else ANONYMOUS, creds, grant)
-        # basic
-        if scheme != "basic":
-            return Identity(ANONYMOUS, creds, failed=self._challenge())
+        if scheme == "bearer" and self.issuer is not None:
+            return self._bearer(creds)
+        if mode == "token" or scheme != "basic":
+            return Identity(ANONYMOUS, _NONE, failed=self._challenge())
         return self.login(creds, peer)
+
+    def _bearer(self, creds: Credentials) -> Identity:
+        """A token of ours (token mode; basic mode when it offers the token flow)."""
+        assert self.issuer is not None and creds.secret is not None
+        grant = self.issuer.verify(creds.secret, self.clock.seconds())
+        if grant is None:
+            self._count("failure")
+            return Identity(ANONYMOUS, creds, failed=self._challenge(error="invalid_token"))
+        self._count("success")
+        return Identity(Principal(grant.user) if grant.user else ANONYMOUS, creds, grant)
 
     def login(self, creds: Credentials, peer: Callable[[], str]) -> Identity | Deferred[Identity]:
         """Check Basic credentials against the htpasswd file, throttled per client address.
@@ -356,17 +364,22 @@ class Gate:
     def _challenge(
         self, name: str | None = None, action: str | None = None, error: str | None = None, detail: str | None = None
     ) -> Decision:
-        spec = "basic"
+        scope = f"repository:{name}:{action}" if name and action else ""
+        return Decision(errors.UNAUTHORIZED, detail, challenge=f"{scope}|{error or ''}")
+
+    def token_flow(self) -> bool:
+        """Challenge with Bearer (the token flow) rather than Basic? Always in token mode; in basic
+        mode while the policy lets anonymous callers do something (decided per challenge: the
+        policy file may change)."""
         if self.mode == "token":
-            scope = f"repository:{name}:{action}" if name and action else ""
-            spec = f"{scope}|{error or ''}"
-        return Decision(errors.UNAUTHORIZED, detail, challenge=spec)
+            return True
+        return self.issuer is not None and self.policy.current().anonymous_may_act
 
     def challenge_header(self, spec: str, public: bytes) -> bytes:
         """The WWW-Authenticate value for a Decision's `challenge`, on the public URL."""
         if spec == "basic-token":  # /token itself asks for the user's password
             return b'Basic realm="' + public + b'/token"'
-        if self.mode != "token":
+        if not self.token_flow():
             return b'Basic realm="' + public + b'"'
         scope, _, error = spec.partition("|")
         value = b'Bearer realm="' + public + b'/token",service="' + self.config.service.encode("ascii") + b'"'
@@ -406,7 +419,7 @@ class Gate:
             and policy is not None
             and self.visible(source)
             and policy.allows(ident.who, PULL, source)
-            and (self.mode != "token" or (ident.grant is not None and ident.grant.permits(source, PULL)))
+            and (ident.grant.permits(source, PULL) if ident.grant is not None else self.mode != "token")
         )
         return decision if readable else _plain_upload(target)
 

@@ -61,6 +61,10 @@ def parse_authorization(value: bytes | None) -> Credentials:
         except (binascii.Error, UnicodeDecodeError):
             return _INVALID
         user, colon, password = decoded.partition(":")
+        if decoded == ":":
+            # `Basic Og==`: what skopeo, podman and buildah send when they hold no credentials
+            # for a registry that challenged with Basic. Anonymous, not a failed login.
+            return NO_CREDENTIALS
         if not colon or not user:
             return _INVALID
         return Credentials("basic", user, password, value)

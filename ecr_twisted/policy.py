@@ -99,6 +99,10 @@ class Policy:
 
     def __init__(self, rules: Iterable[Rule], groups: Mapping[str, Iterable[str]] | None = None) -> None:
         self.rules = tuple(rules)
+        # some allow rule speaks to callers without credentials: basic mode then offers the token flow
+        self.anonymous_may_act = any(
+            rule.effect == "allow" and not rule.principals.isdisjoint(_ANONYMOUS_NAMES) for rule in self.rules
+        )
         self._groups_of: dict[str, set[str]] = {}
         self._names_of: dict[str, frozenset[str]] = {}  # per request otherwise
         for group, members in (groups or {}).items():

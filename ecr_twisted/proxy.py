@@ -187,7 +187,7 @@ class RegistryProxy:
         self.metrics.in_flight.inc()
         req = ex.request
         path = req.target.split(b"?", 1)[0]
-        if path == b"/token" and self.gate.mode == "token":
+        if path == b"/token" and self.gate.issues_tokens:
             ex.ctx = _Ctx("token")
             return self._token_endpoint(ex)
         m = routes.match(req.method, path)

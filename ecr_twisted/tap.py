@@ -78,9 +78,9 @@ class Options(usage.Options):
          "public-read, private, open. Default: open with --auth none, private otherwise."],
         ["namespace-pattern", None, None, "Only repositories whose whole name matches this regex exist for clients."],
         ["exclude-pattern", None, None, "Repositories whose whole name matches this regex do not exist for clients."],
-        ["token-key", None, None, "--auth token: file with the token signing key (created if absent; default: a new key per start)."],
-        ["token-service", None, "ecr-twisted", "--auth token: the service name in challenges and tokens."],
-        ["token-ttl", None, 300, "--auth token: seconds a token lives.", int],
+        ["token-key", None, None, "--auth basic|token: file with the token signing key (created if absent; default: a new key per start)."],
+        ["token-service", None, "ecr-twisted", "--auth basic|token: the service name in Bearer challenges and tokens."],
+        ["token-ttl", None, 300, "--auth basic|token: seconds a token lives.", int],
         ["auth-webhook", None, None, "--auth webhook: URL the proxy POSTs each access question to."],
         ["auth-webhook-ttl", None, 60.0, "--auth webhook: seconds an answer is remembered.", float],
         ["auth-webhook-timeout", None, 5.0, "--auth webhook: seconds to wait for an answer (then deny).", float],
@@ -267,7 +267,7 @@ class Options(usage.Options):
                     raise usage.UsageError(f"--{name}: not a regular expression: {e}") from None
             else:
                 self[name + "-re"] = None
-        if mode == "token":
+        if mode in ("basic", "token"):  # basic mode offers the token flow when anonymous may pull
             if not 30 <= self["token-ttl"] <= 86400:
                 raise usage.UsageError("--token-ttl must be between 30 and 86400 seconds")
             if not re.fullmatch(r"[A-Za-z0-9.:_-]{1,128}", self["token-service"]):
@@ -368,7 +368,7 @@ def build_gate(options: Options, reactor: Any, metrics: Metrics) -> Gate:
     )
     htpasswd = Htpasswd(options["htpasswd"], reactor) if mode in ("basic", "token") else None
     issuer = None
-    if mode == "token":
+    if mode in ("basic", "token"):
         issuer = TokenIssuer(load_or_create_key(options["token-key"]), options["token-service"], options["token-ttl"])
     webhook = None
     if mode == "webhook":

@@ -144,7 +144,7 @@ def make_proxy(
             clock,
             metrics=h.access,
             htpasswd=Htpasswd(htpasswd, clock, check=synchronous_bcrypt) if htpasswd is not None else None,
-            issuer=TokenIssuer(KEY, SERVICE) if mode == "token" else None,
+            issuer=TokenIssuer(KEY, SERVICE) if mode in ("basic", "token") else None,  # as tap.build_gate
             webhook=authorizer,
         )
 
@@ -412,21 +412,102 @@ def test_read_only_refuses_writes_even_to_allowed_users(htpasswd: str, method: s
 # --auth basic
 
 
-def test_basic_base_without_credentials_is_a_challenge(htpasswd: str) -> None:
+NOBODY_ANONYMOUS = """
+[[rule]]
+principals = ["authenticated"]
+actions = ["pull", "push"]
+repositories = ["*"]
+"""
+
+
+def test_basic_base_without_credentials_is_a_basic_challenge_when_anonymous_may_do_nothing(htpasswd: str) -> None:
+    h = make_proxy("basic", NOBODY_ANONYMOUS, htpasswd=htpasswd)
+    for auth in (None, basic("", "")):  # `Basic Og==`: no credentials, as skopeo sends after a Basic challenge
+        r = assert_refused(h, call(h, "GET", "/v2/", auth), 401, "UNAUTHORIZED")
+        assert r.fields[b"www-authenticate"] == [basic_challenge()]
+        assert r.header(b"docker-distribution-api-version") == b"registry/2.0"
+    assert h.upstreams.connections == []
+    assert h.sample("ecrproxy_auth_attempts_total", {"mode": "basic", "result": "failure"}) is None
+
+
+def test_basic_base_without_credentials_is_a_bearer_challenge_when_anonymous_may_pull(htpasswd: str) -> None:
+    """docker refuses a Basic challenge it has no credentials for ("no basic auth credentials"),
+    so anonymous pulls need the token flow: the same challenge registries with public images send."""
     h = make_proxy("basic", htpasswd=htpasswd)
     r = assert_refused(h, call(h, "GET", "/v2/"), 401, "UNAUTHORIZED")
-    assert r.fields[b"www-authenticate"] == [basic_challenge()]
+    assert r.fields[b"www-authenticate"] == [bearer_challenge()]
     assert r.header(b"docker-distribution-api-version") == b"registry/2.0"
     assert h.upstreams.connections == []
 
 
 def test_basic_wrong_password_and_unknown_user_are_401(htpasswd: str) -> None:
+    for policy, challenge in ((POLICY, bearer_challenge()), (NOBODY_ANONYMOUS, basic_challenge())):
+        h = make_proxy("basic", policy, htpasswd=htpasswd)
+        for auth in (basic("alice", "nope"), basic("mallory", "alice-pw"), b"Basic !!notbase64", b"Digest x=y",
+                     basic("", "alice-pw")):
+            r = assert_refused(h, call(h, "GET", "/v2/", auth), 401, "UNAUTHORIZED")
+            assert r.header(b"www-authenticate") == challenge
+        assert h.upstreams.connections == []
+        assert h.sample("ecrproxy_auth_attempts_total", {"mode": "basic", "result": "failure"}) == 5
+
+
+def test_empty_basic_credentials_are_anonymous_not_a_failed_login(htpasswd: str) -> None:
+    """skopeo, podman and buildah answer a Basic challenge with `Basic Og==` when they hold no credentials."""
     h = make_proxy("basic", htpasswd=htpasswd)
-    for auth in (basic("alice", "nope"), basic("mallory", "alice-pw"), b"Basic !!notbase64", b"Digest x=y"):
-        r = assert_refused(h, call(h, "GET", "/v2/", auth), 401, "UNAUTHORIZED")
-        assert r.header(b"www-authenticate") == basic_challenge()
-    assert h.upstreams.connections == []
-    assert h.sample("ecrproxy_auth_attempts_total", {"mode": "basic", "result": "failure"}) == 4
+    for _ in range(8):  # more than the throttle's free failures: none of these is one
+        forwarded(h, call(h, "GET", "/v2/public/base/manifests/1.0", basic("", "")))
+    r = assert_refused(h, call(h, "GET", "/v2/team-a/app/manifests/1.0", basic("", "")), 401, "UNAUTHORIZED", before=8)
+    assert r.header(b"www-authenticate") == bearer_challenge("repository:team-a/app:pull")
+    assert h.sample("ecrproxy_auth_attempts_total", {"mode": "basic", "result": "failure"}) is None
+    # and a real login from the same address still goes through
+    forwarded(h, call(h, "GET", "/v2/team-a/app/manifests/1.0", basic("alice", "alice-pw")))
+
+
+def test_basic_mode_token_flow_anonymous_pull_and_logged_in_push(htpasswd: str) -> None:
+    """What docker does against basic mode with a public-read policy: an anonymous token for pulls;
+    after `docker login`, a token bought with the password for pushes."""
+    h = make_proxy("basic", htpasswd=htpasswd)
+    anon = get_token(h, f"service={SERVICE}&scope=repository:public/base:pull")
+    assert anon.status == 200
+    anon_token = json.loads(anon.body)["token"]
+    assert access_of(anon_token) == {"public/base": ["pull"]}
+    forwarded(h, call(h, "GET", "/v2/", bearer(anon_token)))
+    sent = forwarded(h, call(h, "GET", "/v2/public/base/manifests/1.0", bearer(anon_token)))
+    assert sent.fields[b"authorization"] == [h.keeper.current.header]
+    # the anonymous token opens nothing else, and what the policy refuses stays refused
+    before = len(upstream_requests(h))
+    r = assert_refused(h, call(h, "PUT", "/v2/public/base/manifests/1.0", bearer(anon_token), b"{}"), 401,
+                       "UNAUTHORIZED", before=before)
+    assert r.header(b"www-authenticate") == bearer_challenge("repository:public/base:push")
+    assert access_of(json.loads(get_token(h, "scope=repository:team-a/app:pull,push").body)["token"]) == {}
+    # docker login: /token with the password (a wrong one is refused and counted)
+    bad = get_token(h, f"account=alice&client_id=docker&offline_token=true&service={SERVICE}", basic("alice", "no"))
+    assert (bad.status, bad.code) == (401, "UNAUTHORIZED")
+    assert h.sample("ecrproxy_auth_attempts_total", {"mode": "basic", "result": "failure"}) == 1
+    token = alice_token(h, "repository:team-a/app:pull,push")
+    assert access_of(token) == {"team-a/app": ["pull", "push"]}
+    sent = forwarded(h, call(h, "PUT", "/v2/team-a/app/manifests/1.0", bearer(token), b"{}"), 201)
+    assert sent.line == b"PUT /v2/team-a/app/manifests/1.0 HTTP/1.1"
+    assert token.encode() not in b"".join(t.value() for _, _, t in h.upstreams.connections)
+    # a forged or expired token is no way around the policy
+    h.reactor.advance(301)
+    assert_refused(h, call(h, "GET", "/v2/team-a/app/manifests/1.0", bearer(token)), 401, "UNAUTHORIZED",
+                   before=len(upstream_requests(h)))
+    # Basic credentials keep working on every request, for simple clients
+    forwarded(h, call(h, "GET", "/v2/team-a/app/manifests/1.0", basic("alice", "alice-pw")))
+
+
+def test_basic_mode_challenge_follows_a_policy_file_change(htpasswd: str, tmp_path: Path) -> None:
+    from ecr_twisted.policy import PolicyFile
+
+    path = tmp_path / "policy.toml"
+    path.write_text(NOBODY_ANONYMOUS)
+    h = make_proxy("basic", htpasswd=htpasswd)
+    h.gate.policy = PolicyFile(str(path), h.reactor)
+    assert call(h, "GET", "/v2/").reply().header(b"www-authenticate") == basic_challenge()
+    path.write_text(ANONYMOUS_PULL + "\n# now public\n")
+    h.reactor.advance(2)
+    assert call(h, "GET", "/v2/").reply().header(b"www-authenticate") == bearer_challenge()
 
 
 def test_basic_right_password_is_forwarded_with_our_token(htpasswd: str) -> None:
@@ -443,7 +524,7 @@ def test_basic_anonymous_gets_what_anonymous_may_and_is_asked_to_log_in_for_more
     h = make_proxy("basic", htpasswd=htpasswd)
     forwarded(h, call(h, "GET", "/v2/public/base/manifests/1.0"))
     r = assert_refused(h, call(h, "GET", "/v2/team-a/app/manifests/1.0"), 401, "UNAUTHORIZED", before=1)
-    assert r.header(b"www-authenticate") == basic_challenge()
+    assert r.header(b"www-authenticate") == bearer_challenge("repository:team-a/app:pull")
     assert h.sample("ecrproxy_access_denied_total", {"action": "pull"}) == 1
 
 
@@ -791,6 +872,13 @@ def test_token_endpoint_wrong_password_is_a_basic_challenge_for_token(htpasswd: 
     assert h.sample("ecrproxy_auth_attempts_total", {"mode": "token", "result": "failure"}) == 2
 
 
+def test_token_endpoint_takes_empty_basic_credentials_as_anonymous(htpasswd: str) -> None:
+    h = make_proxy("token", htpasswd=htpasswd)
+    r = get_token(h, f"service={SERVICE}&scope=repository:public/base:pull", basic("", ""))
+    assert r.status == 200 and access_of(json.loads(r.body)["token"]) == {"public/base": ["pull"]}
+    assert h.sample("ecrproxy_auth_attempts_total", {"mode": "token", "result": "failure"}) is None
+
+
 def test_token_endpoint_is_throttled_too(htpasswd: str) -> None:
     h = make_proxy("token", htpasswd=htpasswd)
     for _ in range(5):
@@ -894,10 +982,14 @@ def test_token_catalog_needs_a_token_and_is_filtered_by_policy(htpasswd: str) ->
     assert json.loads(c.reply().body) == {"repositories": ["team-a/app", "team-a/lib", "team-a/secret"]}
 
 
-def test_token_endpoint_exists_only_in_token_mode(htpasswd: str) -> None:
+def test_token_endpoint_exists_only_in_the_modes_with_tokens(htpasswd: str) -> None:
+    for mode in ("none", "webhook"):
+        h = make_proxy(mode, webhook=FakeWebhook() if mode == "webhook" else None)
+        r = call(h, "GET", "/token?scope=repository:team-a/app:pull", basic("alice", "alice-pw")).reply()
+        assert (r.status, r.code) == (404, "NOT_FOUND") and h.upstreams.connections == []
     h = make_proxy("basic", htpasswd=htpasswd)
     r = call(h, "GET", "/token?scope=repository:team-a/app:pull", basic("alice", "alice-pw")).reply()
-    assert (r.status, r.code) == (404, "NOT_FOUND") and h.upstreams.connections == []
+    assert r.status == 200 and access_of(json.loads(r.body)["token"]) == {"team-a/app": ["pull"]}
     h = make_proxy("token", htpasswd=htpasswd)
     r = call(h, "POST", "/token", basic("alice", "alice-pw"), b"grant_type=password").reply()
     assert (r.status, r.code) == (405, "UNSUPPORTED")
