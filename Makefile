@@ -5,7 +5,7 @@
 # make bench  ecr-twisted against nginx and direct registry access (bench/README.md; ~10 min,
 #             BENCH_ARGS=--quick for ~3 min); not part of make test
 SHELL := /bin/bash
-DEBIAN_TEST := docker-registry skopeo podman curl ca-certificates
+DEBIAN_TEST := docker-registry skopeo podman curl ca-certificates docker.io containerd buildah
 DEBIAN_BENCH := nginx-light wrk curl docker-registry
 BENCH_ARGS ?=
 

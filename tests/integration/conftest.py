@@ -3,9 +3,11 @@
 * ``ecr``: one EmulatedECR for the whole session (tests that break it get their own);
 * ``proxy_factory``: start proxies with extra arguments, stopped after the test;
 * ``module_proxy_factory``: the same, stopped after the module;
-* ``proxy``: one default proxy (stream mode) per module on ``ecr``.
+* ``proxy``: one default proxy (stream mode) per module on ``ecr``;
+* ``dockerd`` / ``containerd``: one daemon each per session, started on first use (clients.py).
 
-When a test fails, the tail of every proxy log still running is attached to its report.
+When a test fails, the tail of every proxy log still running is attached to its report, and
+the daemons' logs when the test used them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
+from clients import DAEMONS_USED, LIVE_DAEMONS, Containerd, Dockerd  # noqa: E402
 from proxy_harness import LIVE_PROXIES, Proxy, ProxyFactory  # noqa: E402
 
 from ecr_twisted.emulator import EmulatedECR  # noqa: E402
@@ -30,6 +33,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if report.failed and LIVE_PROXIES:
         for p in list(LIVE_PROXIES):
             report.sections.append((f"{p.name} log tail ({p.log_path})", p.log_tail(8000)))
+    if report.failed:
+        used = set(getattr(item, "fixturenames", ())) | item.stash.get(DAEMONS_USED, set())
+        for d in list(LIVE_DAEMONS):
+            if d.name in used:
+                report.sections.append((f"{d.name} log tail ({d.log_path})", d.log_tail(8000)))
 
 
 @pytest.fixture(scope="session")
@@ -63,3 +71,27 @@ def proxy(ecr: EmulatedECR, module_proxy_factory: ProxyFactory) -> Proxy:
     p = module_proxy_factory(ecr)
     assert "AWS_ENDPOINT_URL_ECR" in p.env and "--ecr-endpoint-url" not in p.args
     return p
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Dockerd]:
+    """One dockerd for the session (vfs, no networking, private data/exec root and socket)."""
+    daemon = Dockerd()
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        daemon.remove()
+
+
+@pytest.fixture(scope="session")
+def containerd() -> Iterator[Containerd]:
+    """One containerd for the session (private config, root, state and socket)."""
+    daemon = Containerd()
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        daemon.remove()
