@@ -26,6 +26,7 @@ import gzip
 import json
 import os
 import pathlib
+import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -54,7 +55,7 @@ from proxy_harness import (
     push_direct,
 )
 
-from ecr_twisted.emulator import EmulatedECR
+from ecr_twisted.emulator import EmulatedECR, _make_tls_files
 from ecr_twisted.testing import write_htpasswd
 from ecr_twisted.testing_images import (
     OCI_CONFIG,
@@ -527,3 +528,40 @@ def test_buildah_pushes_a_two_platform_index(
         assert [d["digest"] for d in child["layers"]] == info.layer_digests
         for descriptor in child["layers"]:
             assert upstream_blob(ecr, repo, descriptor) == info.blob_path(descriptor["digest"]).read_bytes()
+
+
+@pytest.mark.parametrize("mode", ["none", "basic"])
+def test_docker_over_tls_with_the_test_ca_in_certs_d(
+    ecr: EmulatedECR, proxy_factory: ProxyFactory, htpasswd: pathlib.Path, make_client: Callable[[str], Client],
+    tmp_path: pathlib.Path, mode: str,
+) -> None:
+    """docker against a TLS-only proxy port (--tls-cert/--tls-key), the test CA in dockerd's certs.d.
+
+    dockerd reads certs.d only from /etc/docker/certs.d, so the test writes the CA there for the
+    proxy's port and takes it away after. (docker treats 127.0.0.0/8 as an insecure range and does
+    not verify there; what this proves is that docker's TLS handshake, login and transfers work
+    against the front door: the port speaks nothing but TLS, so there is no plain-HTTP fallback.)"""
+    ca, cert, key = _make_tls_files(tmp_path / "tls")
+    extra = ["--tls-cert", str(cert), "--tls-key", str(key)]
+    if mode == "none":
+        proxy = proxy_factory(ecr, *extra, scheme="https")
+    else:
+        proxy = proxy_factory(ecr, "--auth", mode, "--htpasswd", str(htpasswd), "--policy", "public-read", *extra,
+                              anonymous=False, scheme="https")
+    certs_d = pathlib.Path("/etc/docker/certs.d") / proxy.host
+    certs_d.mkdir(parents=True, exist_ok=False)
+    try:
+        shutil.copy(ca, certs_d / "ca.crt")
+        client = make_client("docker")
+        pulled = image(tmp_path, f"tls-pull-{mode}")
+        repo = f"clients/tls-{mode}"
+        push_direct(ecr, pulled, repo)
+        client.pull_and_check(proxy.host, repo, pulled)
+        if mode != "none":
+            client.login(proxy.host, USER, PASSWORD)
+        pushed = image(tmp_path, f"tls-push-{mode}")
+        _, reported = client.push(pushed, f"{proxy.host}/{repo}-pushed:1.0")
+        verify_pushed_image(ecr, f"{repo}-pushed", "1.0", pushed, reported, exact=client.exact_push)
+        assert "GET /v2/ " in proxy.log_text()  # it came through this (TLS-only) port
+    finally:
+        shutil.rmtree(certs_d, ignore_errors=True)
