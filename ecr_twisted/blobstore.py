@@ -8,13 +8,19 @@ interrupted transfer, a full disk) leaves nothing behind.
 
 What a repository may be served from the cache is remembered separately: a blob is served
 for repository R only after the upstream confirmed once that R holds it (`confirm`), so the
-cache never shows across repositories what the upstream would not. Those pairs are appended
-to a log file and survive restarts, with the blobs.
+cache never shows across repositories what the upstream would not. A delete the upstream
+accepted takes that back (`revoke`). Confirmations and revocations are appended, in the order
+they happened, to one log (`SharedLog`) that survives restarts and is replayed in order.
 
 Several `--workers` processes may share one directory: temporary files carry their
 process's id (a start removes only those of dead processes), a blob committed twice is the
 same bytes, a file another process evicted is noticed when opened, and `rescan` adopts
-what the others stored and confirmed.
+what the others stored and confirmed. What must be seen at once, a write that took
+something back, is announced by appending to a generation file (`bump`): every request
+compares its (inode, size) with what its process saw last (`generation`: one stat) and, if
+it grew, reads the logs' new lines before trusting its memory (`catch_up`). A stat rather
+than a message between processes: nothing to set up, nothing lost when a process restarts,
+and the logs stay the one record of what is true.
 
 Nothing here speaks HTTP; `cache.py` decides when to look and when to fill.
 """
@@ -27,7 +33,7 @@ import os
 import re
 import secrets
 from collections import OrderedDict
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 from twisted.logger import Logger
 
@@ -38,6 +44,7 @@ _RANGE = re.compile(rb"bytes=(\d*)-(\d*)\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 UNSATISFIABLE = "unsatisfiable"
 MAX_MEDIA_TYPE = 255
+MAX_GENERATION = 1 << 20  # a start compacts the generation file once it has grown this big
 
 
 class Stat(NamedTuple):
@@ -99,6 +106,81 @@ def parse_range(value: bytes | None, size: int) -> tuple[int, int] | str | None:
     if start >= size:
         return UNSATISFIABLE
     return start, min(int(last), size - 1) if last else size - 1
+
+
+class SharedLog:
+    """An append-only file of lines that several processes write, each reading it as it grows.
+
+    A record is one `os.write` on an O_APPEND descriptor, so records of different processes
+    never interleave. A reader keeps its own offset and reads only what was added since
+    (`new_lines`), complete lines only. A file replaced by a newer start's compaction (another
+    inode) is followed: appends go to the new file and reading starts again at its beginning,
+    which `new_lines` says, since that file is the whole state, not news to add to it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = -1
+        self._ino = -1
+        self._read = 0
+        self._fresh = True  # nothing read from this file yet
+        self._open()
+
+    def _open(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = fd
+        self._ino = os.fstat(fd).st_ino
+        self._read = 0
+        self._fresh = True
+
+    def _follow(self) -> None:
+        try:
+            ino = os.stat(self.path).st_ino
+        except FileNotFoundError:
+            ino = -1
+        if ino != self._ino:
+            self._open()
+
+    def append(self, lines: list[str]) -> None:
+        """Add lines (no newlines in them) as one record. Raises OSError (a full disk...)."""
+        self._follow()
+        data = "".join(line + "\n" for line in lines).encode("utf-8")
+        while data:
+            data = data[os.write(self._fd, data) :]
+
+    def new_lines(self) -> tuple[bool, list[str]]:
+        """(from the start, the complete lines added since the last call): from the start the
+        first time, and when the file was replaced since."""
+        self._follow()
+        from_start, self._fresh = self._fresh, False
+        chunks = []
+        pos = self._read
+        while True:
+            chunk = os.pread(self._fd, 1 << 20, pos)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            pos += len(chunk)
+        data = b"".join(chunks)
+        end = data.rfind(b"\n") + 1  # half a line may still be being written: left for next time
+        self._read += end
+        return from_start, data[:end].decode("utf-8", "replace").splitlines()
+
+    def rewrite(self, lines: Iterable[str]) -> None:
+        """Replace the file by `lines` (compaction at start, by the first process of a group only)."""
+        tmp = self.path + ".new"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in lines)
+        os.replace(tmp, self.path)
+        self._open()
+        self._read = os.fstat(self._fd).st_size
+        self._fresh = False  # what it holds is what the caller has
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class Fill:
@@ -209,8 +291,14 @@ class BlobStore:
         self._blobs = os.path.join(root, "blobs", "sha256")
         self._tmp = os.path.join(root, "tmp")
         self._known_path = os.path.join(root, "known")
+        self._generation_path = os.path.join(root, "generation")
         os.makedirs(self._blobs, exist_ok=True)
         os.makedirs(self._tmp, exist_ok=True)
+        if compact:
+            self._compact_generation()
+        # taken before anything is read: a write recorded from here on is caught up with later
+        self.loaded_generation = self.generation()
+        self._known_log = SharedLog(self._known_path)
         self._lru: OrderedDict[str, int] = OrderedDict()  # digest -> size, least recent first
         self.size = 0
         self._known: dict[str, set[str]] = {}  # digest -> repositories confirmed to hold it
@@ -221,9 +309,6 @@ class BlobStore:
         self.mismatches = 0
         self.disk_full = 0
         self._load()
-        self._known_log: Any = open(self._known_path, "a", encoding="ascii")
-        self._known_seen = os.fstat(self._known_log.fileno())
-        self._known_read = self._known_seen.st_size
 
     # -- start-up: partial files go, the index is rebuilt from the files themselves
     def _load(self) -> None:
@@ -248,23 +333,40 @@ class BlobStore:
         for _, digest, size in sorted(found):
             self._lru[digest] = size
             self.size += size
-        try:
-            with open(self._known_path, encoding="ascii") as f:
-                for line in f:
-                    repo, _, digest = line.strip().partition(" ")
-                    if digest in self._lru:
-                        self._known.setdefault(digest, set()).add(repo)
-        except FileNotFoundError:
-            pass
+        self._apply_known(self._known_log.new_lines()[1], stored_only=True)
         if not self.compact:
             return
-        # compact the log to the pairs whose blobs are still here
-        tmp = self._known_path + ".new"
-        with open(tmp, "w", encoding="ascii") as f:
-            for digest, repos in self._known.items():
-                f.writelines(f"{repo} {digest}\n" for repo in sorted(repos))
-        os.replace(tmp, self._known_path)
+        # compact the log to the pairs whose blobs are still here (revocations are applied)
+        self._known_log.rewrite(
+            f"{repo} {digest}" for digest, repos in self._known.items() for repo in sorted(repos)
+        )
         self._make_room(0)
+
+    def _apply_known(self, lines: list[str], stored_only: bool) -> None:
+        """Replay lines of the pairs log in order: `repo digest` confirms, `-repo digest` revokes
+        (repository names never start with `-`)."""
+        for line in lines:
+            revoked = line.startswith("-")
+            repo, _, digest = line[1 if revoked else 0 :].strip().partition(" ")
+            if not digest:
+                continue
+            if revoked:
+                repos = self._known.get(digest)
+                if repos is not None:
+                    repos.discard(repo)
+            elif not stored_only or digest in self._lru:
+                self._known.setdefault(digest, set()).add(repo)
+
+    def _compact_generation(self) -> None:
+        try:
+            if os.stat(self._generation_path).st_size < MAX_GENERATION:
+                return
+        except FileNotFoundError:
+            pass
+        # a new, empty file (a new inode): a process still watching the old one sees the change
+        tmp = self._generation_path + ".new"
+        open(tmp, "wb").close()
+        os.replace(tmp, self._generation_path)
 
     @staticmethod
     def cacheable(digest: str) -> bool:
@@ -298,8 +400,43 @@ class BlobStore:
         repos = self._known.setdefault(digest, set())
         if repository not in repos:
             repos.add(repository)
-            self._known_log.write(f"{repository} {digest}\n")
-            self._known_log.flush()
+            try:
+                self._known_log.append([f"{repository} {digest}"])
+            except OSError as e:  # the others will ask the upstream themselves
+                log.warn("cannot record a confirmation in the cache: {error}", error=e.strerror)
+
+    def revoke(self, repository: str, digest: str) -> None:
+        """The upstream accepted a delete of `digest` in `repository`: no longer confirmed, here and
+        on disk. Raises OSError if it cannot be recorded; then call `bump` to tell the others."""
+        repos = self._known.get(digest)
+        if repos is not None:
+            repos.discard(repository)
+        self._known_log.append([f"-{repository} {digest}"])
+
+    # -- what other processes changed
+    def generation(self) -> tuple[int, int] | None:
+        """(inode, size) of the generation file: it grows with every write a process recorded."""
+        try:
+            st = os.stat(self._generation_path)
+        except FileNotFoundError:
+            return None
+        return st.st_ino, st.st_size
+
+    def bump(self) -> None:
+        """Tell every process on this directory that what may be served changed (after the logs
+        say how). Raises OSError."""
+        fd = os.open(self._generation_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
+        try:
+            os.write(fd, b"\n")
+        finally:
+            os.close(fd)
+
+    def catch_up(self) -> None:
+        """Apply what was appended to the pairs log since we last read it, in order."""
+        from_start, lines = self._known_log.new_lines()
+        if from_start:  # replaced by a newer start's compaction: the whole state, revocations applied
+            self._known = {}
+        self._apply_known(lines, stored_only=False)
 
     # -- filling
     def filling(self, digest: str) -> Fill | None:
@@ -471,24 +608,10 @@ class BlobStore:
                 self._lru[digest] = size
                 self._lru.move_to_end(digest, last=False)  # news to us, not recently used by us
                 self.size += size
-        try:
-            st = os.stat(self._known_path)
-        except FileNotFoundError:
-            st = None
-        if st is None or st.st_ino != self._known_seen.st_ino:
-            self._known_log.close()  # compacted (or removed) by a newer start: follow the new file
-            self._known_log = open(self._known_path, "a", encoding="ascii")
-            self._known_seen = os.fstat(self._known_log.fileno())
-            self._known_read = 0
-        with open(self._known_path, encoding="ascii") as f:
-            f.seek(self._known_read)
-            for line in f:
-                if not line.endswith("\n"):
-                    break  # half a line still being written
-                self._known_read += len(line)
-                repo, _, digest = line.strip().partition(" ")
-                if digest in self._lru:
-                    self._known.setdefault(digest, set()).add(repo)
+        self.catch_up()
+        # pairs read (here or by a `catch_up` since the last rescan) for blobs we do not hold
+        for digest in [d for d in self._known if d not in self._lru and d not in self._fills]:
+            del self._known[digest]
         self._make_room(0)
 
     def close(self) -> None:

@@ -9,6 +9,30 @@ the upstream cannot answer, the last known manifest is served for `stale_if_erro
 
 `RegistryProxy` calls `lookup` once the gate has admitted a request, and hands back
 upstream answers for requests that `lookup` marked (`ctx.cache_op`).
+
+Writes. The cache must stay transparent: after a write through the proxy, a read through
+the proxy gets what the registry would answer. So `lookup` marks manifest PUT/DELETE and blob
+DELETE as WRITE, and once the upstream has accepted one (2xx) the cache takes back what it
+could answer for it, before the client sees the 2xx:
+- a manifest PUT by tag, or by digest with `?tag=` parameters: those tags are forgotten (every
+  Accept variant); the next read by tag asks the upstream, which alone knows what each Accept
+  now resolves to;
+- a manifest DELETE by digest: the digest is no longer confirmed for that repository, and the
+  repository's tags that pointed at it are forgotten; a DELETE by tag forgets the tag (the
+  manifest by digest stays, as in the registry);
+- a blob DELETE: the digest is no longer confirmed for that repository (the file stays: other
+  repositories may hold it; a read for this one asks the upstream first).
+Forgetting, never guessing the new state: an invalidation can only cost an upstream request.
+A write the upstream refused (4xx/5xx) changes nothing; one whose answer never came (timeout,
+connection lost after sending, the client gone first) may have happened, so it counts as accepted.
+
+All of it goes to the logs on disk (tags here, repository confirmations in the store), then
+the store's generation file grows by a byte (`BlobStore.bump`). Each request first compares
+that file's (inode, size) with what this process saw last (one stat, `sync`) and, when it
+changed, reads the logs' new lines in order; so a write handled by one `--workers` process
+is seen by the next request in any other, and after a restart (the logs are replayed). If the
+logs cannot be written (a full disk), the affected files themselves are deleted instead, which
+every process notices when it opens them.
 """
 
 from __future__ import annotations
@@ -17,13 +41,14 @@ import hashlib
 import json
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable
+from urllib.parse import parse_qsl
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from . import errors, routes
-from .blobstore import UNSATISFIABLE, BlobStore, Fill, Stat, parse_range
+from .blobstore import UNSATISFIABLE, BlobStore, Fill, SharedLog, Stat, parse_range
 from .http11 import LENGTH
 from .streaming import Exchange, Fields, UpstreamResponse
 
@@ -44,12 +69,14 @@ _BLOB_FIELDS = (
 MAX_MANIFEST = 4 << 20  # ECR's own limit on a manifest's size
 FILL_STALL = 60.0  # seconds an upstream fill may make no progress before it is cut
 _GET_HEAD = frozenset({b"GET", b"HEAD"})
+_WRITES = frozenset({b"PUT", b"DELETE"})
 
 # ctx.cache_op values: what an upstream answer means to the cache
 FILL = "fill"  # blob GET miss: store the body while serving it
 PROBE = "probe"  # HEAD upstream: does this repository hold a blob we have?
 MANIFEST = "manifest"  # manifest GET miss: read it, store it, answer it
 REVALIDATE = "revalidate"  # HEAD upstream: is this tag still that digest?
+WRITE = "write"  # manifest PUT/DELETE, blob DELETE: once accepted, take back what it changed
 
 
 class TagEntry:
@@ -93,9 +120,9 @@ class LayerCache:
         self.stale = 0
         self._waiting: dict[str, list[tuple[Exchange, "_Ctx"]]] = {}
         self._tags: dict[tuple[str, str, bytes], TagEntry] = {}
-        self._tags_path = os.path.join(store.root, "tags")
+        self._seen = store.loaded_generation  # the generation file as this process last caught up with it
+        self._tags_log = SharedLog(os.path.join(store.root, "tags"))
         self._load_tags()
-        self._tags_log: Any = open(self._tags_path, "a", encoding="utf-8")
 
     # -- entry point
     def lookup(self, ex: Exchange, ctx: "_Ctx") -> bool:
@@ -103,8 +130,13 @@ class LayerCache:
         req = ex.request
         m = ctx.match
         assert m is not None and m.name is not None
-        if req.method not in _GET_HEAD or ctx.cache_tries > 2:
+        if req.method not in _GET_HEAD:
+            if req.method in _WRITES:
+                ctx.cache_op = WRITE  # straight upstream; its answer comes back to `answer`
             return False
+        if ctx.cache_tries > 2:
+            return False
+        self.sync()
         ctx.cache_source = "upstream"
         if ctx.kind == routes.BLOB:
             assert m.digest is not None
@@ -202,13 +234,68 @@ class LayerCache:
             return True
         if op == REVALIDATE:
             return self._revalidated(resp, ex, ctx)
-        return False
+        if op == WRITE and 200 <= status < 300:
+            self._written(ex, ctx)
+        return False  # the upstream's answer goes to the client as it is
 
     def upstream_failed(self, ex: Exchange, ctx: "_Ctx") -> bool:
         """The upstream could not be asked (unreachable, timeout, no token): serve stale if allowed."""
+        if ctx.cache_op == WRITE:
+            if ctx.sent_at:  # sent, and no answer: it may have been applied
+                self._written(ex, ctx)
+            return False
         if ctx.cache_op != REVALIDATE:
             return False
         return self._stale(ex, ctx)
+
+    # -- writes: what the cache could answer for them is taken back (see the module's docstring)
+    def sync(self) -> None:
+        """Catch up with the writes any process recorded since we last looked: one stat if none."""
+        now = self.store.generation()
+        if now == self._seen:
+            return
+        try:
+            self.store.catch_up()
+            self._apply_tag_lines(*self._tags_log.new_lines())
+        except OSError as e:
+            log.error("cannot read the cache's logs: {error}", error=e.strerror)
+            return  # tried again by the next request
+        self._seen = now
+
+    def _written(self, ex: Exchange, ctx: "_Ctx") -> None:
+        m = ctx.match
+        assert m is not None and m.name is not None
+        repo = m.name
+        self.sync()  # every tag entry any process recorded, to forget the right ones
+        revoked: str | None = None
+        tags: set[str] = set()
+        if ctx.kind == routes.BLOB:
+            revoked = m.digest
+        else:
+            reference = m.reference or ""
+            if ":" not in reference:
+                tags.add(reference)
+            else:
+                if ex.request.method == b"DELETE":
+                    revoked = reference  # and with it, every tag of it in this repository
+                    tags.update(t for (r, t, _), e in self._tags.items() if r == repo and e.digest == reference)
+                query = ex.request.target.partition(b"?")[2].decode("latin-1")
+                tags.update(v for k, v in parse_qsl(query) if k == "tag")
+        dropped = [key for key in self._tags if key[0] == repo and key[1] in tags]
+        if not dropped and revoked is None:
+            return  # a manifest pushed by digest alone: nothing the cache answered has changed
+        stale = {self._tags.pop(key).digest for key in dropped}
+        try:
+            if dropped:
+                self._tags_log.append([self._tag_line(key, None, 0) for key in dropped])
+            if revoked is not None:
+                self.store.revoke(repo, revoked)
+            self.store.bump()
+        except OSError as e:
+            # the other processes cannot be told: take away the files themselves, which they notice
+            log.error("cannot record a write in the cache ({error}): its files are removed", error=e.strerror)
+            for digest in stale | ({revoked} if revoked else set()):
+                self.store.remove(digest)
 
     def _plain(self, ex: Exchange, ctx: "_Ctx") -> None:
         ctx.cache_op = None
@@ -410,11 +497,13 @@ class LayerCache:
         return True
 
     def _stale(self, ex: Exchange, ctx: "_Ctx") -> bool:
+        self.sync()  # a write since the request came in may have taken the tag back
         entry = self._tags.get(ctx.tag_key) if ctx.tag_key is not None else None
         if entry is None or self.every_time or self.clock.seconds() - entry.checked > self.stale_if_error:
             return False
-        if not self.store.has(entry.digest):
-            return False
+        assert ctx.tag_key is not None
+        if not self.store.has(entry.digest) or not self.store.knows(ctx.tag_key[0], entry.digest):
+            return False  # evicted, or deleted in that repository since
         self.stale += 1
         ctx.stale = True
         log.warn("upstream unavailable: serving a stale manifest for {repo}:{tag}",
@@ -423,6 +512,11 @@ class LayerCache:
         return True
 
     # -- tags survive restarts, so a restart while ECR is down still serves
+    @staticmethod
+    def _tag_line(key: tuple[str, str, bytes], digest: str | None, checked: float) -> str:
+        """A tags log line; digest None: forgotten."""
+        return json.dumps([key[0], key[1], key[2].decode("latin-1"), digest, checked])
+
     def _remember_tag(self, key: tuple[str, str, bytes], digest: str) -> None:
         now = self.clock.seconds()
         entry = self._tags.get(key)
@@ -430,10 +524,8 @@ class LayerCache:
             entry.checked = now
             return
         self._tags[key] = TagEntry(digest, now)
-        line = json.dumps([key[0], key[1], key[2].decode("latin-1"), digest, now])
         try:
-            self._tags_log.write(line + "\n")
-            self._tags_log.flush()
+            self._tags_log.append([self._tag_line(key, digest, now)])
         except OSError as e:
             log.warn("cannot record a tag in the cache: {error}", error=e.strerror)
 
@@ -441,34 +533,38 @@ class LayerCache:
         if self._tags.pop(key, None) is None:
             return
         try:
-            self._tags_log.write(json.dumps([key[0], key[1], key[2].decode("latin-1"), None, 0]) + "\n")
-            self._tags_log.flush()
+            self._tags_log.append([self._tag_line(key, None, 0)])
         except OSError as e:
             log.warn("cannot record a tag in the cache: {error}", error=e.strerror)
 
-    def _load_tags(self) -> None:
-        try:
-            with open(self._tags_path, encoding="utf-8") as f:
-                lines = f.readlines()
-        except FileNotFoundError:
-            return
+    def _apply_tag_lines(self, from_start: bool, lines: list[str]) -> None:
+        """Replay tags log lines in order. A forget always applies; an entry only if it is not older
+        than the one held (this process may have revalidated since) and its manifest is stored.
+        Lines from the start of a file are all there is (a newer start compacted it)."""
+        if from_start:
+            self._tags = {}
         for line in lines:
             try:
                 repo, tag, accept, digest, checked = json.loads(line)
-            except (ValueError, TypeError):
-                continue  # a torn last line
-            key = (repo, tag, accept.encode("latin-1"))
-            if digest is not None and self.store.has(digest):
-                self._tags[key] = TagEntry(digest, float(checked))
+                key = (repo, tag, accept.encode("latin-1"))
+                checked = float(checked)
+            except (ValueError, TypeError, AttributeError):
+                continue  # a torn line
+            entry = self._tags.get(key)
+            if digest is None:
+                self._tags.pop(key, None)
+            elif entry is not None and entry.checked > checked:
+                continue
+            elif self.store.has(digest):
+                self._tags[key] = TagEntry(digest, checked)
             else:
-                self._tags.pop(key, None)  # deleted upstream since, or its manifest evicted
+                self._tags.pop(key, None)  # moved to a manifest we do not hold (evicted, or not adopted yet)
+
+    def _load_tags(self) -> None:
+        self._apply_tag_lines(*self._tags_log.new_lines())
         if not self.store.compact:
             return
-        tmp = self._tags_path + ".new"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for (repo, tag, accept), entry in self._tags.items():
-                f.write(json.dumps([repo, tag, accept.decode("latin-1"), entry.digest, entry.checked]) + "\n")
-        os.replace(tmp, self._tags_path)
+        self._tags_log.rewrite(self._tag_line(key, e.digest, e.checked) for key, e in self._tags.items())
 
     def count_bytes(self, source: str, n: int) -> None:
         self.bytes[source] += n

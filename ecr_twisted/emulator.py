@@ -235,6 +235,7 @@ class EmulatedECR:
         token_lifetime: float = 12 * 3600,
         storage: str = "s3",
         auth: str = "htpasswd",
+        delete: bool = False,
     ) -> None:
         if storage not in STORAGE_DRIVERS:
             raise ValueError(f"storage must be one of {STORAGE_DRIVERS}, not {storage!r}")
@@ -244,6 +245,7 @@ class EmulatedECR:
         self.tls = tls
         self.storage = storage
         self.auth = auth
+        self.delete = delete  # distribution's storage.delete.enabled (ECR takes manifest deletes)
         self.region = region
         self.registry_id = account
         self.token_lifetime = token_lifetime
@@ -594,7 +596,7 @@ class EmulatedECR:
         config = {
             "version": "0.1",
             "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
-            "storage": storage,
+            "storage": {**storage, "delete": {"enabled": self.delete}},
             "auth": auth,
             "http": http_cfg,
         }

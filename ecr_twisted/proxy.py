@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred
 
 from . import errors, routes
 from .access import GO, Decision, Gate, read_listing, with_names
-from .cache import FILL, MISS, LayerCache
+from .cache import FILL, MISS, WRITE, LayerCache
 from .errors import RegistryError
 from .http11 import Head
 from .metrics import Metrics
@@ -531,6 +531,8 @@ class RegistryProxy:
         if not isinstance(err, UpstreamError):
             return self._bug(reason, ex)
         if ex.gone:
+            if ctx.cache_op == WRITE and self.cache is not None:
+                self.cache.upstream_failed(ex, ctx)  # the write may have reached the registry all the same
             return  # the client left; nothing failed upstream
         self.metrics.upstream_errors.labels(err.kind).inc()
         if self._offline(ex, ctx):

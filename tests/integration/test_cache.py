@@ -211,8 +211,8 @@ def cache_proxy(factory: ProxyFactory, ecr: EmulatedECR, cache: pathlib.Path, *e
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def cache_ecr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedECR]:
-    """An emulator of its own (ECR-like: blobs answer 307 to S3); one test kills its registry."""
-    with EmulatedECR(tmp_path_factory.mktemp("ecr-cache")) as emu:
+    """An emulator of its own (ECR-like: blobs answer 307 to S3, deletes allowed); one test kills its registry."""
+    with EmulatedECR(tmp_path_factory.mktemp("ecr-cache"), delete=True) as emu:
         yield emu
 
 
@@ -605,3 +605,173 @@ def test_concurrent_gets_of_a_missing_blob_share_one_fetch(
         relay.close()
         shutil.rmtree(src, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- writes through the proxy, then reads
+# Every read after a write is compared with the registry's own answer to the same request. Reads go on
+# fresh connections, several times: with ECRTEST_WORKERS=N they reach any of the processes, each of
+# which may hold the old answer.
+READS = 4
+COMPARED = ("Content-Type", "Content-Length", "Docker-Content-Digest")
+ACCEPT = {"Accept": MANIFEST_ACCEPT}
+
+
+def direct(ecr: EmulatedECR, path: str, method: str = "GET", headers: Mapping[str, str] | None = None,
+           body: bytes | None = None) -> Response:
+    return http_request(ecr.upstream_url + path, method, headers=headers, body=body, password=ecr.password)
+
+
+def as_registry(p: Proxy, ecr: EmulatedECR, path: str, method: str = "GET",
+                headers: Mapping[str, str] | None = None) -> Response:
+    """The proxy answers `method path` as the registry does (status, body, the headers that matter)."""
+    want = direct(ecr, path, method, headers)
+    for _ in range(READS):
+        got = http_request(p.url + path, method, headers=headers)
+        assert got.status == want.status, (method, path, got.status, want.status, got.header("X-Cache"), got.body)
+        assert got.body == want.body, (method, path)
+        for name in COMPARED:
+            assert got.header(name) == want.header(name), (method, path, name)
+        if got.status >= 400:
+            assert got.header("X-Cache") != "HIT", (method, path)
+    return want
+
+
+def prime(p: Proxy, path: str, headers: Mapping[str, str] | None = None) -> None:
+    """Reads that leave `path` in the cache of (most likely) every process, served from it at least once."""
+    seen = []
+    for _ in range(3 * TEST_WORKERS + 1):
+        r = http_request(p.url + path, headers=headers)
+        assert r.status == 200, (path, r.status, r.body)
+        seen.append(r.header("X-Cache"))
+    assert "HIT" in seen, seen
+
+
+def test_a_tag_pushed_through_the_proxy_is_read_back_as_pushed(
+    cache_ecr: EmulatedECR, proxy_factory: ProxyFactory, tmp_path: pathlib.Path
+) -> None:
+    repo = "cache/w-push"
+    old = image(tmp_path, "w-push-old", tag="1.0")
+    new = image(tmp_path, "w-push-new", tag="2.0")
+    push_direct(cache_ecr, old, repo)
+    push_direct(cache_ecr, new, repo)  # its blobs are in the repository; its manifest goes to 1.0 below
+    p = cache_proxy(proxy_factory, cache_ecr, tmp_path / "cache", "--tag-ttl", "600")
+    tag = f"/v2/{repo}/manifests/1.0"
+    prime(p, tag, ACCEPT)
+    r = http_request(p.url + tag, "HEAD", headers=ACCEPT)
+    assert (r.status, r.header("Docker-Content-Digest")) == (200, old.manifest_digest)
+
+    r = http_request(p.url + tag, "PUT", headers={"Content-Type": new.media_type}, body=new.manifest)
+    assert r.status == 201 and r.header("Docker-Content-Digest") == new.manifest_digest, (r.status, r.body)
+
+    for method in ("HEAD", "GET"):  # HEAD first: a HEAD must not be answered from the old entry either
+        want = as_registry(p, cache_ecr, tag, method, ACCEPT)
+        assert want.status == 200 and want.header("Docker-Content-Digest") == new.manifest_digest
+    # now cached again: a HEAD from the cache says what a GET from the cache says
+    with keep_alive(p) as c:
+        get = c.request(tag, headers=ACCEPT)
+        head = c.request(tag, "HEAD", headers=ACCEPT)
+        assert get.body == new.manifest and head.status == 200
+        if TEST_WORKERS == 1:
+            assert (get.header("X-Cache"), head.header("X-Cache")) == ("HIT", "HIT")
+        for name in COMPARED:
+            assert head.header(name) == get.header(name), name
+
+    # a push by digest naming tags (OCI 1.1 `?tag=`): whatever the registry made of it, the proxy says the same
+    r = http_request(f"{p.url}/v2/{repo}/manifests/{old.manifest_digest}?tag=1.0&tag=2.0", "PUT",
+                     headers={"Content-Type": old.media_type}, body=old.manifest)
+    assert r.status == 201, (r.status, r.body)
+    for path in (tag, f"/v2/{repo}/manifests/2.0"):
+        for method in ("HEAD", "GET"):
+            as_registry(p, cache_ecr, path, method, ACCEPT)
+
+
+def test_a_manifest_deleted_through_the_proxy_is_gone_from_the_cache(
+    cache_ecr: EmulatedECR, proxy_factory: ProxyFactory, tmp_path: pathlib.Path
+) -> None:
+    repo = "cache/w-delete-manifest"
+    info = image(tmp_path, "w-delete-manifest")
+    push_direct(cache_ecr, info, repo)
+    cache = tmp_path / "cache"
+    p = cache_proxy(proxy_factory, cache_ecr, cache, "--tag-ttl", "600")
+    tag = f"/v2/{repo}/manifests/{info.tag}"
+    by_digest = f"/v2/{repo}/manifests/{info.manifest_digest}"
+    prime(p, tag, ACCEPT)
+    prime(p, by_digest, ACCEPT)
+
+    r = http_request(p.url + by_digest, "DELETE")
+    assert r.status == 202, (r.status, r.body)
+
+    def gone(proxy: Proxy) -> None:
+        for path in (by_digest, tag):  # the tag went with the manifest
+            for method in ("HEAD", "GET"):
+                assert as_registry(proxy, cache_ecr, path, method, ACCEPT).status == 404
+
+    gone(p)
+    p.stop()
+    gone(cache_proxy(proxy_factory, cache_ecr, cache, "--tag-ttl", "600"))  # and after a restart
+
+
+def test_a_blob_deleted_through_the_proxy_is_gone_from_the_cache(
+    cache_ecr: EmulatedECR, proxy_factory: ProxyFactory, tmp_path: pathlib.Path
+) -> None:
+    shared = make_tar_layer({"shared.txt": b"a layer two repositories hold\n", "data": os.urandom(200_000)})
+    a = image(tmp_path, "w-delete-blob-a", shared, os.urandom(100_000))
+    b = image(tmp_path, "w-delete-blob-b", shared, os.urandom(110_000))
+    ra, rb = "cache/w-delete-blob-a", "cache/w-delete-blob-b"
+    push_direct(cache_ecr, a, ra)
+    push_direct(cache_ecr, b, rb)
+    layer = a.layer_digests[0]
+    cache = tmp_path / "cache"
+    p = cache_proxy(proxy_factory, cache_ecr, cache)
+    prime(p, blob_path(ra, layer))
+    prime(p, blob_path(rb, layer))
+
+    r = http_request(p.url + blob_path(ra, layer), "DELETE")
+    assert r.status == 202, (r.status, r.body)
+
+    def gone(proxy: Proxy) -> None:
+        for method in ("HEAD", "GET"):
+            assert as_registry(proxy, cache_ecr, blob_path(ra, layer), method).status == 404
+        # the other repository still holds it, and the stored file still serves it
+        with keep_alive(proxy) as c:
+            for _ in range(2):
+                r = c.request(blob_path(rb, layer))
+                assert r.status == 200 and r.body == a.blob_path(layer).read_bytes()
+            assert r.header("X-Cache") == "HIT"
+
+    gone(p)
+    p.stop()
+    gone(cache_proxy(proxy_factory, cache_ecr, cache))  # and after a restart
+    assert cached_correctly(cache, layer)
+
+
+def test_writes_the_registry_refuses_change_nothing_in_the_cache(
+    cache_ecr: EmulatedECR, proxy_factory: ProxyFactory, tmp_path: pathlib.Path
+) -> None:
+    repo, other = "cache/w-refused", "cache/w-refused-other"
+    info = image(tmp_path, "w-refused")
+    push_direct(cache_ecr, info, repo)
+    push_direct(cache_ecr, image(tmp_path, "w-refused-other"), other)
+    p = cache_proxy(proxy_factory, cache_ecr, tmp_path / "cache", "--tag-ttl", "600")
+    tag = f"/v2/{repo}/manifests/{info.tag}"
+    by_digest = f"/v2/{repo}/manifests/{info.manifest_digest}"
+    layer = blob_path(repo, info.layer_digests[0])
+    with keep_alive(p) as c:  # one process: what it stored, it serves
+        for path, headers in ((tag, ACCEPT), (by_digest, ACCEPT), (layer, {})):
+            assert c.request(path, headers=headers).status == 200
+        refused = (
+            ("DELETE", tag, None, {}),  # distribution 2.8 deletes by digest only: 400
+            ("PUT", tag, b'{"not": "a manifest"}', {"Content-Type": info.media_type}),
+            ("DELETE", f"/v2/{other}/manifests/{info.manifest_digest}", None, {}),  # not in that repository
+            ("DELETE", blob_path(other, info.layer_digests[0]), None, {}),
+        )
+        for method, path, body, headers in refused:
+            want = direct(cache_ecr, path, method, headers, body)
+            assert want.status >= 400, (method, path, want.status)
+            r = http_request(p.url + path, method, headers=headers, body=body)  # any process
+            assert r.status == want.status, (method, path, r.status, r.body)
+        for path, headers in ((tag, ACCEPT), (by_digest, ACCEPT), (layer, {})):
+            r = c.request(path, headers=headers)  # the process that stored them still serves them
+            assert r.status == 200 and r.header("X-Cache") == "HIT", (path, r.status)
+    for path in (tag, by_digest):
+        as_registry(p, cache_ecr, path, "GET", ACCEPT)

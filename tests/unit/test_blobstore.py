@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ecr_twisted.blobstore import UNSATISFIABLE, BlobStore, parse_range
+from ecr_twisted.blobstore import UNSATISFIABLE, BlobStore, SharedLog, parse_range
 
 
 def digest_of(data: bytes) -> str:
@@ -87,7 +87,6 @@ def test_the_store_survives_a_restart_and_drops_partial_files(tmp_path: Path) ->
     partial = store.begin(digest_of(b"never finished"))
     assert partial is not None
     partial.write(b"never")
-    store._known_log.flush()
     # the process dies here: no close(), the partial file stays behind
     again = BlobStore(str(tmp_path), 1 << 20)
     assert again.get("team-a/app", kept) is not None and again.size == len(b"kept across restarts")
@@ -150,3 +149,74 @@ def test_followers_hear_of_progress_and_the_end(tmp_path: Path) -> None:
 )
 def test_range_arithmetic(header: bytes | None, size: int, expected: object) -> None:
     assert parse_range(header, size) == expected
+
+
+# -- confirmations taken back, and what other processes on the directory see
+
+
+def test_a_revocation_is_replayed_in_order_after_a_restart(tmp_path: Path) -> None:
+    store = BlobStore(str(tmp_path), 1 << 20)
+    a = fill(store, b"deleted for good", repo="app")
+    b = fill(store, b"deleted, then pushed again", repo="app")
+    store.confirm("other", a)
+    store.revoke("app", a)
+    store.revoke("app", b)
+    store.confirm("app", b)  # confirmed again after the delete: the later line wins
+    assert not store.knows("app", a) and store.knows("other", a) and store.knows("app", b)
+    again = BlobStore(str(tmp_path), 1 << 20)
+    assert not again.knows("app", a) and again.knows("other", a) and again.knows("app", b)
+    assert again.has(a)  # the blob stays: another repository holds it
+    compacted = (tmp_path / "known").read_text("ascii").splitlines()
+    assert sorted(compacted) == sorted([f"other {a}", f"app {b}"])
+
+
+def test_another_process_sees_a_revocation_once_the_generation_grew(tmp_path: Path) -> None:
+    one = BlobStore(str(tmp_path), 1 << 20)
+    digest = fill(one, b"a layer both processes serve")
+    two = BlobStore(str(tmp_path), 1 << 20, compact=False)  # a --workers child
+    seen = two.generation()
+    assert two.knows("app", digest) and seen == two.loaded_generation
+    one.revoke("app", digest)
+    assert two.generation() == seen and two.knows("app", digest)  # not announced yet
+    one.bump()
+    assert two.generation() != seen
+    two.catch_up()
+    assert not two.knows("app", digest)
+    one.confirm("app", digest)
+    two.catch_up()
+    assert two.knows("app", digest)
+
+
+def test_a_log_replaced_by_a_newer_start_is_followed(tmp_path: Path) -> None:
+    old = BlobStore(str(tmp_path), 1 << 20)
+    digest = fill(old, b"a layer")
+    newer = BlobStore(str(tmp_path), 1 << 20)  # compacts: a new "known" file under the old one's feet
+    old.revoke("app", digest)  # appended to the new file, not lost in the replaced one
+    old.bump()
+    newer.catch_up()
+    assert not newer.knows("app", digest)
+    assert (tmp_path / "known").read_text("ascii").splitlines()[-1] == f"-app {digest}"
+
+
+def test_a_half_written_line_is_read_once_complete(tmp_path: Path) -> None:
+    log = SharedLog(str(tmp_path / "log"))
+    log.append(["one", "two"])
+    assert log.new_lines() == (True, ["one", "two"])
+    with open(tmp_path / "log", "ab") as f:
+        f.write(b"thr")
+    assert log.new_lines() == (False, [])
+    with open(tmp_path / "log", "ab") as f:
+        f.write(b"ee\n")
+    assert log.new_lines() == (False, ["three"]) and log.new_lines() == (False, [])
+
+
+def test_a_compacted_log_replaces_what_a_running_process_knew(tmp_path: Path) -> None:
+    one = BlobStore(str(tmp_path), 1 << 20)
+    digest = fill(one, b"a layer")
+    other = BlobStore(str(tmp_path), 1 << 20, compact=False)
+    one.revoke("app", digest)
+    one.bump()
+    assert other.knows("app", digest)  # not caught up yet
+    BlobStore(str(tmp_path), 1 << 20)  # a newer start compacts: the revocation is in no line any more
+    other.catch_up()
+    assert not other.knows("app", digest)

@@ -9,6 +9,7 @@ Content-Length. Time only moves with `h.reactor.advance`.
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -22,7 +23,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
-from ecr_twisted import blobstore
+from ecr_twisted import blobstore, testing
 from ecr_twisted.access import AccessConfig, Gate
 from ecr_twisted.auth import Htpasswd
 from ecr_twisted.policy import FixedPolicy, Policy
@@ -1335,3 +1336,319 @@ def test_without_fallocate_a_blob_the_free_space_cannot_hold_is_streamed_uncache
     assert c.reply().body == data and not aborted(c)
     assert h.cache.store.filling(digest) is None and not h.cache.store.has(digest)
     assert metric(h, "disk_full") == 1
+
+
+# ---------------------------------------------------------------------------
+# 13. writes through the proxy: what a later read through the proxy gets
+
+
+CREATED = b"HTTP/1.1 201 Created\r\nDocker-Content-Digest: %s\r\nContent-Length: 0\r\n\r\n"
+ACCEPTED = b"HTTP/1.1 202 Accepted\r\nContent-Length: 0\r\n\r\n"
+MANIFEST_UNKNOWN = b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown"}]}'
+BLOB_UNKNOWN = b'{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}]}'
+JSON = b"Content-Type: application/json\r\n"
+
+
+def write(h: Harness, method: str, target: str, raw: bytes, body: bytes | None = None) -> Reply:
+    """A write through the proxy: it goes upstream as it is, and the client gets the upstream's answer.
+
+    A body is sent with a newline at its end, so that the next request on the same upstream
+    connection starts a line (what `waiting` and `upstream_requests` look for)."""
+    c = call(h, method, target, body=None if body is None else body + b"\n")
+    assert waiting(h).line == f"{method} {target} HTTP/1.1".encode()
+    answer(h, raw)
+    r = c.reply()
+    assert r.header(b"x-cache") is None
+    return r
+
+
+def asks_first(h: Harness, method: str, target: str, unknown: bytes) -> Reply:
+    """A read of something the upstream no longer has: the upstream is asked (a HEAD probe first when
+    the cache holds the digest, then the client's own request) and the client gets its 404."""
+    c = call(h, method, target)
+    while not c.answered:
+        sent = waiting(h)
+        assert sent.target == target.encode(), sent.line
+        answer(h, ok(unknown if sent.line.startswith(b"GET ") else b"", b"404 Not Found", JSON))
+    r = c.reply()
+    assert r.status == 404 and r.header(b"x-cache") != b"HIT"
+    if method == "GET":
+        assert r.body == unknown
+    return r
+
+
+def worker(tmp_path: Path, **kwargs: Any) -> Harness:
+    """Another --workers process on the same directory: like tap's children, it leaves the logs as they are."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(testing, "BlobStore", functools.partial(blobstore.BlobStore, compact=False))
+        return cached(tmp_path, **kwargs)
+
+
+def test_a_blob_deleted_through_the_proxy_is_no_longer_served_from_the_cache(tmp_path: Path) -> None:
+    h = cached(tmp_path)
+    data, digest = blob()
+    fill(h, data, digest)
+    r = write(h, "DELETE", f"/v2/app/blobs/{digest}", ACCEPTED)
+    assert r.status == 202
+    for method in ("HEAD", "GET"):
+        asks_first(h, method, f"/v2/app/blobs/{digest}", BLOB_UNKNOWN)
+    assert metric(h, "hits", kind="blob") == 0
+
+
+def test_a_tag_pushed_through_the_proxy_is_what_the_next_read_gets(tmp_path: Path) -> None:
+    h = cached(tmp_path, tag_ttl=60)
+    old, old_digest = manifest(1)
+    new, new_digest = manifest(2)
+    tagged(h, old, old_digest)
+    hit(h, old, old_digest)
+    r = write(h, "PUT", TAG, CREATED % new_digest.encode(), body=new)
+    assert r.status == 201
+    c = call(h, "GET", TAG)  # within --tag-ttl of the old answer: asked all the same
+    assert waiting(h).line == TAG_LINE
+    answer(h, manifest_ok(new, new_digest))
+    r = c.reply()
+    assert (r.status, r.body, r.header(b"x-cache")) == (200, new, b"MISS")
+    assert r.header(b"docker-content-digest") == new_digest.encode()
+    head = send(h, request("HEAD", TAG)).reply()
+    assert (head.status, head.header(b"x-cache")) == (200, b"HIT")
+    assert head.header(b"docker-content-digest") == new_digest.encode()
+    assert head.header(b"content-length") == b"%d" % len(new)
+    hit(h, new, new_digest)
+    assert len(lines(h)) == 3
+
+
+def test_a_head_by_tag_first_after_a_push_gets_the_new_manifest(tmp_path: Path) -> None:
+    h = cached(tmp_path, tag_ttl=60)
+    old, old_digest = manifest(1)
+    new, new_digest = manifest(2)
+    tagged(h, old, old_digest)
+    write(h, "PUT", TAG, CREATED % new_digest.encode(), body=new)
+    c = send(h, request("HEAD", TAG))
+    assert waiting(h).line == TAG_HEAD
+    answer(h, manifest_ok(new, new_digest, head_only=True))
+    r = c.reply()
+    assert r.status == 200 and r.header(b"docker-content-digest") == new_digest.encode()
+    assert r.header(b"content-length") == b"%d" % len(new)
+
+
+def test_a_push_by_digest_with_tag_parameters_drops_those_tags(tmp_path: Path) -> None:
+    h = cached(tmp_path, tag_ttl=60)
+    old, old_digest = manifest(1)
+    new, new_digest = manifest(2)
+    tagged(h, old, old_digest)
+    c = call(h, "GET", "/v2/app/manifests/stable")
+    answer(h, manifest_ok(old, old_digest))
+    assert c.reply().body == old
+    hit(h, old, old_digest, "/v2/app/manifests/stable")
+    before = len(lines(h))
+    write(h, "PUT", f"/v2/app/manifests/{new_digest}?tag=latest&tag=v2", CREATED % new_digest.encode(), body=new)
+    c = call(h, "GET", TAG)
+    assert waiting(h).line == TAG_LINE
+    answer(h, manifest_ok(new, new_digest))
+    assert c.reply().body == new
+    hit(h, old, old_digest, "/v2/app/manifests/stable")  # a tag it did not name is left alone
+    assert len(lines(h)) == before + 2
+
+
+def test_a_manifest_deleted_by_digest_is_gone_with_the_tags_that_pointed_at_it(tmp_path: Path) -> None:
+    h = cached(tmp_path, tag_ttl=60, stale_if_error=3600)
+    body, digest = manifest(1)
+    other, other_digest = manifest(2)
+    tagged(h, body, digest)
+    c = call(h, "GET", "/v2/app/manifests/other")
+    answer(h, manifest_ok(other, other_digest))
+    assert c.reply().body == other
+    hit(h, body, digest, f"/v2/app/manifests/{digest}")
+    r = write(h, "DELETE", f"/v2/app/manifests/{digest}", ACCEPTED)
+    assert r.status == 202
+    for method in ("GET", "HEAD"):
+        asks_first(h, method, f"/v2/app/manifests/{digest}", MANIFEST_UNKNOWN)
+    c = call(h, "GET", TAG)  # the tag went with the manifest: asked, never served stale
+    assert waiting(h).line == TAG_LINE
+    answer(h, ok(b"", b"503 Service Unavailable"))
+    r = c.reply()
+    assert r.status == 503 and body not in r.body
+    hit(h, other, other_digest, "/v2/app/manifests/other")  # another tag of another manifest stays
+    assert h.cache is not None and not h.cache.store.knows("app", digest)
+    assert h.cache.store.knows("app", other_digest)
+
+
+def test_a_tag_deleted_through_the_proxy_is_forgotten_its_manifest_by_digest_is_not(tmp_path: Path) -> None:
+    h = cached(tmp_path, tag_ttl=60, stale_if_error=3600)
+    body, digest = manifest()
+    tagged(h, body, digest)
+    r = write(h, "DELETE", TAG, ACCEPTED)
+    assert r.status == 202
+    c = call(h, "GET", TAG)
+    assert waiting(h).line == TAG_LINE
+    answer(h, ok(MANIFEST_UNKNOWN, b"404 Not Found", JSON))
+    assert (c.reply().status, c.reply().body) == (404, MANIFEST_UNKNOWN)
+    before = len(lines(h))
+    hit(h, body, digest, f"/v2/app/manifests/{digest}")  # untagged, the manifest itself is still there
+    assert len(lines(h)) == before
+
+
+def test_a_write_in_one_repository_leaves_another_repositorys_cache_alone(tmp_path: Path) -> None:
+    h = cached(tmp_path)
+    data, digest = blob()
+    fill(h, data, digest, repo="a/app")
+    c = call(h, "GET", f"/v2/b/app/blobs/{digest}")
+    answer(h, storage_ok(SIZE))  # the probe: b/app holds it too
+    assert c.reply().body == data
+    write(h, "DELETE", f"/v2/a/app/blobs/{digest}", ACCEPTED)
+    before = len(lines(h))
+    r = call(h, "GET", f"/v2/b/app/blobs/{digest}").reply()
+    assert (r.status, r.body, r.header(b"x-cache")) == (200, data, b"HIT")
+    assert len(lines(h)) == before and blob_files(h) == [digest[7:]]
+
+
+REFUSED = [
+    b"400 Bad Request",
+    b"404 Not Found",
+    b"405 Method Not Allowed",
+    b"500 Internal Server Error",
+    b"503 Service Unavailable",
+]
+
+
+@pytest.mark.parametrize("status", REFUSED)
+def test_a_write_the_upstream_refuses_changes_nothing(tmp_path: Path, status: bytes) -> None:
+    h = cached(tmp_path, tag_ttl=60)
+    body, digest = manifest(1)
+    new, new_digest = manifest(2)
+    data, blob_digest = blob()
+    tagged(h, body, digest)
+    fill(h, data, blob_digest)
+    refusal = ok(b'{"errors":[{"code":"UNSUPPORTED","message":"nope"}]}', status, JSON)
+    for method, target, payload in (
+        ("PUT", TAG, new),
+        ("PUT", f"/v2/app/manifests/{new_digest}?tag=latest", new),
+        ("DELETE", TAG, None),
+        ("DELETE", f"/v2/app/manifests/{digest}", None),
+        ("DELETE", f"/v2/app/blobs/{blob_digest}", None),
+    ):
+        r = write(h, method, target, refusal, body=payload)
+        assert r.status == int(status[:3])
+    before = len(lines(h))
+    hit(h, body, digest)
+    hit(h, body, digest, f"/v2/app/manifests/{digest}")
+    r = call(h, "GET", f"/v2/app/blobs/{blob_digest}").reply()
+    assert (r.status, r.body, r.header(b"x-cache")) == (200, data, b"HIT")
+    assert len(lines(h)) == before
+
+
+def test_a_write_that_times_out_may_have_happened_so_its_tag_is_asked_again(tmp_path: Path) -> None:
+    h = cached(tmp_path, tag_ttl=600)
+    old, old_digest = manifest(1)
+    new, new_digest = manifest(2)
+    tagged(h, old, old_digest)
+    c = call(h, "PUT", TAG, body=new + b"\n")
+    assert waiting(h).line == b"PUT /v2/app/manifests/latest HTTP/1.1"
+    h.reactor.advance(61)  # --request-timeout: the registry may well have taken it
+    assert c.reply().status == 504
+    c = call(h, "GET", TAG)
+    assert waiting(h).line == TAG_LINE
+    answer(h, manifest_ok(new, new_digest))
+    assert c.reply().body == new
+
+
+def test_a_write_sent_nowhere_for_lack_of_a_token_changes_nothing(tmp_path: Path) -> None:
+    h = cached(tmp_path, tag_ttl=60)
+    body, digest = manifest()
+    tagged(h, body, digest)
+    h.keeper.current = make_token(now=h.reactor.seconds() - 13 * 3600)  # expired; no fresh one to be had
+    r = call(h, "DELETE", TAG).reply()
+    assert r.status == 503
+    h.keeper.current = make_token(now=h.reactor.seconds())
+    hit(h, body, digest)
+    assert len(lines(h)) == 1
+
+
+@pytest.mark.parametrize("accept", [None, DOCKER_MANIFEST])
+def test_a_head_by_tag_from_the_cache_has_the_same_headers_as_a_get(tmp_path: Path, accept: bytes | None) -> None:
+    h = cached(tmp_path, tag_ttl=60)
+    body, digest = manifest()
+    headers = [(b"Accept", accept)] if accept is not None else []
+    c = send(h, request("GET", TAG, headers=headers))
+    answer(h, manifest_ok(body, digest, media_type=accept or OCI_MANIFEST))
+    miss = c.reply()
+    get = send(h, request("GET", TAG, headers=headers)).reply()
+    head = send(h, request("HEAD", TAG, headers=headers)).reply()
+    assert (get.header(b"x-cache"), head.header(b"x-cache")) == (b"HIT", b"HIT")
+    assert len(lines(h)) == 1
+    for name in (b"content-length", b"content-type", b"docker-content-digest"):
+        assert head.header(name) == get.header(name) == miss.header(name), name
+    assert get.header(b"content-length") == b"%d" % len(body) and head.body == b""
+
+
+def test_a_write_through_one_worker_is_seen_at_once_by_another(tmp_path: Path) -> None:
+    one = cached(tmp_path, tag_ttl=600)
+    old, old_digest = manifest(1)
+    new, new_digest = manifest(2)
+    data, blob_digest = blob()
+    tagged(one, old, old_digest)
+    c = call(one, "GET", "/v2/app/manifests/v1")
+    answer(one, manifest_ok(old, old_digest))
+    assert c.reply().body == old
+    fill(one, data, blob_digest)
+    two = worker(tmp_path, tag_ttl=600)  # started after: knows all that from the directory
+    hit(two, old, old_digest)
+    hit(two, old, old_digest, "/v2/app/manifests/v1")
+    hit(two, old, old_digest, f"/v2/app/manifests/{old_digest}")
+    r = call(two, "GET", f"/v2/app/blobs/{blob_digest}").reply()
+    assert (r.body, r.header(b"x-cache")) == (data, b"HIT")
+    assert upstream_requests(two) == []
+
+    # a push through one: two asks for the tag at once (no rescan in between)
+    write(one, "PUT", TAG, CREATED % new_digest.encode(), body=new)
+    c = call(two, "GET", TAG)
+    assert waiting(two).line == TAG_LINE
+    answer(two, manifest_ok(new, new_digest))
+    assert c.reply().body == new
+
+    # a blob deleted through one is not served by two
+    write(one, "DELETE", f"/v2/app/blobs/{blob_digest}", ACCEPTED)
+    for method in ("HEAD", "GET"):
+        asks_first(two, method, f"/v2/app/blobs/{blob_digest}", BLOB_UNKNOWN)
+
+    # a manifest deleted through two is gone from one, with the tag one had for it
+    write(two, "DELETE", f"/v2/app/manifests/{old_digest}", ACCEPTED)
+    for method in ("HEAD", "GET"):
+        asks_first(one, method, f"/v2/app/manifests/{old_digest}", MANIFEST_UNKNOWN)
+    asks_first(one, "GET", "/v2/app/manifests/v1", MANIFEST_UNKNOWN)
+    assert metric(one, "hits", kind="manifest") == 0 and metric(one, "hits", kind="blob") == 0
+
+
+def test_a_write_is_still_seen_after_a_restart(tmp_path: Path) -> None:
+    first = cached(tmp_path, tag_ttl=600)
+    body, digest = manifest(1)
+    other, other_digest = manifest(2)
+    data, blob_digest = blob()
+    tagged(first, body, digest)
+    c = call(first, "GET", "/v2/app/manifests/other")
+    answer(first, manifest_ok(other, other_digest))
+    assert c.reply().body == other
+    fill(first, data, blob_digest)
+    write(first, "DELETE", f"/v2/app/blobs/{blob_digest}", ACCEPTED)
+    write(first, "DELETE", f"/v2/app/manifests/{digest}", ACCEPTED)
+    write(first, "PUT", "/v2/app/manifests/other", CREATED % digest.encode(), body=body)
+    for h in (cached(tmp_path, tag_ttl=600), worker(tmp_path, tag_ttl=600)):  # a restart; and a child of it
+        for target in (TAG, "/v2/app/manifests/other"):
+            c = call(h, "GET", target)
+            assert waiting(h).line == f"GET {target} HTTP/1.1".encode()
+            answer(h, ok(MANIFEST_UNKNOWN, b"404 Not Found", JSON))
+            assert c.reply().status == 404
+        asks_first(h, "GET", f"/v2/app/blobs/{blob_digest}", BLOB_UNKNOWN)
+        asks_first(h, "GET", f"/v2/app/manifests/{digest}", MANIFEST_UNKNOWN)
+
+
+def test_a_write_whose_client_left_before_the_answer_may_have_happened_too(tmp_path: Path) -> None:
+    h = cached(tmp_path)
+    data, digest = blob()
+    fill(h, data, digest)
+    proto, _ = h.client()
+    proto.dataReceived(request("DELETE", f"/v2/app/blobs/{digest}"))
+    assert waiting(h).line == blob_line("DELETE", "app", digest)  # sent: the registry may well apply it
+    proto.connectionLost(Failure(ConnectionDone()))
+    h.reactor.advance(0)
+    asks_first(h, "GET", f"/v2/app/blobs/{digest}", BLOB_UNKNOWN)
