@@ -63,8 +63,8 @@ STUB_TEMPLATE = BENCH_DIR / "stub.conf.tmpl"
 SMALL_LUA = BENCH_DIR / "small.lua"
 TWISTD = pathlib.Path(sys.executable).parent / "twistd"
 
-from ecr_twisted.emulator import EmulatedECR, _parent_death_preexec  # noqa: E402  (installed in .venv)
-from ecr_twisted import testing  # noqa: E402
+from ecr_twisted.testing.emulator import EmulatedECR, _parent_death_preexec  # noqa: E402  (installed in .venv)
+from ecr_twisted.testing import doubles as testing  # noqa: E402
 
 MIB = 1 << 20
 MB = 1_000_000
@@ -577,10 +577,11 @@ def stale_install() -> list[str]:
     if installed == source.resolve():
         return []
     out = []
-    for f in sorted(source.glob("*.py")):
-        other = installed / f.name
+    for f in sorted(source.rglob("*.py")):
+        name = str(f.relative_to(source))
+        other = installed / name
         if not other.exists() or other.read_bytes() != f.read_bytes():
-            out.append(f.name)
+            out.append(name)
     return out
 
 

@@ -12,7 +12,7 @@ cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-.venv/bin/python -m ecr_twisted.emulator --workdir "$work/ecr" >"$work/ecr.json" 2>"$work/ecr.log" &
+.venv/bin/python -m ecr_twisted.testing.emulator --workdir "$work/ecr" >"$work/ecr.json" 2>"$work/ecr.log" &
 pids+=($!)
 for _ in $(seq 100); do [ -s "$work/ecr.json" ] && break; sleep 0.3; done
 [ -s "$work/ecr.json" ] || { echo "the emulated ECR did not start:"; tail -20 "$work/ecr.log"; exit 1; }
@@ -31,7 +31,7 @@ curl -sf "http://127.0.0.1:$metrics/readyz" >/dev/null || { echo "the proxy did 
 # something to pull: a small image, pushed through the proxy
 .venv/bin/python - "$work/image" <<'PY'
 import pathlib, sys
-from ecr_twisted.testing_images import make_oci_layout, make_tar_layer
+from ecr_twisted.testing.images import make_oci_layout, make_tar_layer
 make_oci_layout(pathlib.Path(sys.argv[1]), [make_tar_layer({"hello.txt": b"hello from ecr-twisted\n"})], "1.0")
 PY
 skopeo copy -q --dest-tls-verify=false "oci:$work/image:1.0" "docker://127.0.0.1:$port/demo/hello:1.0"

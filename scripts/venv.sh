@@ -8,7 +8,7 @@ if ! "$py" -c 'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))
   py=python3
 fi
 stamp=.venv/.installed
-inputs=$(cat setup.cfg pyproject.toml ecr_twisted/*.py twisted/plugins/*.py | sha256sum | cut -d' ' -f1)
+inputs=$(find setup.cfg pyproject.toml ecr_twisted twisted/plugins -name '*.py' -o -name '*.cfg' -o -name '*.toml' -o -name 'py.typed' | sort | xargs cat | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$inputs" ]; then exit 0; fi
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 quiet() { "$@" 2> >(grep -v "^WARNING: Location '" >&2); }  # this machine's pip.conf names absent mirrors

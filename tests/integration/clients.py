@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from proxy_harness import Podman, wait_for
 
-from ecr_twisted.emulator import _parent_death_preexec
+from ecr_twisted.testing.emulator import _parent_death_preexec
 
 DOCKER = "/usr/bin/docker"  # the Debian client (/usr/local/bin/docker is another version)
 DOCKERD = "/usr/sbin/dockerd"

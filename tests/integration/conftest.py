@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from clients import DAEMONS_USED, LIVE_DAEMONS, Containerd, Dockerd  # noqa: E402
 from proxy_harness import LIVE_PROXIES, Proxy, ProxyFactory  # noqa: E402
 
-from ecr_twisted.emulator import EmulatedECR  # noqa: E402
+from ecr_twisted.testing.emulator import EmulatedECR  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)

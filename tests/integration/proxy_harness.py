@@ -31,9 +31,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ecr_twisted.emulator import EmulatedECR, _parent_death_preexec
-from ecr_twisted.testing import proc_status
-from ecr_twisted.testing_images import ImageInfo, skopeo_copy
+from ecr_twisted.testing.emulator import EmulatedECR, _parent_death_preexec
+from ecr_twisted.testing.doubles import proc_status
+from ecr_twisted.testing.images import ImageInfo, skopeo_copy
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 TWISTD = pathlib.Path(sys.executable).parent / "twistd"

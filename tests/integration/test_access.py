@@ -32,9 +32,9 @@ from proxy_harness import (
     wait_for,
 )
 
-from ecr_twisted.emulator import EmulatedECR
-from ecr_twisted.testing import write_htpasswd
-from ecr_twisted.testing_images import ImageInfo, make_oci_layout, make_tar_layer, skopeo_copy
+from ecr_twisted.testing.emulator import EmulatedECR
+from ecr_twisted.testing.doubles import write_htpasswd
+from ecr_twisted.testing.images import ImageInfo, make_oci_layout, make_tar_layer, skopeo_copy
 
 PASSWORDS = {"alice": "alice-pw-Zq8", "bob": "bob-pw-Xk2", "jenkins": "ci-pw-Mm4"}
 

@@ -38,8 +38,8 @@ from proxy_harness import (
     wait_for,
 )
 
-from ecr_twisted.emulator import EmulatedECR
-from ecr_twisted.testing_images import ImageInfo, make_big_oci_layout, make_oci_layout, make_tar_layer
+from ecr_twisted.testing.emulator import EmulatedECR
+from ecr_twisted.testing.images import ImageInfo, make_big_oci_layout, make_oci_layout, make_tar_layer
 
 STALE_WARNING = '110 - "Response is Stale"'
 HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -55,9 +55,9 @@ from proxy_harness import (
     push_direct,
 )
 
-from ecr_twisted.emulator import EmulatedECR, _make_tls_files
-from ecr_twisted.testing import write_htpasswd
-from ecr_twisted.testing_images import (
+from ecr_twisted.testing.emulator import EmulatedECR, _make_tls_files
+from ecr_twisted.testing.doubles import write_htpasswd
+from ecr_twisted.testing.images import (
     OCI_CONFIG,
     OCI_LAYER_GZIP,
     OCI_MANIFEST,

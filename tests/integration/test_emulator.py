@@ -23,8 +23,8 @@ from collections.abc import Iterator
 import botocore.session
 import pytest
 
-from ecr_twisted.emulator import EmulatedECR, random_password
-from ecr_twisted.testing_images import (
+from ecr_twisted.testing.emulator import EmulatedECR, random_password
+from ecr_twisted.testing.images import (
     OCI_MANIFEST,
     ImageInfo,
     make_big_oci_layout,
@@ -310,7 +310,7 @@ def test_cli_prints_endpoints_and_stops_on_sigterm(tmp_path: pathlib.Path) -> No
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
     stderr_path = tmp_path / "cli.stderr"
     with open(stderr_path, "wb") as stderr, subprocess.Popen(
-        [sys.executable, "-m", "ecr_twisted.emulator", "--workdir", str(tmp_path / "w")],
+        [sys.executable, "-m", "ecr_twisted.testing.emulator", "--workdir", str(tmp_path / "w")],
         stdout=subprocess.PIPE,
         stderr=stderr,
         stdin=subprocess.DEVNULL,

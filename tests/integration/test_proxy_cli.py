@@ -18,7 +18,7 @@ from proxy_harness import (
     run_twistd,
 )
 
-from ecr_twisted.emulator import EmulatedECR
+from ecr_twisted.testing.emulator import EmulatedECR
 
 
 def _base_args(ecr: EmulatedECR, port: int) -> list[str]:

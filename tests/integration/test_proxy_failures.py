@@ -31,8 +31,8 @@ from proxy_harness import (
     wait_for,
 )
 
-from ecr_twisted.emulator import EmulatedECR
-from ecr_twisted.testing_images import sha256_digest, write_big_tar_layer
+from ecr_twisted.testing.emulator import EmulatedECR
+from ecr_twisted.testing.images import sha256_digest, write_big_tar_layer
 
 DECLARED = 10_000_000
 SENT = 1 * MIB

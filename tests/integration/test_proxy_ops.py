@@ -19,8 +19,8 @@ from proxy_harness import (
     wait_for,
 )
 
-from ecr_twisted.emulator import EmulatedECR
-from ecr_twisted.testing_images import ImageInfo, make_oci_layout
+from ecr_twisted.testing.emulator import EmulatedECR
+from ecr_twisted.testing.images import ImageInfo, make_oci_layout
 
 
 @pytest.fixture(scope="module")

@@ -29,8 +29,8 @@ from proxy_harness import (
     target_of,
 )
 
-from ecr_twisted.emulator import EmulatedECR
-from ecr_twisted.testing_images import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, sha256_digest
+from ecr_twisted.testing.emulator import EmulatedECR
+from ecr_twisted.testing.images import OCI_CONFIG, OCI_LAYER, OCI_MANIFEST, sha256_digest
 
 DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"

@@ -28,8 +28,8 @@ from proxy_harness import (
     raw_exchange,
 )
 
-from ecr_twisted.emulator import EmulatedECR
-from ecr_twisted.testing_images import OCI_MANIFEST, ImageInfo, make_oci_layout, make_tar_layer
+from ecr_twisted.testing.emulator import EmulatedECR
+from ecr_twisted.testing.images import OCI_MANIFEST, ImageInfo, make_oci_layout, make_tar_layer
 
 
 def _layers(seed: str) -> list[bytes]:

@@ -30,8 +30,8 @@ from proxy_harness import (
     sha256_file,
 )
 
-from ecr_twisted.emulator import EmulatedECR, _make_tls_files
-from ecr_twisted.testing_images import ImageInfo, make_oci_layout, make_tar_layer
+from ecr_twisted.testing.emulator import EmulatedECR, _make_tls_files
+from ecr_twisted.testing.images import ImageInfo, make_oci_layout, make_tar_layer
 
 REPO = "tls/app"
 

@@ -27,8 +27,8 @@ from proxy_harness import (
     push_via,
 )
 
-from ecr_twisted.emulator import EmulatedECR, random_password
-from ecr_twisted.testing_images import ImageInfo, make_oci_layout, make_tar_layer
+from ecr_twisted.testing.emulator import EmulatedECR, random_password
+from ecr_twisted.testing.images import ImageInfo, make_oci_layout, make_tar_layer
 
 TWELVE_HOURS = 12 * 3600
 REPO = "rotate/app"

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import pytest
 from proxy_harness import TEST_WORKERS, FakeUpstream, Proxy, ProxyFactory, metric
 
-from ecr_twisted.emulator import EmulatedECR
+from ecr_twisted.testing.emulator import EmulatedECR
 
 DIGEST = "sha256:" + "cd" * 32
 

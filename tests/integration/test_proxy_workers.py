@@ -10,12 +10,12 @@ import time
 
 from proxy_harness import ProxyFactory, assert_layout_matches, pull_via, push_via
 
-from ecr_twisted.emulator import EmulatedECR
-from ecr_twisted.testing_images import make_oci_layout
+from ecr_twisted.testing.emulator import EmulatedECR
+from ecr_twisted.testing.images import make_oci_layout
 
 
 def children_of(pid: int) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "ecr_twisted.worker"], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "ecr_twisted.app.worker"], capture_output=True, text=True)
     return [int(x) for x in out.stdout.split()]
 
 

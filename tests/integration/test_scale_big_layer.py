@@ -25,8 +25,8 @@ from proxy_harness import (
     push_via,
 )
 
-from ecr_twisted.emulator import EmulatedECR
-from ecr_twisted.testing_images import make_big_oci_layout
+from ecr_twisted.testing.emulator import EmulatedECR
+from ecr_twisted.testing.images import make_big_oci_layout
 
 GIB = 1 << 30
 PEAK_LIMIT = 100 * MIB

@@ -19,12 +19,12 @@ import pytest
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from ecr_twisted import proxy
-from ecr_twisted.access import AccessConfig, Gate
-from ecr_twisted.auth import Htpasswd, TokenIssuer, WebhookAuthorizer
-from ecr_twisted.policy import FixedPolicy, Policy
-from ecr_twisted.proxy import MAX_HIDDEN_PAGES, ProxyConfig
-from ecr_twisted.testing import UPSTREAM, Harness, synchronous_bcrypt, write_htpasswd
+from ecr_twisted.registry import handler as proxy
+from ecr_twisted.access.gate import AccessConfig, Gate
+from ecr_twisted.access.auth import Htpasswd, TokenIssuer, WebhookAuthorizer
+from ecr_twisted.access.policy import FixedPolicy, Policy
+from ecr_twisted.registry.handler import MAX_HIDDEN_PAGES, ProxyConfig
+from ecr_twisted.testing.doubles import UPSTREAM, Harness, synchronous_bcrypt, write_htpasswd
 
 HOST = b"registry.example.com"
 PUBLIC = b"http://" + HOST  # no public_base: the realm comes from the client's Host header
@@ -498,7 +498,7 @@ def test_basic_mode_token_flow_anonymous_pull_and_logged_in_push(htpasswd: str) 
 
 
 def test_basic_mode_challenge_follows_a_policy_file_change(htpasswd: str, tmp_path: Path) -> None:
-    from ecr_twisted.policy import PolicyFile
+    from ecr_twisted.access.policy import PolicyFile
 
     path = tmp_path / "policy.toml"
     path.write_text(NOBODY_ANONYMOUS)
@@ -1177,8 +1177,8 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
     credentials share one check, and logging in with one's own account does not wipe the count."""
     from twisted.internet.task import Clock
 
-    from ecr_twisted.access import Identity
-    from ecr_twisted.auth import Credentials, _checkpw
+    from ecr_twisted.access.gate import Identity
+    from ecr_twisted.access.auth import Credentials, _checkpw
 
     clock = Clock()
     pending: list[tuple[Deferred[bool], bytes, bytes]] = []

@@ -16,11 +16,11 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from ecr_twisted.auth import (
+from ecr_twisted.access.auth import (
     Credentials, Grant, Htpasswd, HtpasswdError, LoginThrottle, TokenIssuer, WebhookAuthorizer,
     load_or_create_key, parse_authorization, parse_htpasswd,
 )
-from ecr_twisted.testing import synchronous_bcrypt, write_htpasswd
+from ecr_twisted.testing.doubles import synchronous_bcrypt, write_htpasswd
 
 KEY = b"k" * 64
 

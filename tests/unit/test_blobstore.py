@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from ecr_twisted.blobstore import UNSATISFIABLE, BlobStore, SharedLog, parse_range
+from ecr_twisted.cache.store import UNSATISFIABLE, BlobStore, SharedLog, parse_range
 
 
 def digest_of(data: bytes) -> str:

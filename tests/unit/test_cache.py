@@ -23,13 +23,14 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.python.failure import Failure
 
-from ecr_twisted import blobstore, testing
-from ecr_twisted.access import AccessConfig, Gate
-from ecr_twisted.auth import Htpasswd
-from ecr_twisted.policy import FixedPolicy, Policy
-from ecr_twisted.proxy import ProxyConfig
-from ecr_twisted.streaming import UpstreamConnection
-from ecr_twisted.testing import UPSTREAM, Harness, make_token, synchronous_bcrypt, write_htpasswd
+from ecr_twisted.cache import store as blobstore
+from ecr_twisted.testing import doubles as testing
+from ecr_twisted.access.gate import AccessConfig, Gate
+from ecr_twisted.access.auth import Htpasswd
+from ecr_twisted.access.policy import FixedPolicy, Policy
+from ecr_twisted.registry.handler import ProxyConfig
+from ecr_twisted.http.streaming import UpstreamConnection
+from ecr_twisted.testing.doubles import UPSTREAM, Harness, make_token, synchronous_bcrypt, write_htpasswd
 
 from .test_access import (
     _REQUEST_LINE,

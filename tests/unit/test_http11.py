@@ -2,7 +2,7 @@
 
 import pytest
 
-from ecr_twisted.http11 import (
+from ecr_twisted.http.http11 import (
     CHUNKED,
     LENGTH,
     NO_BODY,

@@ -29,7 +29,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import http as twhttp
 
-from ecr_twisted.http11 import (
+from ecr_twisted.http.http11 import (
     CHUNKED,
     LENGTH,
     MAX_HEAD,
@@ -40,7 +40,7 @@ from ecr_twisted.http11 import (
     parse_request_head,
     split_head,
 )
-from ecr_twisted.testing import Harness
+from ecr_twisted.testing.doubles import Harness
 
 # No example database: the known failures are pinned with @example, and runs leave no files behind.
 # HTTP11_PROPERTY_SCALE=20 (say) multiplies the number of examples for a deeper, slower search.

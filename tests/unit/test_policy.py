@@ -2,7 +2,7 @@
 
 import pytest
 
-from ecr_twisted.policy import ANONYMOUS, PRESETS, Policy, PolicyError, Principal
+from ecr_twisted.access.policy import ANONYMOUS, PRESETS, Policy, PolicyError, Principal
 
 POLICY = Policy.from_toml(
     """
@@ -161,7 +161,7 @@ def test_policy_file_is_reread_on_change_and_a_broken_edit_keeps_the_last_good(t
 
     from twisted.internet.task import Clock
 
-    from ecr_twisted.policy import PolicyFile
+    from ecr_twisted.access.policy import PolicyFile
 
     path = tmp_path / "policy.toml"
     path.write_text(PRESET_PUBLIC)

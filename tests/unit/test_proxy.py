@@ -5,10 +5,10 @@ import json
 import pytest
 from twisted.logger import globalLogPublisher
 
-from ecr_twisted import errors
-from ecr_twisted.proxy import ProxyConfig, redact_target, rewrite_link, rewrite_location
-from ecr_twisted.streaming import Origin
-from ecr_twisted.testing import UPSTREAM, Harness, make_token
+from ecr_twisted.registry import errors
+from ecr_twisted.registry.handler import ProxyConfig, redact_target, rewrite_link, rewrite_location
+from ecr_twisted.http.streaming import Origin
+from ecr_twisted.testing.doubles import UPSTREAM, Harness, make_token
 
 DIGEST = b"sha256:" + b"cd" * 32
 BLOB = b"/v2/app/blobs/" + DIGEST

@@ -1,6 +1,6 @@
 import pytest
 
-from ecr_twisted import routes
+from ecr_twisted.registry import routes
 
 D = "sha256:" + "a" * 64
 

@@ -3,7 +3,7 @@
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.python.failure import Failure
 
-from ecr_twisted.testing import Harness
+from ecr_twisted.testing.doubles import Harness
 
 BLOB = b"/v2/app/blobs/sha256:" + b"ab" * 32
 

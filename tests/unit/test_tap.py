@@ -5,7 +5,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.python.usage import UsageError
 
-from ecr_twisted.tap import Options, build, makeService, parse_size
+from ecr_twisted.app.options import Options, build, makeService, parse_size
 
 BASE = ["--anonymous", "--region", "eu-west-1"]
 
@@ -77,7 +77,7 @@ def test_bad_environment_values_are_usage_errors() -> None:
 
 
 def test_bare_port_with_tls_files_means_tls(tmp_path) -> None:
-    from ecr_twisted.emulator import _make_tls_files
+    from ecr_twisted.testing.emulator import _make_tls_files
 
     ca, cert, key = _make_tls_files(tmp_path)
     o = parse(BASE + ["--port", "8443", "--port", "tcp:8080:interface=127.0.0.1", "--tls-cert", str(cert),
@@ -109,7 +109,7 @@ def test_access_must_be_chosen_among_the_auth_modes() -> None:
 
 @pytest.fixture
 def htpasswd(tmp_path) -> str:
-    from ecr_twisted.testing import write_htpasswd
+    from ecr_twisted.testing.doubles import write_htpasswd
 
     path = str(tmp_path / "htpasswd")
     write_htpasswd(path, {"alice": "pw"})

@@ -18,9 +18,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from twisted.test.proto_helpers import MemoryReactorClock
 
-from ecr_twisted.emulator import _make_tls_files
-from ecr_twisted.tap import _endpoint
-from ecr_twisted.tls import server_options
+from ecr_twisted.testing.emulator import _make_tls_files
+from ecr_twisted.app.options import _endpoint
+from ecr_twisted.http.tls import server_options
 
 
 class _Speaker(Protocol):

@@ -6,8 +6,8 @@ import datetime
 import pytest
 from twisted.internet.task import Clock
 
-from ecr_twisted.testing import FakeTokenFetcher, make_token
-from ecr_twisted.tokens import READY_MARGIN, Token, TokenKeeper, backoff, parse_authorization_data, refresh_due
+from ecr_twisted.testing.doubles import FakeTokenFetcher, make_token
+from ecr_twisted.ecr.tokens import READY_MARGIN, Token, TokenKeeper, backoff, parse_authorization_data, refresh_due
 
 H = 3600.0
 
@@ -192,7 +192,7 @@ def test_process_fetcher_runs_a_child_and_parses_its_answer() -> None:
     from twisted.internet.error import ProcessDone
     from twisted.python.failure import Failure
 
-    from ecr_twisted.tokens import ProcessTokenFetcher
+    from ecr_twisted.ecr.tokens import ProcessTokenFetcher
 
     reactor = FakeProcessReactor()
     reactor.advance(1000)
@@ -200,7 +200,7 @@ def test_process_fetcher_runs_a_child_and_parses_its_answer() -> None:
     got: list = []
     fetcher.fetch().addCallback(got.append)
     proto, executable, args, env = reactor.spawned[0]
-    assert args[1:] == ["-m", "ecr_twisted.fetch_token", "--region", "eu-west-1", "--registry-id", "123456789012",
+    assert args[1:] == ["-m", "ecr_twisted.ecr.fetch_token", "--region", "eu-west-1", "--registry-id", "123456789012",
                         "--endpoint-url", "http://moto"]
     raw = base64.b64encode(b"AWS:" + b"s" * 4000).decode()
     proto.outReceived(b'{"authorizationToken": "' + raw[:100].encode())
@@ -214,7 +214,7 @@ def test_process_fetcher_failures_and_timeouts_are_errors_not_hangs() -> None:
     from twisted.internet.error import ProcessTerminated
     from twisted.python.failure import Failure
 
-    from ecr_twisted.tokens import ProcessTokenFetcher, TokenFetchError
+    from ecr_twisted.ecr.tokens import ProcessTokenFetcher, TokenFetchError
 
     reactor = FakeProcessReactor()
     fetcher = ProcessTokenFetcher(reactor, "eu-west-1", timeout=60)

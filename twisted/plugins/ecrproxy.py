@@ -1,10 +1,10 @@
-"""twistd plugin: `twistd -n ecrproxy --help`. The code lives in ecr_twisted.tap."""
+"""twistd plugin: `twistd -n ecrproxy --help`. The code lives in ecr_twisted.app.options."""
 
 from twisted.application.service import ServiceMaker
 
 ecrproxy = ServiceMaker(
     "ecr-twisted",
-    "ecr_twisted.tap",
+    "ecr_twisted.app.options",
     "Streaming reverse proxy publishing a private AWS ECR registry on your own domain",
     "ecrproxy",
 )

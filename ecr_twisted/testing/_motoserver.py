@@ -8,7 +8,7 @@ server keeps running::
 
     {"password": "...", "expires_at": 1700000000.0}
 
-Usage: ``python -m ecr_twisted._motoserver --port N --token-file F [--host H]``
+Usage: ``python -m ecr_twisted.testing._motoserver --port N --token-file F [--host H]``
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ class ProcessTokenFetcher:
         self._reactor = reactor
         self._timeout = timeout
         self._python = python
-        self._args = [python, "-m", "ecr_twisted.fetch_token"]
+        self._args = [python, "-m", "ecr_twisted.ecr.fetch_token"]
         if region:
             self._args += ["--region", region]
         if registry_id:

@@ -28,8 +28,9 @@ from urllib.parse import parse_qsl, urlencode
 
 from twisted.internet.defer import Deferred
 
-from . import errors, routes
-from .auth import (
+from ecr_twisted.registry import errors
+from ecr_twisted.registry import routes
+from ecr_twisted.access.auth import (
     ALLOW,
     NO_CREDENTIALS,
     UNAUTHENTICATED,
@@ -42,8 +43,8 @@ from .auth import (
     WebhookAuthorizer,
     parse_authorization,
 )
-from .errors import RegistryError
-from .policy import ANONYMOUS, FixedPolicy, Policy, Principal
+from ecr_twisted.registry.errors import RegistryError
+from ecr_twisted.access.policy import ANONYMOUS, FixedPolicy, Policy, Principal
 
 MODES = ("none", "basic", "token", "passthrough", "webhook")
 PULL, PUSH, DELETE = "pull", "push", "delete"

@@ -1,4 +1,4 @@
-"""`python -m ecr_twisted.fetch_token`: one GetAuthorizationToken call, answer as JSON on stdout.
+"""`python -m ecr_twisted.ecr.fetch_token`: one GetAuthorizationToken call, answer as JSON on stdout.
 
 The proxy runs this in a short-lived child process: botocore and its service data
 cost a long-lived process about 15 MiB of memory for a call made every six hours.
@@ -45,7 +45,7 @@ def fetch_authorization_data(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ecr_twisted.fetch_token")
+    parser = argparse.ArgumentParser(prog="python -m ecr_twisted.ecr.fetch_token")
     parser.add_argument("--region")
     parser.add_argument("--registry-id")
     parser.add_argument("--endpoint-url")

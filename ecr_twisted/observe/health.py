@@ -35,7 +35,7 @@ def ops_site(
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         if others is None:
             return generate_latest(registry)
-        from .workers import merge_expositions
+        from ecr_twisted.app.supervisor import merge_expositions
 
         def write(texts: list[bytes]) -> None:
             request.write(merge_expositions([generate_latest(registry), *texts]))

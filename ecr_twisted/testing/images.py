@@ -109,7 +109,7 @@ def _config_bytes(diff_ids: Sequence[str], labels: Mapping[str, str] | None) -> 
         "created": "1970-01-01T00:00:00Z",
         "config": {"Labels": dict(labels)} if labels else {},
         "rootfs": {"type": "layers", "diff_ids": list(diff_ids)},
-        "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "ecr_twisted.testing_images"}]
+        "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "ecr_twisted.testing.images"}]
         * len(diff_ids),
     }
     return json.dumps(config, sort_keys=True, separators=(",", ":")).encode("utf-8")

@@ -47,13 +47,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from . import errors, routes
-from .blobstore import UNSATISFIABLE, BlobStore, Fill, SharedLog, Stat, parse_range
-from .http11 import LENGTH
-from .streaming import Exchange, Fields, UpstreamResponse
+from ecr_twisted.registry import errors
+from ecr_twisted.registry import routes
+from ecr_twisted.cache.store import UNSATISFIABLE, BlobStore, Fill, SharedLog, Stat, parse_range
+from ecr_twisted.http.http11 import LENGTH
+from ecr_twisted.http.streaming import Exchange, Fields, UpstreamResponse
 
 if TYPE_CHECKING:
-    from .proxy import RegistryProxy, _Ctx
+    from ecr_twisted.registry.handler import RegistryProxy, _Ctx
 
 log = Logger()
 

@@ -10,7 +10,7 @@ from twisted.internet._sslverify import IOpenSSLTrustRoot  # public via ssl.trus
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
-from .streaming import Origin
+from ecr_twisted.http.streaming import Origin
 
 
 def _read_pem_chain(path: str) -> list[ssl.Certificate]:

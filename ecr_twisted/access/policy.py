@@ -46,7 +46,7 @@ from typing import Any, Iterable, Mapping
 
 from twisted.logger import Logger
 
-from .routes import NAME, TAG
+from ecr_twisted.registry.routes import NAME, TAG
 
 _log = Logger()
 

@@ -16,14 +16,15 @@ from twisted.python.failure import Failure
 
 from twisted.internet.defer import Deferred
 
-from . import errors, routes
-from .access import GO, Decision, Gate, read_listing, with_names
-from .cache import FILL, MISS, WRITE, LayerCache
-from .errors import RegistryError
-from .http11 import Head
-from .metrics import Metrics
-from .streaming import Exchange, Fields, Origin, UpstreamError, UpstreamResponse
-from .tokens import Token, TokenKeeper
+from ecr_twisted.registry import errors
+from ecr_twisted.registry import routes
+from ecr_twisted.access.gate import GO, Decision, Gate, read_listing, with_names
+from ecr_twisted.cache.layer import FILL, MISS, WRITE, LayerCache
+from ecr_twisted.registry.errors import RegistryError
+from ecr_twisted.http.http11 import Head
+from ecr_twisted.observe.metrics import Metrics
+from ecr_twisted.http.streaming import Exchange, Fields, Origin, UpstreamError, UpstreamResponse
+from ecr_twisted.ecr.tokens import Token, TokenKeeper
 
 HOP_BY_HOP = frozenset(
     {

@@ -2,7 +2,7 @@
 
 Pieces (see shared ECR-NOTES.md, "Emulating ECR on one machine"):
 
-* moto's server (ECR API + S3 on one port), through :mod:`ecr_twisted._motoserver`
+* moto's server (ECR API + S3 on one port), through :mod:`ecr_twisted.testing._motoserver`
   so that GetAuthorizationToken returns a token we control (password + expiry);
 * Debian's CNCF distribution 2.8 (``/usr/bin/docker-registry``) with the ``s3``
   storage driver on moto's S3 and ``redirect`` enabled, so blob GET/HEAD answer
@@ -25,7 +25,7 @@ which behave like ECR:
   no bcrypt check (about a millisecond of CPU each) caps small requests for every
   client alike.
 
-CLI: ``python -m ecr_twisted.emulator --workdir DIR [--tls] [--storage s3|filesystem]
+CLI: ``python -m ecr_twisted.testing.emulator --workdir DIR [--tls] [--storage s3|filesystem]
 [--auth htpasswd|silly]`` prints one JSON line
 with the endpoints and runs until SIGTERM/SIGINT.
 """
@@ -495,7 +495,7 @@ class EmulatedECR:
 
     # ------------------------------------------------------------------ internals
     def _start_moto(self) -> None:
-        src_root = str(pathlib.Path(__file__).resolve().parent.parent)
+        src_root = str(pathlib.Path(__file__).resolve().parents[2])  # the directory holding ecr_twisted/
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
         env["MOTO_ACCOUNT_ID"] = self.registry_id
@@ -506,7 +506,7 @@ class EmulatedECR:
             self._logs.append(log)
             self._moto = subprocess.Popen(
                 [
-                    sys.executable, "-m", "ecr_twisted._motoserver",
+                    sys.executable, "-m", "ecr_twisted.testing._motoserver",
                     "--host", "127.0.0.1", "--port", str(self._moto_port),
                     "--token-file", str(self.token_file),
                 ],

@@ -1,4 +1,4 @@
-"""Entry point of a `--workers` child: `python -m ecr_twisted.worker --fds 3,4 --metrics-socket PATH -- ARGS`.
+"""Entry point of a `--workers` child: `python -m ecr_twisted.app.worker --fds 3,4 --metrics-socket PATH -- ARGS`.
 
 ARGS are the main process's ecrproxy options, so a child builds exactly the same proxy;
 it serves the inherited listening sockets and its metrics on PATH, and exits when its
@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from twisted.internet import reactor
 
-    from . import tap
-    from .ops import ops_site
-    from .workers import AdoptedPort
+    from ecr_twisted.app import options as tap
+    from ecr_twisted.observe.health import ops_site
+    from ecr_twisted.app.supervisor import AdoptedPort
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     options = tap.Options()

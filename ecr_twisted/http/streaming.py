@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from .http11 import (
+from ecr_twisted.http.http11 import (
     CHUNKED,
     LENGTH,
     NO_BODY,

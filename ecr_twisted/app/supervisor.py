@@ -1,7 +1,7 @@
 """`--workers N`: N processes serve the same listening sockets; one /metrics sees them all.
 
 The main process binds each listener itself and hands the sockets to N-1 children
-(`python -m ecr_twisted.worker`), which adopt them, so the kernel spreads connections
+(`python -m ecr_twisted.app.worker`), which adopt them, so the kernel spreads connections
 over the processes. Each child keeps its metrics in its own in-memory registry (nothing
 shared on the hot path) and serves them on a private unix socket; the main process
 scrapes and sums them at scrape time. Children watch their stdin pipe and exit when the
@@ -138,7 +138,7 @@ class WorkerProcesses(service.Service):
             child_fds[3 + n] = fd
             passed.append(str(3 + n))
         args = [
-            sys.executable, "-m", "ecr_twisted.worker",
+            sys.executable, "-m", "ecr_twisted.app.worker",
             "--fds", ",".join(passed), "--metrics-socket", self.metrics_socket(index), "--",
             *self.argv,
         ]

@@ -16,14 +16,14 @@ from twisted.internet.error import ConnectionAborted, ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from .access import AccessConfig, AccessMetrics, Gate
-from .blobstore import BlobStore, hash_file
-from .cache import CacheCollector, LayerCache
-from .metrics import Metrics
-from .policy import FixedPolicy, Policy
-from .proxy import ProxyConfig, RegistryProxy
-from .streaming import ClientConnection, Origin, RelayFactory, UpstreamConnection, UpstreamPool
-from .tokens import Token, TokenKeeper
+from ecr_twisted.access.gate import AccessConfig, AccessMetrics, Gate
+from ecr_twisted.cache.store import BlobStore, hash_file
+from ecr_twisted.cache.layer import CacheCollector, LayerCache
+from ecr_twisted.observe.metrics import Metrics
+from ecr_twisted.access.policy import FixedPolicy, Policy
+from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
+from ecr_twisted.http.streaming import ClientConnection, Origin, RelayFactory, UpstreamConnection, UpstreamPool
+from ecr_twisted.ecr.tokens import Token, TokenKeeper
 
 UPSTREAM = Origin("https", "123456789012.dkr.ecr.eu-west-1.amazonaws.com")
 
@@ -140,7 +140,7 @@ def open_gate(clock: Any) -> Gate:
 
 def synchronous_bcrypt(password: bytes, hashed: bytes) -> Deferred[bool]:
     """An Htpasswd `check` that runs on the test's thread (real bcrypt, no thread pool)."""
-    from .auth import _checkpw
+    from ecr_twisted.access.auth import _checkpw
 
     return succeed(_checkpw(password, hashed))
 

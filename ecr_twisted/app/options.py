@@ -20,17 +20,17 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 
-from .access import MODES, AccessConfig, AccessMetrics, Gate
-from .blobstore import BlobStore, hash_file
-from .cache import CacheCollector, LayerCache
-from .auth import Htpasswd, LoginThrottle, TokenIssuer, WebhookAuthorizer, http_post, load_or_create_key
-from .metrics import Metrics
-from .policy import PRESETS, FixedPolicy, Policy, PolicyError, PolicyFile
-from .ops import ops_site
-from .proxy import ProxyConfig, RegistryProxy
-from .streaming import Limits, Origin, RelayFactory, UpstreamPool
-from .tls import client_creator_factory
-from .tokens import NoTokens, ProcessTokenFetcher, TokenKeeper
+from ecr_twisted.access.gate import MODES, AccessConfig, AccessMetrics, Gate
+from ecr_twisted.cache.store import BlobStore, hash_file
+from ecr_twisted.cache.layer import CacheCollector, LayerCache
+from ecr_twisted.access.auth import Htpasswd, LoginThrottle, TokenIssuer, WebhookAuthorizer, http_post, load_or_create_key
+from ecr_twisted.observe.metrics import Metrics
+from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyError, PolicyFile
+from ecr_twisted.observe.health import ops_site
+from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
+from ecr_twisted.http.streaming import Limits, Origin, RelayFactory, UpstreamPool
+from ecr_twisted.http.tls import client_creator_factory
+from ecr_twisted.ecr.tokens import NoTokens, ProcessTokenFetcher, TokenKeeper
 
 ENV_PREFIX = "ECRPROXY_"
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+\Z")
@@ -147,14 +147,14 @@ class Options(usage.Options):
             if self[name] and not os.path.isfile(self[name]):
                 raise usage.UsageError(f"--{name}: no such file: {self[name]}")
         if self["tls-cert"]:
-            from .tls import server_options
+            from ecr_twisted.http.tls import server_options
 
             try:
                 self["tls-options"] = server_options(self["tls-cert"], self["tls-key"])
             except Exception as e:
                 raise usage.UsageError(f"--tls-cert/--tls-key: cannot load: {e}") from None
         if self["upstream-ca"]:
-            from .tls import PlatformPlusCA
+            from ecr_twisted.http.tls import PlatformPlusCA
 
             try:
                 PlatformPlusCA(self["upstream-ca"])
@@ -320,7 +320,7 @@ def _endpoint(reactor: Any, option: str, spec: str) -> Any:
     except Exception as e:
         raise usage.UsageError(f"--{option}: invalid endpoint {spec!r}: {e}") from None
     if isinstance(endpoint, endpoints.SSL4ServerEndpoint):
-        from .tls import serve_http11
+        from ecr_twisted.http.tls import serve_http11
 
         serve_http11(endpoint._sslContextFactory)  # Twisted's ssl: endpoints refuse ALPN clients otherwise
     return endpoint
@@ -533,7 +533,7 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         for (endpoint, _), factory in zip(options["listeners"], built.factories):
             _listen(endpoint, factory).setServiceParent(top)
     else:
-        from .workers import AdoptedPort, ListenerError, WorkerProcesses, bind_listener
+        from ecr_twisted.app.supervisor import AdoptedPort, ListenerError, WorkerProcesses, bind_listener
 
         try:
             sockets = [bind_listener(spec) for spec in options["port"]]

@@ -1,0 +1,1 @@
+"""Who may do what: the gate, the auth modes, the policy, credentials and tokens."""

@@ -1,0 +1,1 @@
+"""Options, the composition root that builds the service tree, and the worker processes."""

@@ -1,0 +1,1 @@
+"""The layer cache: what to answer from disk, and the verified blob store under it."""

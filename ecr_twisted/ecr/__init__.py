@@ -1,0 +1,1 @@
+"""ECR's authorization token: fetched in a child process, kept fresh."""

@@ -1,0 +1,1 @@
+"""Test doubles, the emulated ECR and image builders: shipped so users' tests can reuse them."""
