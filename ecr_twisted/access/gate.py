@@ -23,7 +23,7 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 from urllib.parse import parse_qsl, urlencode
 
 from twisted.internet.defer import Deferred
@@ -574,25 +574,3 @@ def _query_tags(target: bytes) -> list[str]:
         return []
     return [v for k, v in parse_qsl(target.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
             if k.lower() == "tag"]
-
-
-def read_listing(body: bytes, key: str) -> tuple[dict[str, Any], list[str]] | None:
-    """A registry listing (tags/list, _catalog) and its names under `key`; None if it is not one."""
-    try:
-        data = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
-        return None
-    value = data.get(key)
-    if value is None:
-        return data, []
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        return None
-    return data, value
-
-
-def with_names(data: dict[str, Any], key: str, names: Iterable[str]) -> bytes:
-    """The listing `data` (as parsed by read_listing) with only `names` under `key`."""
-    data[key] = list(names)
-    return json.dumps(data, separators=(",", ":")).encode("utf-8")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urljoin
+from urllib.parse import urljoin
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -18,7 +18,8 @@ from twisted.internet.defer import Deferred
 
 from ecr_twisted.registry import errors
 from ecr_twisted.registry import routes
-from ecr_twisted.access.gate import GO, Decision, Gate, read_listing, with_names
+from ecr_twisted.access.gate import GO, Decision, Gate
+from ecr_twisted.registry.listings import cursor as _cursor, read_listing, with_cursor as _with_cursor, with_names
 from ecr_twisted.cache.layer import FILL, MISS, WRITE, LayerCache
 from ecr_twisted.registry.errors import RegistryError
 from ecr_twisted.http.http11 import Head
@@ -84,30 +85,6 @@ _CACHEABLE = frozenset({routes.BLOB, routes.MANIFEST})
 MAX_LISTING = 8 << 20  # tags/list and _catalog bodies the policy filters are read whole: bounded
 _LISTING_KEYS = {routes.TAGS: "tags", routes.CATALOG: "repositories"}
 MAX_HIDDEN_PAGES = 16
-_LINK_TARGET = re.compile(rb"<(?:[a-z]+://[^/>]*)?(/[^>]*)>")
-
-
-def _cursor(link: bytes) -> tuple[bytes, str] | None:
-    """(target, last) of a registry Link header's next page, if it has a `last=`."""
-    m = _LINK_TARGET.search(link)
-    if m is None:
-        return None
-    target = m.group(1)
-    for key, value in parse_qsl(target.partition(b"?")[2].decode("latin-1")):
-        if key == "last":
-            return target, value
-    return None
-
-
-def _with_cursor(link: bytes, last: str) -> bytes:
-    m = _LINK_TARGET.search(link)
-    assert m is not None
-    path, _, query = m.group(1).partition(b"?")
-    params = [(k, last if k == "last" else v) for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True)]
-    target = path + b"?" + urlencode(params).encode("ascii")
-    return link[: m.start(1)] + target + link[m.end(1) :]
-
-
 class _Ctx:
     """Per-request state of the handler."""
 
