@@ -28,7 +28,9 @@ from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyError, PolicyFile
 from ecr_twisted.observe.health import ops_site
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
-from ecr_twisted.http.streaming import Limits, Origin, RelayFactory, UpstreamPool
+from ecr_twisted.http.origin import Origin
+from ecr_twisted.http.server import Limits, RelayFactory
+from ecr_twisted.http.upstream import UpstreamPool
 from ecr_twisted.http.tls import client_creator_factory
 from ecr_twisted.ecr.tokens import NoTokens, ProcessTokenFetcher, TokenKeeper
 

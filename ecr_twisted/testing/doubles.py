@@ -22,7 +22,9 @@ from ecr_twisted.cache.layer import CacheCollector, LayerCache
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.access.policy import FixedPolicy, Policy
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
-from ecr_twisted.http.streaming import ClientConnection, Origin, RelayFactory, UpstreamConnection, UpstreamPool
+from ecr_twisted.http.origin import Origin
+from ecr_twisted.http.server import ClientConnection, RelayFactory
+from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
 from ecr_twisted.ecr.tokens import Token, TokenKeeper
 
 UPSTREAM = Origin("https", "123456789012.dkr.ecr.eu-west-1.amazonaws.com")
