@@ -3,7 +3,8 @@
 `ClientConnection` parses request heads and frames request bodies, one request at a time
 (pipelined bytes wait), makes an `Exchange` per request for the handler, and after each
 response keeps the connection, closes it, or lingers so an unread body does not turn the
-close into a reset. Requests the parser refuses are answered here.
+close into a reset. Requests the parser refuses are answered here, with a body from the
+injected `error_body` (the composition root gives the registry's error envelope).
 """
 
 from __future__ import annotations
@@ -30,9 +31,18 @@ from ecr_twisted.http.sockets import Valve, big_reads, direct_writer
 from ecr_twisted.http.upstream import UpstreamPool
 from ecr_twisted.timers import cancel
 
-__all__ = ["ClientConnection", "Limits", "RelayFactory"]
+__all__ = ["ClientConnection", "ErrorBody", "Limits", "RelayFactory", "plain_error_body"]
 
 log = Logger()
+
+ErrorBody = Callable[[BadMessage], tuple[bytes, bytes]]
+"""What a refused request is answered with: (Content-Type, body) for a `BadMessage`."""
+
+
+def plain_error_body(e: BadMessage) -> tuple[bytes, bytes]:
+    """The default `ErrorBody`: the parser's reason as plain text."""
+    return b"text/plain; charset=utf-8", e.reason.encode("ascii", "replace") + b"\n"
+
 
 class Limits:
     """Timeouts and sizes of the data path, in seconds."""
@@ -66,6 +76,7 @@ class ClientConnection(Protocol):
         self.limits = factory.limits
         self.is_tls = factory.is_tls
         self.on_error = factory.on_bad_request
+        self.error_body = factory.error_body
         self.valve: Valve | None = None
         self._state = _C_HEAD
         self._buf = b""
@@ -168,7 +179,8 @@ class ClientConnection(Protocol):
         except BadMessage as e:
             self.on_error(e)
             if ex is not None and not ex.responded:
-                ex.respond(e.status, [(b"Content-Type", b"application/json")], _error_json(e))
+                content_type, body = self.error_body(e)
+                ex.respond(e.status, [(b"Content-Type", content_type)], body)
             else:
                 # mid-response: the upstream got a broken body; cut both sides
                 self._state = _C_CLOSED
@@ -188,12 +200,12 @@ class ClientConnection(Protocol):
     def _reject(self, e: BadMessage) -> None:
         self._state = _C_CLOSED
         self.on_error(e)
-        body = _error_json(e)
+        content_type, body = self.error_body(e)
         self.transport.write(
             serialize_head(
                 status_line(e.status, b"Error"),
                 [
-                    (b"Content-Type", b"application/json"),
+                    (b"Content-Type", content_type),
                     (b"Content-Length", b"%d" % len(body)),
                     (b"Connection", b"close"),
                 ],
@@ -250,14 +262,10 @@ class ClientConnection(Protocol):
                 log.failure("access log / metrics hook failed")
 
 
-def _error_json(e: BadMessage) -> bytes:
-    code = b"UNSUPPORTED" if e.status in (501, 505) else b"BAD_REQUEST"
-    msg = e.reason.replace('"', "'").encode("ascii", "replace")
-    return b'{"errors":[{"code":"' + code + b'","message":"' + msg + b'"}]}'
-
-
 class RelayFactory(Factory):
-    """Builds client connections that hand each request to `handler`."""
+    """Builds client connections that hand each request to `handler`.
+
+    `on_bad_request` is told of every refused request; `error_body` writes its answer."""
 
     def __init__(
         self,
@@ -268,6 +276,7 @@ class RelayFactory(Factory):
         is_tls: bool = False,
         limits: Limits | None = None,
         on_bad_request: Callable[[BadMessage], None] = lambda e: None,
+        error_body: ErrorBody = plain_error_body,
     ) -> None:
         self.handler = handler
         self.reactor = reactor
@@ -275,6 +284,7 @@ class RelayFactory(Factory):
         self.is_tls = is_tls
         self.limits = limits or Limits()
         self.on_bad_request = on_bad_request
+        self.error_body = error_body
 
     def buildProtocol(self, addr: Any) -> ClientConnection:
         return ClientConnection(self)
