@@ -28,7 +28,10 @@ from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyError, PolicyFile
 from ecr_twisted.observe.health import ops_site
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
-from ecr_twisted.http.streaming import Limits, Origin, RelayFactory, UpstreamPool
+from ecr_twisted.registry.errors import RegistryError, envelope
+from ecr_twisted.http.origin import Origin
+from ecr_twisted.http.server import Limits, RelayFactory
+from ecr_twisted.http.upstream import UpstreamPool
 from ecr_twisted.http.tls import client_creator_factory
 from ecr_twisted.ecr.tokens import NoTokens, ProcessTokenFetcher, TokenKeeper
 
@@ -510,7 +513,11 @@ def build(options: Options, reactor: Any) -> Built:
     for endpoint, wrap_tls in options["listeners"]:
         is_ssl_endpoint = isinstance(endpoint, endpoints.SSL4ServerEndpoint)
         factory: Any = RelayFactory(
-            handler, reactor, pool, is_tls=wrap_tls or is_ssl_endpoint, limits=limits, on_bad_request=bad_request
+            handler, reactor, pool, is_tls=wrap_tls or is_ssl_endpoint, limits=limits, on_bad_request=bad_request,
+            error_body=lambda e: (
+                b"application/json",
+                envelope(RegistryError("UNSUPPORTED" if e.status in (501, 505) else "BAD_REQUEST", e.reason, e.status)),
+            ),
         )
         if wrap_tls:
             factory = TLSMemoryBIOFactory(options["tls-options"], False, factory)

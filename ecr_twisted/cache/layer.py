@@ -51,7 +51,8 @@ from ecr_twisted.registry import errors
 from ecr_twisted.registry import routes
 from ecr_twisted.cache.store import UNSATISFIABLE, BlobStore, Fill, SharedLog, Stat, parse_range
 from ecr_twisted.http.http11 import LENGTH
-from ecr_twisted.http.streaming import Exchange, Fields, UpstreamResponse
+from ecr_twisted.http.exchange import Exchange, Fields
+from ecr_twisted.http.upstream import UpstreamResponse
 
 if TYPE_CHECKING:
     from ecr_twisted.registry.handler import RegistryProxy, _Ctx

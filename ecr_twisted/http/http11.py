@@ -12,6 +12,12 @@ from __future__ import annotations
 import re
 from typing import Iterator
 
+__all__ = [
+    "BadMessage", "BodyReader", "CHUNKED", "Fields", "Head", "LENGTH", "MAX_HEAD", "METHODS", "NO_BODY",
+    "REASONS", "UNTIL_CLOSE", "parse_request_head", "parse_response_head", "serialize_head", "split_head",
+    "status_line",
+]
+
 MAX_HEAD = 64 * 1024
 MAX_FIELDS = 128
 MAX_CHUNK_LINE = 4096
@@ -59,7 +65,6 @@ class Head:
         "target",
         "version",
         "status",
-        "reason",
         "fields",
         "framing",
         "length",
@@ -70,7 +75,6 @@ class Head:
         self.target = b""
         self.version = b"1.1"
         self.status = 0
-        self.reason = b""
         # (lower-cased name, name as sent, value)
         self.fields: list[tuple[bytes, bytes, bytes]] = []
         self.framing = NO_BODY
@@ -184,8 +188,7 @@ def parse_response_head(raw: bytes, request_method: bytes) -> Head:
         raise BadMessage("malformed status line", 502)
     head = Head()
     head.version = m.group(1)
-    head.status = int(m.group(2))
-    head.reason = m.group(3) or b""
+    head.status = int(m.group(2))  # the reason phrase is checked by the pattern, then ignored
     try:
         _parse_fields(lines[1:], head)
         _framing(head, False)
@@ -201,7 +204,28 @@ def parse_response_head(raw: bytes, request_method: bytes) -> Head:
     return head
 
 
-def serialize_head(first_line: bytes, fields: Iterator[tuple[bytes, bytes]] | list[tuple[bytes, bytes]]) -> bytes:
+Fields = list[tuple[bytes, bytes]]
+"""Header fields to send, as (name, value), names as they go on the wire."""
+
+REASONS = {
+    100: b"Continue", 200: b"OK", 201: b"Created", 202: b"Accepted", 204: b"No Content",
+    206: b"Partial Content", 301: b"Moved Permanently", 302: b"Found", 303: b"See Other",
+    307: b"Temporary Redirect", 308: b"Permanent Redirect", 400: b"Bad Request",
+    401: b"Unauthorized", 403: b"Forbidden", 404: b"Not Found", 405: b"Method Not Allowed",
+    408: b"Request Timeout", 411: b"Length Required", 413: b"Payload Too Large",
+    416: b"Range Not Satisfiable", 429: b"Too Many Requests",
+    431: b"Request Header Fields Too Large", 500: b"Internal Server Error",
+    501: b"Not Implemented", 502: b"Bad Gateway", 503: b"Service Unavailable",
+    504: b"Gateway Timeout", 505: b"HTTP Version Not Supported",
+}
+
+
+def status_line(status: int, unknown: bytes = b"Unknown") -> bytes:
+    """`HTTP/1.1 <status> <reason>`; `unknown` is the reason for a status missing from REASONS."""
+    return b"HTTP/1.1 %d " % status + REASONS.get(status, unknown)
+
+
+def serialize_head(first_line: bytes, fields: Iterator[tuple[bytes, bytes]] | Fields) -> bytes:
     parts = [first_line]
     for name, value in fields:
         parts.append(name + b": " + value)

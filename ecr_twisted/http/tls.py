@@ -6,11 +6,16 @@ from typing import Any, Callable
 
 from OpenSSL import SSL, crypto
 from twisted.internet import ssl
-from twisted.internet._sslverify import IOpenSSLTrustRoot  # public via ssl.trustRootFromCertificates users
+# IOpenSSLTrustRoot has no public import path, yet it is what optionsForClientTLS documents
+# for `trustRoot` (Twisted calls its one method, _addCACertsToContext); the public
+# ssl.trustRootFromCertificates replaces the platform's store instead of adding to it.
+from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
-from ecr_twisted.http.streaming import Origin
+from ecr_twisted.http.origin import Origin
+
+__all__ = ["HTTP11", "PlatformPlusCA", "client_creator_factory", "select_protocol", "serve_http11", "server_options"]
 
 
 def _read_pem_chain(path: str) -> list[ssl.Certificate]:

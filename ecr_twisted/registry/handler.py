@@ -24,7 +24,9 @@ from ecr_twisted.cache.layer import FILL, MISS, WRITE, LayerCache
 from ecr_twisted.registry.errors import RegistryError
 from ecr_twisted.http.http11 import Head
 from ecr_twisted.observe.metrics import Metrics
-from ecr_twisted.http.streaming import Exchange, Fields, Origin, UpstreamError, UpstreamResponse
+from ecr_twisted.http.exchange import Exchange, Fields
+from ecr_twisted.http.origin import Origin, UpstreamError
+from ecr_twisted.http.upstream import UpstreamResponse
 from ecr_twisted.ecr.tokens import Token, TokenKeeper
 
 HOP_BY_HOP = frozenset(

@@ -22,7 +22,10 @@ from ecr_twisted.cache.layer import CacheCollector, LayerCache
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.access.policy import FixedPolicy, Policy
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
-from ecr_twisted.http.streaming import ClientConnection, Origin, RelayFactory, UpstreamConnection, UpstreamPool
+from ecr_twisted.registry.errors import RegistryError, envelope
+from ecr_twisted.http.origin import Origin
+from ecr_twisted.http.server import ClientConnection, RelayFactory
+from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
 from ecr_twisted.ecr.tokens import Token, TokenKeeper
 
 UPSTREAM = Origin("https", "123456789012.dkr.ecr.eu-west-1.amazonaws.com")
@@ -202,7 +205,13 @@ class Harness:
             )
             self.registry.register(CacheCollector(self.cache))  # type: ignore[arg-type]
         self.handler = RegistryProxy(self.config, keeper, self.metrics, self.reactor, self.gate, self.cache)
-        self.factory = RelayFactory(self.handler, self.reactor, self.pool)
+        self.factory = RelayFactory(
+            self.handler, self.reactor, self.pool,
+            error_body=lambda e: (
+                b"application/json",
+                envelope(RegistryError("UNSUPPORTED" if e.status in (501, 505) else "BAD_REQUEST", e.reason, e.status)),
+            ),
+        )
 
     def client(self) -> tuple[ClientConnection, StringTransport]:
         proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))

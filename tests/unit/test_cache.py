@@ -29,7 +29,7 @@ from ecr_twisted.access.gate import AccessConfig, Gate
 from ecr_twisted.access.auth import Htpasswd
 from ecr_twisted.access.policy import FixedPolicy, Policy
 from ecr_twisted.registry.handler import ProxyConfig
-from ecr_twisted.http.streaming import UpstreamConnection
+from ecr_twisted.http.upstream import UpstreamConnection
 from ecr_twisted.testing.doubles import UPSTREAM, Harness, make_token, synchronous_bcrypt, write_htpasswd
 
 from .test_access import (

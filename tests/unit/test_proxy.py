@@ -7,7 +7,7 @@ from twisted.logger import globalLogPublisher
 
 from ecr_twisted.registry import errors
 from ecr_twisted.registry.handler import ProxyConfig, redact_target, rewrite_link, rewrite_location
-from ecr_twisted.http.streaming import Origin
+from ecr_twisted.http.origin import Origin
 from ecr_twisted.testing.doubles import UPSTREAM, Harness, make_token
 
 DIGEST = b"sha256:" + b"cd" * 32

@@ -1,0 +1,416 @@
+"""One request and what became of it: the only thing routing, policy and metrics see.
+
+A handler gets an `Exchange` per request with the parsed head; it answers locally with
+`respond()` or `respond_file()`, or calls `forward()`, which sends the request upstream
+and yields the response head as an `UpstreamResponse` to `relay()` or `discard()`. Bodies
+never surface: they move as raw bytes, framing unchanged, each transport registered as
+the other's producer so a slow side pauses the fast one.
+
+The exchange also keeps the request's state for the three parts of the data path that
+move its bytes: the client connection (`server`), the upstream attempt and connection
+(`upstream`) and the file sender (`files`). Each has its own small set of methods below;
+none of them touches the exchange's fields.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Callable, Protocol as TypingProtocol
+
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IDelayedCall
+
+from ecr_twisted.http.files import FileSender
+from ecr_twisted.http.http11 import (
+    CHUNKED,
+    LENGTH,
+    NO_BODY,
+    BodyReader,
+    Fields,
+    Head,
+    serialize_head,
+    status_line,
+)
+from ecr_twisted.http.origin import Origin, UpstreamError
+from ecr_twisted.http.policy import (
+    connection_field,
+    expects_continue,
+    keep_client_alive,
+    request_framing,
+    response_framing,
+    send_continue,
+)
+from ecr_twisted.http.upstream import Attempt
+from ecr_twisted.timers import cancel
+
+if TYPE_CHECKING:
+    from ecr_twisted.http.server import ClientConnection
+    from ecr_twisted.http.upstream import UpstreamConnection, UpstreamResponse
+
+__all__ = ["Exchange", "Fields", "Handler", "Sink", "Source"]
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class Handler(TypingProtocol):
+    """What the data path calls: routing and policy live behind this."""
+
+    def handle(self, exchange: "Exchange") -> None: ...
+
+    def finished(self, exchange: "Exchange") -> None: ...
+
+
+class Sink(TypingProtocol):
+    """Where `UpstreamResponse.into` puts a body: `cache.Fill` is one."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def finish(self) -> Any: ...
+
+    def abort(self, reason: str) -> None: ...
+
+
+class Source(TypingProtocol):
+    """A file still being written (a `cache.Fill`): how much is there, and news of more."""
+
+    written: int
+    state: str  # "filling", then "done" or "failed"
+
+    def on_progress(self, listener: Callable[[Any], None]) -> None: ...
+
+    def off_progress(self, listener: Callable[[Any], None]) -> None: ...
+
+
+class Exchange:
+    """One client request and what became of it; the unit routing and metrics work with."""
+
+    __slots__ = (
+        "conn", "request", "started", "status", "upstream_status", "bytes_in", "bytes_out",
+        "error", "ctx", "_dechunk", "_pending", "_body_complete", "_body_sent", "_upstream",
+        "_attempt", "_relaying", "_responded", "_done", "_gone", "_keep", "_watch", "_moved",
+        "_expect_continue", "_is_head", "_pending_size", "_sender",
+    )
+
+    def __init__(self, conn: "ClientConnection", request: Head, started: float) -> None:
+        self.conn = conn
+        self.request = request
+        self.started = started
+        self.status = 0
+        self.upstream_status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.error: str | None = None
+        self.ctx: Any = None  # for the handler's own per-request state
+        self._dechunk = request.version == b"1.0"
+        self._pending: list[bytes] | None = [] if request.framing != NO_BODY else None
+        self._pending_size = 0
+        self._body_complete = request.framing == NO_BODY
+        self._body_sent = 0
+        self._upstream: UpstreamConnection | None = None  # where the request body goes
+        self._attempt: Attempt | None = None
+        self._relaying: UpstreamConnection | None = None  # where the response body comes from
+        self._responded = False
+        self._done = False
+        self._gone = False
+        self._keep = request.keep_alive()
+        self._watch: IDelayedCall | None = None
+        self._moved = -1
+        self._is_head = request.method == b"HEAD"
+        self._sender: FileSender | None = None
+        self._expect_continue = expects_continue(request)
+
+    # -- what handlers use
+    @property
+    def is_tls(self) -> bool:
+        return self.conn.is_tls
+
+    @property
+    def gone(self) -> bool:
+        """The client has left: nothing more will reach it."""
+        return self._gone
+
+    @property
+    def has_body(self) -> bool:
+        return self.request.framing != NO_BODY
+
+    def forward(
+        self, origin: Origin, method: bytes, target: bytes, fields: Fields, timeout: float
+    ) -> Deferred[UpstreamResponse]:
+        """Send the request (and its body, as it arrives) to `origin`; fires with the response head.
+
+        `fields` (no framing fields) is taken over: the framing fields are appended to it."""
+        if self._gone:
+            return fail(UpstreamError("closed", "client left"))
+        if self._body_sent:
+            return fail(RuntimeError("request body already sent upstream"))
+        req = self.request
+        framing = request_framing(req.framing, req.length, method)
+        if framing is not None:
+            fields.append(framing)
+        head = serialize_head(method + b" " + target + b" HTTP/1.1", fields)
+        attempt = Attempt(self, origin, method, head, timeout)
+        self._attempt = attempt
+        d = attempt.d
+        assert d is not None
+        attempt.go()
+        return d
+
+    def respond(self, status: int, fields: Fields, body: bytes = b"") -> None:
+        """Answer locally (`fields` is taken over). Any request body not yet read closes the connection afterwards."""
+        if self._gone or self._responded:
+            return
+        self._cancel_attempt()
+        if self._upstream is not None:
+            up, self._upstream = self._upstream, None
+            if not self._body_complete:
+                up.abort()
+        if body:
+            self.start_response(status, fields, LENGTH, b"%d" % len(body))
+        else:
+            self.start_response(status, fields, NO_BODY, None)
+        if body and not self._is_head:
+            self.conn.transport.write(body)
+            self.bytes_out += len(body)
+        self._response_finished()
+
+    def respond_file(
+        self, status: int, fields: Fields, fd: int, first: int, length: int, size: int, source: Source | None = None
+    ) -> None:
+        """Answer with `length` bytes of the open file `fd` from offset `first` (`fd` is taken over
+        and closed). `size` is the whole file's; with `source`, the file is still being written."""
+        if self._gone or self._responded:
+            os.close(fd)
+            return
+        self._cancel_attempt()
+        self.start_response(status, fields, LENGTH, b"%d" % length)
+        if self._is_head or length == 0:
+            os.close(fd)
+            self._response_finished()
+            return
+        sender = self._sender = FileSender(self, fd, first, first + length, size, source)
+        sender.start()
+
+    # -- for the client connection (server.ClientConnection)
+    @property
+    def responded(self) -> bool:
+        """A response head has gone to the client."""
+        return self._responded
+
+    def client_body(self, chunk: bytes) -> None:
+        """Request body bytes (framing included) from the client."""
+        self.bytes_in += len(chunk)
+        up = self._upstream
+        if up is not None:
+            self._body_sent += len(chunk)
+            up.send_body(chunk)
+        elif self._pending is not None:
+            self._pending.append(chunk)
+            self._pending_size += len(chunk)
+            if self._pending_size > 1 << 20:  # held for an upstream still being connected: 1 MiB at most
+                self.conn.transport.pauseProducing()
+        # else: the body is being discarded; the connection closes after the response
+
+    def client_body_done(self) -> None:
+        """The request body has been read to its end."""
+        self._body_complete = True
+        up = self._upstream
+        if up is not None:
+            up.request_complete = True
+            if up.connected_:
+                up.transport.unregisterProducer()
+        if self._responded and self._relaying is None:
+            self._finish()
+
+    def client_lost(self) -> None:
+        """The client left: cancel whatever is in flight upstream, never reuse that connection."""
+        self._gone = True
+        if self.error is None and not self._done:
+            self.error = "client disconnected"
+        self._disarm_watch()
+        self._close_sender()
+        self._cancel_attempt(UpstreamError("closed", "client left"))
+        self._cut_upstreams()
+
+    # -- for the upstream side (upstream.Attempt, UpstreamConnection, UpstreamResponse)
+    @property
+    def dechunk(self) -> bool:
+        """The client cannot read chunked framing (HTTP/1.0): send it decoded bodies."""
+        return self._dechunk
+
+    @property
+    def request_read(self) -> bool:
+        """The whole request body has been read from the client (true at once without a body)."""
+        return self._body_complete
+
+    @property
+    def body_sent(self) -> int:
+        """Request body bytes sent upstream so far."""
+        return self._body_sent
+
+    def attach_upstream(self, up: UpstreamConnection) -> None:
+        """The request head went out on `up`: the body goes there from now on."""
+        self._upstream = up
+        if send_continue(self._expect_continue, self._responded):
+            self._expect_continue = False
+            self.conn.transport.write(_CONTINUE)
+        pending, self._pending = self._pending, None
+        if pending:
+            for chunk in pending:
+                self._body_sent += len(chunk)
+                up.transport.write(chunk)
+        if self._body_complete:
+            up.request_complete = True
+            return
+        up.transport.registerProducer(self.conn.valve, True)
+        self.conn.transport.resumeProducing()
+        self._arm_watch()
+
+    def detach_upstream(self) -> None:
+        """That connection failed before a response: stop sending it the body, keep it for a retry if none went out."""
+        up, self._upstream = self._upstream, None
+        if up is not None and not self._body_complete and up.connected_:
+            up.transport.unregisterProducer()
+        if not self._body_complete and self._body_sent == 0 and self._pending is None:
+            self._pending = []  # nothing went out yet: a retry can still send it
+            self._pending_size = 0
+
+    def start_response(self, status: int, fields: Fields, framing: int, content_length: bytes | None) -> None:
+        """Send the response head: `fields` (the caller's fresh list) gets the framing and
+        Connection fields for a body framed as `framing` with `content_length`."""
+        self._responded = True
+        self.status = status
+        field, until_close = response_framing(status, framing, content_length, self._is_head, self._dechunk)
+        if field is not None:
+            fields.append(field)
+        self._keep = keep_client_alive(self._keep, until_close, self._body_complete)
+        field = connection_field(self._keep, self.request.version)
+        if field is not None:
+            fields.append(field)
+        self.conn.transport.write(serialize_head(status_line(status), fields))
+
+    def relay_from(self, up: UpstreamConnection) -> None:
+        """The response body now flows from `up` to the client."""
+        self.conn.transport.registerProducer(up.valve, True)
+        self._relaying = up
+        self._arm_watch()
+
+    def upstream_body(self, data: bytes, reader: BodyReader) -> None:
+        """Response body bytes from upstream (raw, or de-chunked into `reader.payload`)."""
+        if self._dechunk and reader.framing == CHUNKED:
+            payload = reader.payload
+            if payload:
+                data = b"".join(payload)
+                payload.clear()
+            else:
+                return
+        self.bytes_out += len(data)
+        self.conn.send_body(data)
+
+    def upstream_body_done(self, up: UpstreamConnection) -> None:
+        """The relayed response body ended."""
+        registered = self._relaying is not None
+        self._relaying = None
+        if registered and not self._gone:
+            self.conn.transport.unregisterProducer()
+        if self._upstream is up:
+            self._upstream = None
+            if not self._body_complete:
+                self._keep = False
+        self._response_finished()
+
+    def upstream_truncated(self) -> None:
+        """The relayed response body was cut: the client must never see it end."""
+        self._relaying = None
+        self.error = "upstream closed mid-body"
+        self._abort_client()
+
+    def upstream_lost_held(self) -> None:
+        """The upstream closed while the handler holds its response head (before relay or discard)."""
+        # the handler will still relay or discard it; a relay of a lost connection with an
+        # unfinished body must not look complete
+        if not self._responded:
+            self.error = "upstream closed before the body"
+
+    def abort_response(self, reason: str) -> None:
+        """The response head went out but its body cannot follow: cut the client."""
+        self.error = self.error or reason
+        self._abort_client()
+
+    # -- for the file sender (files.FileSender)
+    def file_started(self, sender: FileSender) -> None:
+        self.conn.transport.registerProducer(sender, True)
+        self._arm_watch()
+
+    def file_done(self) -> None:
+        self._sender = None
+        if not self._gone:
+            self.conn.transport.unregisterProducer()
+            self._response_finished()
+
+    def file_failed(self, reason: str) -> None:
+        self._sender = None
+        if not self._gone:
+            self.error = self.error or reason
+            self.conn.transport.unregisterProducer()
+            self._abort_client()
+
+    # -- internals
+    def _response_finished(self) -> None:
+        if self._body_complete or not self._keep:
+            self._finish()
+        # else: the client is still sending a body that goes upstream; finish when it ends
+
+    def _finish(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._disarm_watch()
+        self.conn.exchange_done(self, self._keep and self._body_complete)
+
+    def _abort_client(self) -> None:
+        if self._done:
+            return
+        self._done = True
+        self._keep = False
+        self._disarm_watch()
+        self.conn.exchange_done(self, False, abort=True)
+
+    def _close_sender(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
+
+    def _cut_upstreams(self) -> None:
+        """Abort the connections carrying the request and response bodies, without telling their attempt."""
+        for up in (self._upstream, self._relaying):
+            if up is not None:
+                up.abandon()
+        self._upstream = self._relaying = None
+
+    def _cancel_attempt(self, err: UpstreamError | None = None) -> None:
+        """Stop waiting for a response head that nobody wants any more."""
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None:
+            attempt.cancel(err)
+
+    # -- idle watchdog: one timer per exchange, no per-chunk work beyond the byte counters
+    def _arm_watch(self) -> None:
+        if self._watch is None and not self._done:
+            self._moved = self.bytes_in + self.bytes_out
+            self._watch = self.conn.reactor.callLater(self.conn.limits.idle_timeout, self._check_idle)
+
+    def _disarm_watch(self) -> None:
+        cancel(self._watch)
+        self._watch = None
+
+    def _check_idle(self) -> None:
+        self._watch = None
+        moved = self.bytes_in + self.bytes_out
+        waiting_for_head = self._attempt is not None and self._attempt.d is not None
+        if moved != self._moved or waiting_for_head:
+            self._arm_watch()
+            return
+        self.error = "idle timeout"
+        self._close_sender()
+        self._cut_upstreams()
+        self._abort_client()

@@ -1,0 +1,290 @@
+"""The client side of the data path: one HTTP/1.1 server connection per client.
+
+`ClientConnection` parses request heads and frames request bodies, one request at a time
+(pipelined bytes wait), makes an `Exchange` per request for the handler, and after each
+response keeps the connection, closes it, or lingers so an unread body does not turn the
+close into a reset. Requests the parser refuses are answered here, with a body from the
+injected `error_body` (the composition root gives the registry's error envelope).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ecr_twisted.http.exchange import Exchange, Handler
+from ecr_twisted.http.http11 import (
+    NO_BODY,
+    BadMessage,
+    BodyReader,
+    parse_request_head,
+    serialize_head,
+    split_head,
+    status_line,
+)
+from ecr_twisted.http.policy import CLOSE, LINGER, after_response
+from ecr_twisted.http.sockets import Valve, big_reads, direct_writer
+from ecr_twisted.http.upstream import UpstreamPool
+from ecr_twisted.timers import cancel
+
+__all__ = ["ClientConnection", "ErrorBody", "Limits", "RelayFactory", "plain_error_body"]
+
+log = Logger()
+
+ErrorBody = Callable[[BadMessage], tuple[bytes, bytes]]
+"""What a refused request is answered with: (Content-Type, body) for a `BadMessage`."""
+
+
+def plain_error_body(e: BadMessage) -> tuple[bytes, bytes]:
+    """The default `ErrorBody`: the parser's reason as plain text."""
+    return b"text/plain; charset=utf-8", e.reason.encode("ascii", "replace") + b"\n"
+
+
+class Limits:
+    """Timeouts and sizes of the data path, in seconds."""
+
+    def __init__(
+        self,
+        head_timeout: float = 30.0,
+        keepalive_timeout: float = 120.0,
+        idle_timeout: float = 300.0,
+    ) -> None:
+        self.head_timeout = head_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.idle_timeout = idle_timeout
+
+
+_C_HEAD, _C_BODY, _C_WAIT, _C_LINGER, _C_CLOSED = range(5)
+_LINGER_TIMEOUT = 2.0
+_MAX_LINGER = 1 << 20
+_METHOD_START = frozenset(bytes([c]) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+class ClientConnection(Protocol):
+    """Server side of one client connection: parses heads, frames request bodies, one request at a time."""
+
+    send_body: Callable[[bytes], None]  # response body bytes, set once connected
+
+    def __init__(self, factory: RelayFactory) -> None:
+        self.handler = factory.handler
+        self.reactor = factory.reactor
+        self.pool = factory.pool
+        self.limits = factory.limits
+        self.is_tls = factory.is_tls
+        self.on_error = factory.on_bad_request
+        self.error_body = factory.error_body
+        self.valve: Valve | None = None
+        self._state = _C_HEAD
+        self._buf = b""
+        self._scanned = 0
+        self._lingered = 0
+        self._reader: BodyReader | None = None
+        self._exchange: Exchange | None = None
+        self._parsing = False
+        self._timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.valve = Valve(self.transport)
+        big_reads(self.transport)
+        self.send_body = direct_writer(self.transport)
+        self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
+
+    def _timeout(self) -> None:
+        self._timer = None
+        if self._state == _C_HEAD and self._exchange is None:
+            self._state = _C_CLOSED
+            if self._buf:
+                self._reject(BadMessage("request head not received in time", 408))
+            else:
+                self.transport.loseConnection()
+        elif self._state == _C_LINGER:
+            self._state = _C_CLOSED
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        state = self._state
+        if state == _C_BODY:
+            self._body_data(data, 0)
+        elif state == _C_HEAD:
+            self._buf = self._buf + data if self._buf else data
+            self._next_heads()
+        elif state == _C_WAIT:
+            # pipelined bytes while a response is in progress: keep them, stop reading
+            self._buf += data
+            self.transport.pauseProducing()
+        elif state == _C_LINGER:
+            self._lingered += len(data)
+            if self._lingered > _MAX_LINGER:
+                self._state = _C_CLOSED
+                self.transport.loseConnection()
+
+    def _next_heads(self) -> None:
+        if self._parsing:
+            return
+        self._parsing = True
+        try:
+            while self._state == _C_HEAD and self._buf:
+                if self._scanned == 0:
+                    # A request starts with its method. RFC 9112 2.2 lets servers skip empty
+                    # lines first; registry clients never send them, and being exactly as
+                    # strict as the parser keeps the relay and the parser one model.
+                    if self._buf[:1] not in _METHOD_START:
+                        # not HTTP at all (a TLS ClientHello on a plain port, say): say so at once
+                        self._reject(BadMessage("not an HTTP/1.1 request"))
+                        return
+                try:
+                    found = split_head(self._buf, self._scanned)
+                    if found is None:
+                        self._scanned = len(self._buf)
+                        return
+                    raw, used = found
+                    head = parse_request_head(raw)
+                except BadMessage as e:
+                    self._reject(e)
+                    return
+                self._scanned = 0
+                cancel(self._timer)
+                self._timer = None
+                rest = self._buf[used:]
+                self._buf = b""
+                ex = Exchange(self, head, self.reactor.seconds())
+                self._exchange = ex
+                if head.framing == NO_BODY:
+                    self._state = _C_WAIT
+                    self._buf = rest
+                    if rest:
+                        self.transport.pauseProducing()
+                    self.handler.handle(ex)
+                    continue
+                self._state = _C_BODY
+                self._reader = BodyReader(head.framing, head.length)
+                self.transport.pauseProducing()  # until the body has somewhere to go
+                # the handler sees the request before any body byte is judged, so an
+                # exchange is always handled before it can be finished
+                self.handler.handle(ex)
+                if rest and self._state == _C_BODY and self._exchange is ex:
+                    self._body_data(rest, 0)
+        finally:
+            self._parsing = False
+
+    def _body_data(self, data: bytes, off: int) -> None:
+        reader = self._reader
+        ex = self._exchange
+        try:
+            n = reader.feed(data, off)
+        except BadMessage as e:
+            self.on_error(e)
+            if ex is not None and not ex.responded:
+                content_type, body = self.error_body(e)
+                ex.respond(e.status, [(b"Content-Type", content_type)], body)
+            else:
+                # mid-response: the upstream got a broken body; cut both sides
+                self._state = _C_CLOSED
+                self.transport.abortConnection()
+            return
+        if n:
+            ex.client_body(data if (off == 0 and n == len(data)) else data[off : off + n])
+        if reader.done:
+            self._reader = None
+            self._state = _C_WAIT
+            end = off + n
+            if end < len(data):
+                self._buf = data[end:]
+                self.transport.pauseProducing()
+            ex.client_body_done()
+
+    def _reject(self, e: BadMessage) -> None:
+        self._state = _C_CLOSED
+        self.on_error(e)
+        content_type, body = self.error_body(e)
+        self.transport.write(
+            serialize_head(
+                status_line(e.status, b"Error"),
+                [
+                    (b"Content-Type", content_type),
+                    (b"Content-Length", b"%d" % len(body)),
+                    (b"Connection", b"close"),
+                ],
+            )
+            + body
+        )
+        self.transport.loseConnection()
+
+    def exchange_done(self, ex: Exchange, keep: bool, abort: bool = False) -> None:
+        """`ex` is over (called by the exchange): `keep` the connection for the next request, or close it."""
+        if ex is not self._exchange:
+            return
+        self._exchange = None
+        try:
+            self.handler.finished(ex)
+        except Exception:
+            log.failure("access log / metrics hook failed")
+        if abort:
+            self._state = _C_CLOSED
+            self.transport.abortConnection()
+            return
+        step = after_response(keep, self._state == _C_BODY, self._state == _C_CLOSED)
+        if step == LINGER:
+            self._state = _C_LINGER
+            self._reader = None
+            self.transport.resumeProducing()
+            lose_write = getattr(self.transport, "loseWriteConnection", None)
+            if lose_write is None:
+                self.transport.loseConnection()
+                return
+            lose_write()
+            self._timer = self.reactor.callLater(_LINGER_TIMEOUT, self._timeout)
+            return
+        if step == CLOSE:
+            self._state = _C_CLOSED
+            self.transport.loseConnection()
+            return
+        self._state = _C_HEAD
+        self._timer = self.reactor.callLater(self.limits.keepalive_timeout, self._timeout)
+        self.transport.resumeProducing()
+        if self._buf:
+            self._next_heads()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self._state = _C_CLOSED
+        cancel(self._timer)
+        self._timer = None
+        ex, self._exchange = self._exchange, None
+        if ex is not None:
+            ex.client_lost()
+            try:
+                self.handler.finished(ex)
+            except Exception:
+                log.failure("access log / metrics hook failed")
+
+
+class RelayFactory(Factory):
+    """Builds client connections that hand each request to `handler`.
+
+    `on_bad_request` is told of every refused request; `error_body` writes its answer."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        reactor: Any,
+        pool: UpstreamPool,
+        *,
+        is_tls: bool = False,
+        limits: Limits | None = None,
+        on_bad_request: Callable[[BadMessage], None] = lambda e: None,
+        error_body: ErrorBody = plain_error_body,
+    ) -> None:
+        self.handler = handler
+        self.reactor = reactor
+        self.pool = pool
+        self.is_tls = is_tls
+        self.limits = limits or Limits()
+        self.on_bad_request = on_bad_request
+        self.error_body = error_body
+
+    def buildProtocol(self, addr: Any) -> ClientConnection:
+        return ClientConnection(self)
