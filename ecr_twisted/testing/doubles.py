@@ -1,7 +1,8 @@
 """Test doubles for ecr-twisted, shipped with the package so its users can test against it too.
 
 Everything here runs on a `MemoryReactorClock` and in-memory transports: no sockets, no
-threads, no wall-clock time.
+threads, no wall-clock time. `Harness` is the production object graph (`app.build`) with
+these doubles at its edges, so what the unit tests drive is what twistd runs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,20 @@ from ecr_twisted.http.streaming import ClientConnection, Origin, RelayFactory, U
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
 from ecr_twisted.timers import cancel
+
+__all__ = [
+    "UPSTREAM",
+    "ClosingTransport",
+    "FakeTokenFetcher",
+    "Harness",
+    "MemoryUpstreams",
+    "make_token",
+    "open_gate",
+    "proc_status",
+    "synchronous_bcrypt",
+    "synchronous_verify",
+    "write_htpasswd",
+]
 
 UPSTREAM = Origin("https", "123456789012.dkr.ecr.eu-west-1.amazonaws.com")
 

@@ -14,7 +14,8 @@ def test_the_harness_is_built_by_the_composition_root(tmp_path) -> None:
     assert (h.handler, h.pool, h.gate, h.cache, h.keeper) == (proxy.handler, proxy.pool, proxy.gate, proxy.cache,
                                                               proxy.keeper)
     assert h.factory is h.built.factories[0] and h.factory.handler is h.handler and h.factory.pool is h.pool
-    assert h.handler.config is h.config and h.config.blob_mode == "redirect" and h.config.upstream.key == UPSTREAM.key
+    assert h.handler.config is h.config and h.config.blob_mode == "redirect"
+    assert h.config.upstream is not None and h.config.upstream.key == UPSTREAM.key
     assert h.pool.reactor is h.reactor and h.keeper._clock is h.reactor and h.cache is not None
     assert h.cache.clock is h.reactor and h.handler.tokens is h.keeper
 

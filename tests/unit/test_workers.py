@@ -77,7 +77,7 @@ def test_a_pending_restart_is_cancelled_when_the_supervisor_stops(tmp_path) -> N
             super().__init__()
             self.spawned: list[object] = []
 
-        def spawnProcess(self, proto, executable, args, env=None, path=None, uid=None, gid=None,  # type: ignore[no-untyped-def]
+        def spawnProcess(self, proto, executable, args, env=None, path=None, uid=None, gid=None,
                          usePTY=False, childFDs=None):
             self.spawned.append(proto)
 
