@@ -1,1 +1,2 @@
-"""Options, the composition root that builds the service tree, and the worker processes."""
+"""Running the proxy: options read into settings, the composition root that builds one
+process's service tree from them, and the --workers supervisor and children."""

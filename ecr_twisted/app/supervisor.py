@@ -21,7 +21,24 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ecr_twisted.app.listeners import DescriptionError, parse_description
+from ecr_twisted.http.http11 import CHUNKED, UNTIL_CLOSE, BadMessage, BodyReader, parse_response_head, split_head
+from ecr_twisted.timers import cancel
+
+__all__ = [
+    "AdoptedPort",
+    "ListenerError",
+    "WorkerProcesses",
+    "bind_listener",
+    "fetch_unix_metrics",
+    "merge_expositions",
+    "metrics_body",
+]
 
 log = Logger()
 
@@ -32,17 +49,11 @@ class ListenerError(ValueError):
 
 def bind_listener(spec: str) -> socket.socket:
     """Bind a listening socket for `spec`: a port number, or tcp:/tcp6:/unix: endpoint strings."""
-    if spec.isdigit():
-        kind, positional, kw = "tcp", [spec], {}
-    else:
-        kind, _, rest = spec.partition(":")
-        positional, kw = [], {}
-        for part in rest.split(":") if rest else []:
-            key, eq, value = part.partition("=")
-            if eq:
-                kw[key] = value
-            else:
-                positional.append(part)
+    try:
+        described = parse_description(spec)
+    except DescriptionError as e:
+        raise ListenerError(str(e)) from None
+    kind, positional, kw = described.kind, described.args, described.kwargs
     backlog = int(kw.get("backlog", 1024))
     if kind in ("tcp", "tcp6", "ssl"):  # ssl: the factory is TLS-wrapped by the caller
         port = int(kw.get("port", positional[0] if positional else "0"))
@@ -122,6 +133,7 @@ class WorkerProcesses(service.Service):
         self.socket_dir = socket_dir
         self.restart_delay = restart_delay
         self.children: dict[int, _Child] = {}
+        self._restarts: dict[int, IDelayedCall] = {}  # index -> the pending restart of a child that died
 
     def metrics_socket(self, index: int) -> str:
         return os.path.join(self.socket_dir, f"worker-{index}.sock")
@@ -151,22 +163,29 @@ class WorkerProcesses(service.Service):
             del self.children[child.index]
         if self.running:
             log.warn("worker {index} exited ({reason}); restarting it", index=child.index, reason=reason.value)
-            self.reactor.callLater(self.restart_delay, self._restart, child.index)
+            cancel(self._restarts.get(child.index))
+            self._restarts[child.index] = self.reactor.callLater(self.restart_delay, self._restart, child.index)
 
     def _restart(self, index: int) -> None:
+        self._restarts.pop(index, None)
         if self.running and index not in self.children:
             self._spawn(index)
 
     def stopService(self) -> Any:
         super().stopService()
+        for call in self._restarts.values():
+            cancel(call)
+        self._restarts.clear()
         waits = []
         for child in list(self.children.values()):
             waits.append(child.ended)
+            if child.transport is None:
+                continue
             try:
                 child.transport.closeStdin()
                 child.transport.signalProcess("TERM")
             except Exception:
-                pass
+                pass  # it is already on its way out
         return defer.DeferredList(waits) if waits else None
 
     def scrape(self) -> defer.Deferred[list[bytes]]:
@@ -176,24 +195,47 @@ class WorkerProcesses(service.Service):
         return d.addCallback(lambda results: [body for ok, body in results if ok])
 
 
+def metrics_body(raw: bytes) -> bytes:
+    """The body of a whole `200` answer to `GET /metrics`, read with the proxy's own strict
+    HTTP/1.1 parser; ValueError for anything else (another status, a truncated body)."""
+    try:
+        found = split_head(raw)
+        if found is None:
+            raise BadMessage("no complete response head")
+        head_bytes, used = found
+        head = parse_response_head(head_bytes, b"GET")
+        if head.status != 200:
+            raise BadMessage(f"status {head.status}")
+        reader = BodyReader(head.framing, head.length, dechunk=True)
+        taken = reader.feed(raw, used)
+        if not reader.done and head.framing != UNTIL_CLOSE:
+            raise BadMessage("truncated body")
+    except BadMessage as e:
+        raise ValueError(f"bad worker metrics answer: {e.reason}") from None
+    return b"".join(reader.payload) if head.framing == CHUNKED else raw[used : used + taken]
+
+
 class _Fetch(protocol.Protocol):
+    """One `GET /metrics` over HTTP/1.0: the answer ends when the connection does."""
+
     def __init__(self) -> None:
         self.chunks: list[bytes] = []
         self.done: defer.Deferred[bytes] = defer.Deferred()
 
     def connectionMade(self) -> None:
+        assert self.transport is not None
         self.transport.write(b"GET /metrics HTTP/1.0\r\nHost: worker\r\n\r\n")
 
     def dataReceived(self, data: bytes) -> None:
         self.chunks.append(data)
 
-    def connectionLost(self, reason: Any) -> None:
-        raw = b"".join(self.chunks)
-        head, _, body = raw.partition(b"\r\n\r\n")
-        if head.startswith(b"HTTP/1.") and b" 200 " in head.split(b"\r\n", 1)[0] + b" ":
-            self.done.callback(body)
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        try:
+            body = metrics_body(b"".join(self.chunks))
+        except ValueError as e:
+            self.done.errback(e)
         else:
-            self.done.errback(ValueError("bad worker metrics answer"))
+            self.done.callback(body)
 
 
 def fetch_unix_metrics(reactor: Any, path: str, timeout: float = 2.0) -> defer.Deferred[bytes]:
@@ -255,5 +297,5 @@ def merge_expositions(texts: Iterable[bytes]) -> bytes:
             fam.add_sample(sample_name, dict(labels), value)
         out.append(fam)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(out))  # type: ignore[arg-type]
+    registry.register(_Merged(out))
     return generate_latest(registry)

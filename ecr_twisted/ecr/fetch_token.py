@@ -14,6 +14,8 @@ import json
 import sys
 from typing import Any, Callable
 
+__all__ = ["fetch_authorization_data", "main"]
+
 
 def fetch_authorization_data(
     region: str | None,
@@ -21,6 +23,7 @@ def fetch_authorization_data(
     endpoint_url: str | None = None,
     session_factory: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
+    """The first `authorizationData` entry of GetAuthorizationToken, through botocore's normal chain."""
     if session_factory is None:
         import botocore.session
 
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         data = fetch_authorization_data(args.region, args.registry_id, args.endpoint_url)
-        expires = data.get("expiresAt")
+        expires: Any = data.get("expiresAt")
         answer = {
             "authorizationToken": data["authorizationToken"],
             "expiresAt": expires.timestamp() if hasattr(expires, "timestamp") else float(expires),

@@ -1,7 +1,10 @@
-"""The ECR token: fetched through botocore in a thread, refreshed long before it expires.
+"""The ECR token: fetched through botocore in a short-lived child process, refreshed long before it expires.
 
-The schedule is plain arithmetic on `now` (testable without a reactor); the keeper runs it
-from a `LoopingCall` whose tick catches everything, so one failure never stops refreshing.
+The proxy cannot forward a request upstream without a valid token, and the token lives 12
+hours: the keeper refreshes it half-way, backs off on failures, and lets requests that hit
+a refused token share one forced refresh. The schedule is plain arithmetic on `now`
+(testable without a reactor); the keeper runs it from a `LoopingCall` whose tick catches
+everything, so one failure never stops refreshing.
 """
 
 from __future__ import annotations
@@ -20,6 +23,19 @@ from twisted.internet.error import ProcessDone
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+__all__ = [
+    "READY_MARGIN",
+    "NoTokens",
+    "ProcessTokenFetcher",
+    "Token",
+    "TokenFetchError",
+    "TokenFetcher",
+    "TokenKeeper",
+    "backoff",
+    "parse_authorization_data",
+    "refresh_due",
+]
 
 READY_MARGIN = 300.0  # /readyz wants a token valid for at least this long
 
@@ -67,13 +83,15 @@ def parse_authorization_data(data: dict[str, Any], now: float) -> Token:
         raise ValueError("authorizationToken is not base64 of user:password") from None
     if not user or not password:
         raise ValueError("authorizationToken is not base64 of user:password")
-    expires = data.get("expiresAt")
+    expires: Any = data.get("expiresAt")
     expires_at = expires.timestamp() if hasattr(expires, "timestamp") else float(expires)
     endpoint = str(data.get("proxyEndpoint") or "").strip()
     return Token(authorization=raw, expires_at=expires_at, endpoint=endpoint, fetched_at=now)
 
 
 class TokenFetcher(Protocol):
+    """Where tokens come from: ProcessTokenFetcher, or a test's fake."""
+
     def fetch(self) -> Deferred[Token]: ...
 
 
@@ -155,7 +173,7 @@ class ProcessTokenFetcher:
 
 
 class TokenKeeper:
-    """Holds the current token and keeps it fresh."""
+    """Holds the current token and keeps it fresh (see the module docstring)."""
 
     log = Logger()
 
@@ -309,7 +327,7 @@ class TokenKeeper:
         # the message of a botocore error names the operation, never the credentials
         self.log.warn(
             "ECR token refresh failed ({kind}: {msg}); attempt {n}, retrying in {delay:.1f} s",
-            kind=reason.type.__name__,
+            kind=reason.type.__name__ if reason.type is not None else "Error",
             msg=reason.getErrorMessage(),
             n=self.failures,
             delay=delay,

@@ -9,6 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+__all__ = ["ops_site"]
+
 
 class _Leaf(Resource):
     isLeaf = True
@@ -65,7 +67,7 @@ def ops_site(
     root.putChild(b"healthz", _Leaf(healthz))
     root.putChild(b"readyz", _Leaf(readyz))
     site = Site(root)
-    site.log = lambda request: None  # scrapes every few seconds would drown the access log
+    site.log = lambda request: None  # type: ignore[method-assign]  # scrapes every few seconds would drown the access log
     site.displayTracebacks = False
     site.noisy = False
     return site

@@ -20,6 +20,8 @@ from base64 import b64encode
 from datetime import datetime, timezone
 from typing import Any
 
+__all__ = ["DEFAULT_ACCOUNT", "install_token_patch", "main", "read_token_file"]
+
 DEFAULT_ACCOUNT = "123456789012"
 
 

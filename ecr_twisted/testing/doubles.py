@@ -1,32 +1,51 @@
 """Test doubles for ecr-twisted, shipped with the package so its users can test against it too.
 
 Everything here runs on a `MemoryReactorClock` and in-memory transports: no sockets, no
-threads, no wall-clock time.
+threads, no wall-clock time. `Harness` is the production object graph (`app.build`) with
+these doubles at its edges, so what the unit tests drive is what twistd runs.
 """
 
 from __future__ import annotations
 
 import base64
+from dataclasses import replace
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 
-from ecr_twisted.access.gate import AccessConfig, AccessMetrics, Gate
-from ecr_twisted.cache.store import BlobStore, hash_file
-from ecr_twisted.cache.layer import CacheCollector, LayerCache
-from ecr_twisted.observe.metrics import Metrics
+from ecr_twisted.access.gate import AccessConfig, Gate
 from ecr_twisted.access.policy import FixedPolicy, Policy
-from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
-from ecr_twisted.registry.errors import RegistryError, envelope
+from ecr_twisted.app.build import Parts, access_metrics, build, proxy_config
+from ecr_twisted.app.config import ProxySettings
+from ecr_twisted.cache.layer import LayerCache
+from ecr_twisted.cache.store import BlobStore, hash_file
+from ecr_twisted.ecr.tokens import Token, TokenKeeper
 from ecr_twisted.http.origin import Origin
 from ecr_twisted.http.server import ClientConnection, RelayFactory
 from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
-from ecr_twisted.ecr.tokens import Token, TokenKeeper
+from ecr_twisted.observe.metrics import Metrics
+from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
+from ecr_twisted.timers import cancel
+
+__all__ = [
+    "UPSTREAM",
+    "ClosingTransport",
+    "FakeTokenFetcher",
+    "Harness",
+    "MemoryUpstreams",
+    "make_token",
+    "open_gate",
+    "proc_status",
+    "synchronous_bcrypt",
+    "synchronous_verify",
+    "write_htpasswd",
+]
 
 UPSTREAM = Origin("https", "123456789012.dkr.ecr.eu-west-1.amazonaws.com")
 
@@ -86,18 +105,21 @@ class ClosingTransport(StringTransport):
 
     `connectionLost` comes on the next reactor turn (`reactor.advance(0)`), as in Twisted's
     TCP transports; without a reactor it never comes, as with a plain StringTransport.
+    `cancel()` takes back a `connectionLost` not delivered yet (tearing a test down).
     """
 
     def __init__(self, reactor: Any, protocol: Any, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._reactor = reactor
         self._protocol = protocol
-        self._closing = False
+        self.lost_call: IDelayedCall | None = None  # the pending connectionLost, once closed
 
     def _close(self, reason: BaseException) -> None:
-        if self._reactor is not None and not self._closing:
-            self._closing = True
-            self._reactor.callLater(0, self._protocol.connectionLost, Failure(reason))
+        if self._reactor is not None and self.lost_call is None:
+            self.lost_call = self._reactor.callLater(0, self._protocol.connectionLost, Failure(reason))
+
+    def cancel(self) -> None:
+        cancel(self.lost_call)
 
     def loseConnection(self) -> None:
         super().loseConnection()
@@ -118,7 +140,7 @@ class MemoryUpstreams:
 
     def __init__(self, reactor: Any = None) -> None:
         self.reactor = reactor
-        self.connections: list[tuple[Origin, UpstreamConnection, StringTransport]] = []
+        self.connections: list[tuple[Origin, UpstreamConnection, ClosingTransport]] = []
         self.refuse: BaseException | None = None
 
     def __call__(self, origin: Origin, conn: UpstreamConnection) -> Deferred[Any]:
@@ -134,6 +156,11 @@ class MemoryUpstreams:
     def last(self) -> tuple[UpstreamConnection, StringTransport]:
         _, conn, transport = self.connections[-1]
         return conn, transport
+
+    def close(self) -> None:
+        """Deliver no more connectionLost calls: the test is over."""
+        for _, _, transport in self.connections:
+            transport.cancel()
 
 
 def open_gate(clock: Any) -> Gate:
@@ -167,7 +194,13 @@ def synchronous_verify(fd: int, size: int) -> Deferred[str]:
 
 
 class Harness:
-    """A whole proxy (handler, pool, relay) on a MemoryReactorClock, with helpers to play both peers."""
+    """A whole proxy on a MemoryReactorClock, built by the production composition root
+    (`app.build.build`) with test doubles for its edges, and helpers to play both peers.
+
+    `config` says what the handler is asked to do; it is turned into `ProxySettings`, so it
+    can only say what options can. Attributes are the built graph's parts (`handler`,
+    `pool`, `cache`, `gate`, `keeper`, `factory`, ...) and the doubles (`fetcher`, `upstreams`).
+    """
 
     def __init__(
         self,
@@ -181,37 +214,42 @@ class Harness:
     ) -> None:
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_000_000)
-        self.registry = CollectorRegistry()
-        self.metrics = Metrics(self.registry)
         self.fetcher = FakeTokenFetcher()
-        self.keeper = TokenKeeper(self.reactor, self.fetcher)
+        self.upstreams = MemoryUpstreams(self.reactor)
+        wanted = config or ProxyConfig(upstream=UPSTREAM)
+        settings = _settings_for(wanted, cache_dir, cache_size, tag_ttl, stale_if_error)
+
+        def make_gate(metrics: Metrics) -> Gate:
+            # the test's gate sees the process's metrics, as build_gate's does
+            self.metrics = metrics
+            self.access = access_metrics(metrics)
+            return gate(self) if gate is not None else open_gate(self.reactor)
+
+        parts = Parts(
+            fetcher=self.fetcher,
+            connector=self.upstreams,
+            gate=make_gate,
+            verify=synchronous_verify,
+            blob_store=lambda root, max_bytes: BlobStore(root, max_bytes),  # looked up late: tests replace it
+        )
+        self.built = build(settings, self.reactor, parts)
+        proxy = self.built.proxy
+        self.registry: CollectorRegistry = proxy.registry
+        self.metrics = proxy.metrics
+        self.config: ProxyConfig = proxy.config
+        self.pool: UpstreamPool = proxy.pool
+        self.gate: Gate = proxy.gate
+        self.cache: LayerCache | None = proxy.cache
+        self.handler: RegistryProxy = proxy.handler
+        factory = self.built.factories[0]  # the one --port, without TLS
+        assert isinstance(factory, RelayFactory)
+        self.factory: RelayFactory = factory
+        # passthrough builds no keeper (clients bring credentials); tests still hold one, to
+        # show that its token never goes upstream
+        keeper = proxy.keeper
+        self.keeper = keeper if isinstance(keeper, TokenKeeper) else TokenKeeper(self.reactor, self.fetcher)
         self.keeper.current = token or make_token(now=self.reactor.seconds())
         self.keeper.next_attempt = float("inf")
-        self.upstreams = MemoryUpstreams(self.reactor)
-        self.pool = UpstreamPool(self.reactor, None, connector=self.upstreams, max_per_origin=4)
-        self.config = config or ProxyConfig(upstream=UPSTREAM)
-        self.access = AccessMetrics(self.metrics.auth_attempts, self.metrics.access_denied, self.metrics.webhook_errors)
-        self.gate = gate(self) if gate is not None else open_gate(self.reactor)
-        keeper = None if self.config.passthrough else self.keeper
-        self.cache: LayerCache | None = None
-        if cache_dir is not None:
-            self.cache = LayerCache(
-                BlobStore(cache_dir, cache_size),
-                self.reactor,
-                synchronous_verify,
-                tag_ttl=tag_ttl,
-                stale_if_error=stale_if_error,
-                every_time=self.config.passthrough,
-            )
-            self.registry.register(CacheCollector(self.cache))  # type: ignore[arg-type]
-        self.handler = RegistryProxy(self.config, keeper, self.metrics, self.reactor, self.gate, self.cache)
-        self.factory = RelayFactory(
-            self.handler, self.reactor, self.pool,
-            error_body=lambda e: (
-                b"application/json",
-                envelope(RegistryError("UNSUPPORTED" if e.status in (501, 505) else "BAD_REQUEST", e.reason, e.status)),
-            ),
-        )
 
     def client(self) -> tuple[ClientConnection, StringTransport]:
         proto = self.factory.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
@@ -221,3 +259,37 @@ class Harness:
 
     def sample(self, name: str, labels: dict[str, str] | None = None) -> float | None:
         return self.registry.get_sample_value(name, labels or {})
+
+    def close(self) -> None:
+        """Let go of what the proxy holds, as its services do when a process stops: upstream
+        connections, the cache's files, and connectionLost calls not delivered yet."""
+        self.pool.close()
+        if self.cache is not None:
+            self.cache.close()
+        self.upstreams.close()
+
+
+def _settings_for(
+    config: ProxyConfig, cache_dir: str | None, cache_size: int, tag_ttl: float, stale_if_error: float
+) -> ProxySettings:
+    """The options that make the handler `config`; ValueError if no options can."""
+    settings = ProxySettings(
+        auth="passthrough" if config.passthrough else "none",
+        region="eu-west-1",
+        upstream=config.upstream.base.decode("ascii") if config.upstream is not None else None,
+        public_url=config.public_base.decode("ascii") if config.public_base is not None else None,
+        trust_forwarded=config.trust_forwarded,
+        blob_mode=config.blob_mode,
+        upstream_timeout=config.request_timeout,
+        upload_timeout=config.upload_timeout,
+        upstream_connections=4,
+        cache_dir=cache_dir,
+        cache_bytes=cache_size,
+        tag_ttl=tag_ttl,
+        stale_if_error=stale_if_error,
+    )
+    made = proxy_config(settings)
+    same_upstream = (made.upstream.key if made.upstream else None) == (config.upstream.key if config.upstream else None)
+    if not same_upstream or replace(made, upstream=config.upstream) != config:
+        raise ValueError(f"no options make {config!r} (they make {made!r})")
+    return settings

@@ -16,11 +16,10 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
-from twisted.test.proto_helpers import MemoryReactorClock
 
-from ecr_twisted.testing.emulator import _make_tls_files
-from ecr_twisted.app.options import _endpoint
+from ecr_twisted.app.listeners import listener_spec, load_server_tls
 from ecr_twisted.http.tls import server_options
+from ecr_twisted.testing.emulator import _make_tls_files
 
 
 class _Speaker(Protocol):
@@ -76,9 +75,10 @@ def test_handshake_completes_and_selects_http11(tls_files: Any, offered: list[by
 
 
 def test_ssl_endpoint_strings_negotiate_alpn_too(tls_files: Any) -> None:
-    """`--port ssl:...` uses Twisted's own context factory: it gets the same selection."""
+    """`--port ssl:...` is served with the TLS options its description names: the same selection."""
     ca, cert, key = tls_files
-    endpoint = _endpoint(MemoryReactorClock(), "port", f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
-    server_proto, _, app = _handshake(endpoint._sslContextFactory, ca, [b"h2", b"http/1.1"])
+    spec = listener_spec(f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+    assert spec.cert is not None and spec.key is not None
+    server_proto, _, app = _handshake(load_server_tls(spec.cert, spec.key), ca, [b"h2", b"http/1.1"])
     assert app.received == b"GET /v2/ HTTP/1.1\r\n"
     assert server_proto.negotiatedProtocol == b"http/1.1"

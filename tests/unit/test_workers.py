@@ -49,3 +49,46 @@ def test_bind_listener_forms() -> None:
         sock.close()
     with pytest.raises(ListenerError, match="--workers needs"):
         bind_listener("systemd:domain=INET:index=0")
+
+
+def test_worker_metrics_answers_are_read_with_the_strict_parser() -> None:
+    from ecr_twisted.app.supervisor import metrics_body
+
+    body = b"ecrproxy_requests_in_flight 1.0\n"
+    head = b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body)
+    assert metrics_body(head + body) == body
+    assert metrics_body(b"HTTP/1.0 200 OK\r\n\r\n" + body) == body  # until close
+    assert metrics_body(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\necrpr\r\n0\r\n\r\n") == b"ecrpr"
+    for bad in (head + body[:-3], b"HTTP/1.0 500 Oops\r\nContent-Length: 0\r\n\r\n", b"HTTP/1.0 200 OK\r\n",
+                b"garbage\r\n\r\n", b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx"):
+        with pytest.raises(ValueError, match="bad worker metrics answer"):
+            metrics_body(bad)
+
+
+def test_a_pending_restart_is_cancelled_when_the_supervisor_stops(tmp_path) -> None:
+    from twisted.internet.error import ProcessTerminated
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.failure import Failure
+
+    from ecr_twisted.app.supervisor import WorkerProcesses
+
+    class Spawning(MemoryReactorClock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.spawned: list[object] = []
+
+        def spawnProcess(self, proto, executable, args, env=None, path=None, uid=None, gid=None,
+                         usePTY=False, childFDs=None):
+            self.spawned.append(proto)
+
+    reactor = Spawning()
+    workers = WorkerProcesses(reactor, 2, ["--anonymous"], [], str(tmp_path))
+    workers.startService()
+    [child] = reactor.spawned
+    child.processEnded(Failure(ProcessTerminated(signal=9)))  # type: ignore[attr-defined]
+    [restart] = reactor.getDelayedCalls()
+    assert restart.active()
+    workers.stopService()
+    assert not restart.active()
+    reactor.advance(workers.restart_delay)
+    assert len(reactor.spawned) == 1

@@ -1,6 +1,13 @@
-"""twistd plugin: `twistd -n ecrproxy --help`. The code lives in ecr_twisted.app.options."""
+"""twistd plugin: `twistd -n ecrproxy --help`.
+
+Only names the tap: `ecr_twisted.app.options` provides `Options` and `makeService`, and
+everything is built by `ecr_twisted.app.build`. Kept this small because twistd imports
+every plugin module to list them.
+"""
 
 from twisted.application.service import ServiceMaker
+
+__all__ = ["ecrproxy"]
 
 ecrproxy = ServiceMaker(
     "ecr-twisted",

@@ -1,0 +1,420 @@
+"""The composition root: every object of a running proxy is made here, from `ProxySettings` and a reactor.
+
+Three callers, one graph: `options.makeService` (twistd, one process or the main process
+of a `--workers` group), `worker.main` (a `--workers` child, `child=ChildSockets(...)`) and
+`testing.doubles.Harness` (a `MemoryReactorClock` and test doubles passed as `Parts`). So
+tests drive the object graph production runs, and the two cannot drift apart.
+
+Nothing is looked up globally: the reactor is passed in, and so is every collaborator a
+test replaces (token fetcher, upstream connector, gate, file check, blob store). The side
+effects options must not have happen here: the cache directory and a token key are created,
+TLS files loaded, endpoints made and, for `--workers`, sockets bound and children started.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry
+from twisted.application import service, strports
+from twisted.application.internet import StreamServerEndpointService, TimerService
+from twisted.internet import threads
+from twisted.internet.defer import Deferred
+from twisted.internet.endpoints import UNIXServerEndpoint
+from twisted.internet.interfaces import IProtocolFactory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.usage import UsageError
+
+from ecr_twisted.access.auth import (
+    Htpasswd,
+    LoginThrottle,
+    TokenIssuer,
+    WebhookAuthorizer,
+    http_post,
+    load_or_create_key,
+)
+from ecr_twisted.access.gate import AccessConfig, AccessMetrics, Gate
+from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyFile
+from ecr_twisted.app.config import ProxySettings
+from ecr_twisted.app.listeners import DescriptionError, ListenerSpec, listener_spec, load_server_tls
+from ecr_twisted.cache.layer import CacheCollector, LayerCache
+from ecr_twisted.cache.store import BlobStore, hash_file
+from ecr_twisted.ecr.tokens import NoTokens, ProcessTokenFetcher, TokenFetcher, TokenKeeper
+from ecr_twisted.http.origin import Origin
+from ecr_twisted.http.server import Limits, RelayFactory
+from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
+from ecr_twisted.http.tls import client_creator_factory
+from ecr_twisted.observe.health import ops_site
+from ecr_twisted.observe.metrics import Metrics
+from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
+from ecr_twisted.registry.errors import bad_request_body
+
+__all__ = [
+    "Built",
+    "ChildSockets",
+    "Parts",
+    "Proxy",
+    "access_metrics",
+    "build",
+    "build_cache",
+    "build_gate",
+    "build_keeper",
+    "build_proxy",
+    "proxy_config",
+]
+
+Verify = Callable[[int, int], Deferred[str]]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Collaborators a caller may stand in for (tests do); None means the production one."""
+
+    fetcher: TokenFetcher | None = None  # ProcessTokenFetcher: GetAuthorizationToken in a child process
+    connector: Callable[[Origin, UpstreamConnection], Deferred[Any]] | None = None  # the pool's TCP/TLS connect
+    gate: Callable[[Metrics], Gate] | None = None  # build_gate(settings, reactor, metrics)
+    verify: Verify | None = None  # hash_file in the reactor's thread pool
+    blob_store: Callable[[str, int], BlobStore] | None = None  # BlobStore (logs compacted unless a worker child)
+
+
+@dataclass(frozen=True)
+class ChildSockets:
+    """What a `--workers` child serves: listening sockets inherited as descriptors (one per
+    `--port`, in order) and the unix socket its metrics are scraped from."""
+
+    fds: tuple[int, ...]
+    metrics_socket: str
+
+
+@dataclass
+class Proxy:
+    """One process's proxy without its listeners."""
+
+    config: ProxyConfig
+    registry: CollectorRegistry
+    metrics: Metrics
+    keeper: TokenKeeper | NoTokens
+    pool: UpstreamPool
+    gate: Gate
+    cache: LayerCache | None
+    handler: RegistryProxy
+    limits: Limits
+    services: list[service.Service]  # token refreshes, cache rescans: started and stopped with the process
+
+    def relay(self, reactor: Any, tls: bool) -> RelayFactory:
+        """The protocol factory of one registry listener (`tls`: the proxy speaks TLS on it)."""
+
+        def bad_request(e: Any) -> None:
+            self.metrics.bad_requests.labels(str(e.status)).inc()
+
+        return RelayFactory(
+            self.handler, reactor, self.pool, is_tls=tls, limits=self.limits, on_bad_request=bad_request,
+            error_body=lambda e: bad_request_body(e.status, e.reason),
+        )
+
+
+@dataclass
+class Built:
+    """The whole service tree of one process, and the parts callers look at."""
+
+    top: service.MultiService
+    proxy: Proxy
+    listeners: list[ListenerSpec]  # one per --port, in order
+    factories: list[IProtocolFactory]  # the same, TLS-wrapped where the listener speaks TLS
+    settings: ProxySettings  # as used: with the token key this start made, if it made one
+    child_argv: tuple[str, ...] = field(default=())  # the options --workers children are started with
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        return self.proxy.registry
+
+    @property
+    def keeper(self) -> TokenKeeper | NoTokens:
+        return self.proxy.keeper
+
+
+def build(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), child: ChildSockets | None = None) -> Built:
+    """Everything one process runs: the proxy, its listeners (bound by `reactor` when the tree
+    starts), the ops listener and, with `--workers`, the children. `child`: build a worker
+    child's tree instead, serving inherited sockets once it holds a token."""
+    top = service.MultiService()
+    argv = settings.argv
+    if settings.issues_tokens and settings.token_key is None:
+        # one key for this start, shared with --workers children through their arguments
+        settings = replace(settings, token_key=_temporary_token_key(reactor))
+        argv += ("--token-key", str(settings.token_key))
+    proxy = build_proxy(settings, reactor, parts, worker=child is not None)
+    for svc in proxy.services:
+        svc.setServiceParent(top)
+    listeners = [_listener("port", spec, settings.tls_cert, settings.tls_key) for spec in settings.ports]
+    tls = _TLSFiles()
+    factories = [tls.wrap(spec, proxy.relay(reactor, spec.tls)) for spec in listeners]
+    others = None
+    if child is not None:
+        _serve_inherited(reactor, top, proxy, child, factories)
+    elif settings.workers == 1:
+        for spec, factory in zip(listeners, factories):
+            strports.service(spec.description, factory, reactor).setServiceParent(top)
+    else:
+        others = _start_workers(reactor, top, settings, listeners, factories, argv)
+    if child is None and settings.metrics_port:
+        spec = _listener("metrics-port", settings.metrics_port)
+        site = ops_site(proxy.registry, proxy.keeper.ready, others)
+        strports.service(spec.description, tls.wrap(spec, site), reactor).setServiceParent(top)
+    return Built(top, proxy, listeners, factories, settings, argv)
+
+
+def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *, worker: bool = False) -> Proxy:
+    """The request path of one process: token keeper, upstream pool, gate, cache and handler."""
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    keeper = build_keeper(settings, reactor, metrics, parts.fetcher)
+    tls_for = client_creator_factory(settings.upstream_ca, settings.upstream_insecure)
+    pool = UpstreamPool(reactor, tls_for, max_per_origin=settings.upstream_connections, connector=parts.connector)
+    services: list[service.Service] = [_TokenService(keeper, pool)]
+    config = proxy_config(settings)
+    gate = parts.gate(metrics) if parts.gate is not None else build_gate(settings, reactor, metrics)
+    cache = build_cache(settings, reactor, parts.verify, parts.blob_store, worker=worker)
+    if cache is not None:
+        registry.register(CacheCollector(cache))
+        services.append(_CacheRescan(cache, reactor))
+    tokens = None if config.passthrough else keeper
+    handler = RegistryProxy(config, tokens, metrics, reactor, gate, cache)  # type: ignore[arg-type]
+    limits = Limits(idle_timeout=settings.idle_timeout)
+    return Proxy(config, registry, metrics, keeper, pool, gate, cache, handler, limits, services)
+
+
+def proxy_config(settings: ProxySettings) -> ProxyConfig:
+    """The handler's view of the settings."""
+    passthrough = settings.auth == "passthrough"
+    upstream = Origin.from_url(settings.upstream) if settings.upstream else None
+    if passthrough and upstream is None:  # no token to name the registry: the options ensure an account
+        upstream = Origin("https", f"{settings.registry_id}.dkr.ecr.{settings.region}.amazonaws.com")
+    return ProxyConfig(
+        upstream=upstream,
+        public_base=Origin.from_url(settings.public_url).base if settings.public_url else None,
+        trust_forwarded=settings.trust_forwarded,
+        blob_mode=settings.blob_mode,
+        request_timeout=settings.upstream_timeout,
+        upload_timeout=settings.upload_timeout,
+        passthrough=passthrough,
+    )
+
+
+def build_keeper(
+    settings: ProxySettings, reactor: Any, metrics: Metrics, fetcher: TokenFetcher | None = None
+) -> TokenKeeper | NoTokens:
+    """The ECR token's keeper; passthrough clients bring their own credentials, so it has none."""
+    if settings.auth == "passthrough":
+        return NoTokens()
+    if fetcher is None:
+        fetcher = ProcessTokenFetcher(
+            reactor, region=settings.region, registry_id=settings.registry_id, endpoint_url=settings.ecr_endpoint_url
+        )
+
+    def on_result(result: str, token: Any) -> None:
+        metrics.token_result(result, token.expires_at if token is not None else None)
+
+    return TokenKeeper(reactor, fetcher, on_result=on_result)
+
+
+def access_metrics(metrics: Metrics) -> AccessMetrics:
+    """The gate's counters in the process's metrics."""
+    return AccessMetrics(metrics.auth_attempts, metrics.access_denied, metrics.webhook_errors)
+
+
+def build_gate(settings: ProxySettings, reactor: Any, metrics: Metrics) -> Gate:
+    """Who may do what: the --auth mode with its htpasswd, token issuer or webhook, and the policy."""
+    mode = settings.auth
+    policy: Any = FixedPolicy(Policy.preset(settings.policy)) if settings.policy in PRESETS else PolicyFile(
+        settings.policy, reactor
+    )
+    config = AccessConfig(
+        mode=mode,
+        namespace=re.compile(settings.namespace_pattern) if settings.namespace_pattern else None,
+        exclude=re.compile(settings.exclude_pattern) if settings.exclude_pattern else None,
+        read_only=settings.read_only,
+        service=settings.token_service,
+    )
+    htpasswd = Htpasswd(settings.htpasswd, reactor) if mode in ("basic", "token") and settings.htpasswd else None
+    issuer = None
+    if settings.issues_tokens:
+        issuer = TokenIssuer(_token_key(settings), settings.token_service, settings.token_ttl)
+    webhook = None
+    if mode == "webhook" and settings.auth_webhook:
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        agent = Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=True))
+        post = http_post(agent, reactor, settings.auth_webhook, settings.auth_webhook_timeout)
+        webhook = WebhookAuthorizer(
+            post, reactor, settings.auth_webhook_ttl, on_error=lambda problem: metrics.webhook_errors.inc()
+        )
+    return Gate(config, policy, reactor, access_metrics(metrics), htpasswd, issuer, webhook, LoginThrottle())
+
+
+def build_cache(
+    settings: ProxySettings,
+    reactor: Any,
+    verify: Verify | None = None,
+    store: Callable[[str, int], BlobStore] | None = None,
+    *,
+    worker: bool = False,
+) -> LayerCache | None:
+    """The layer cache on --cache-dir (created if needed), or None without one."""
+    where = settings.cache_dir
+    if not where:
+        return None
+    try:
+        os.makedirs(where, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--cache-dir {where}: {e.strerror}") from None
+    # --workers children share the main process's directory and leave its logs as they are
+    make_store = store if store is not None else functools.partial(BlobStore, compact=not worker)
+    if verify is None:
+
+        def verify(fd: int, size: int) -> Deferred[str]:
+            return threads.deferToThreadPool(reactor, reactor.getThreadPool(), hash_file, fd, size)
+
+    return LayerCache(
+        make_store(where, settings.cache_bytes),
+        reactor,
+        verify,
+        tag_ttl=settings.tag_ttl,
+        stale_if_error=settings.stale_if_error,
+        every_time=settings.auth == "passthrough",
+    )
+
+
+class _TokenService(service.Service):
+    """Refreshes the token while the process runs; closes upstream connections when it stops."""
+
+    log = Logger()
+
+    def __init__(self, keeper: TokenKeeper | NoTokens, pool: UpstreamPool) -> None:
+        self.keeper = keeper
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.keeper.start().addErrback(lambda f: self.log.failure("token loop stopped", f))
+
+    def stopService(self) -> Deferred[None] | None:
+        self.keeper.stop()
+        self.pool.close()
+        return super().stopService()
+
+
+class _CacheRescan(TimerService):
+    """Keeps this process's view of a cache directory shared with other workers current;
+    closes the cache's files when the process stops."""
+
+    log = Logger()
+    RESCAN = 30.0
+
+    def __init__(self, cache: LayerCache, clock: Any) -> None:
+        super().__init__(self.RESCAN, self._rescan)
+        self.clock = clock
+        self.cache = cache
+
+    def _rescan(self) -> None:
+        # TimerService stops calling after an exception: this step must never raise
+        try:
+            self.cache.store.rescan()
+        except Exception:
+            self.log.failure("cache rescan failed (will try again)")
+
+    def stopService(self) -> Deferred[None]:
+        d: Deferred[None] = super().stopService()
+        return d.addCallback(lambda _: self.cache.close())
+
+
+class _TLSFiles:
+    """Loads each certificate and key pair once, however many listeners use it."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[tuple[str, str], Any] = {}
+
+    def wrap(self, spec: ListenerSpec, factory: Any) -> Any:
+        if spec.cert is None or spec.key is None:
+            return factory
+        pair = (spec.cert, spec.key)
+        if pair not in self._loaded:
+            try:
+                self._loaded[pair] = load_server_tls(*pair)
+            except DescriptionError as e:
+                raise UsageError(f"--port {spec.description}: {e}") from None
+        return TLSMemoryBIOFactory(self._loaded[pair], False, factory)
+
+
+def _listener(option: str, spec: str, tls_cert: str | None = None, tls_key: str | None = None) -> ListenerSpec:
+    try:
+        return listener_spec(spec, tls_cert, tls_key)
+    except DescriptionError as e:  # checked by Options already; settings made by hand may be wrong
+        raise UsageError(f"--{option}: {e}") from None
+
+
+def _token_key(settings: ProxySettings) -> bytes:
+    try:
+        return load_or_create_key(str(settings.token_key))
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--token-key: {e}") from None
+
+
+def _temporary_token_key(reactor: Any) -> str:
+    keydir = tempfile.mkdtemp(prefix="ecrproxy-key-")
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, keydir, True)
+    path = os.path.join(keydir, "token.key")
+    load_or_create_key(path)
+    return path
+
+
+def _start_workers(
+    reactor: Any,
+    top: service.MultiService,
+    settings: ProxySettings,
+    listeners: list[ListenerSpec],
+    factories: list[Any],
+    argv: tuple[str, ...],
+) -> Callable[[], Deferred[list[bytes]]]:
+    """The main process of a --workers group binds the sockets, serves them and starts the
+    children that share them; answers how to scrape the children's metrics."""
+    from ecr_twisted.app.supervisor import AdoptedPort, ListenerError, WorkerProcesses, bind_listener
+
+    try:
+        sockets = [bind_listener(spec.description) for spec in listeners]
+    except ListenerError as e:
+        raise UsageError(f"--port {e}") from None
+    for sock, factory in zip(sockets, factories):
+        AdoptedPort(reactor, sock, factory).setServiceParent(top)
+    socket_dir = tempfile.mkdtemp(prefix="ecrproxy-workers-")
+    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, socket_dir, True)
+    children = WorkerProcesses(reactor, settings.workers, list(argv), [s.fileno() for s in sockets], socket_dir)
+    children.setServiceParent(top)
+    return children.scrape
+
+
+def _serve_inherited(
+    reactor: Any, top: service.MultiService, proxy: Proxy, child: ChildSockets, factories: list[Any]
+) -> None:
+    from ecr_twisted.app.supervisor import AdoptedPort
+
+    ports = [AdoptedPort(reactor, socket.socket(fileno=fd), factory) for fd, factory in zip(child.fds, factories)]
+
+    def listen(_: Any) -> None:
+        # a child that answered before holding a token would turn its share of requests
+        # into 503s while its first GetAuthorizationToken call is under way
+        for port in ports:
+            port.setServiceParent(top)
+
+    proxy.keeper.first_token().addCallback(listen)
+    StreamServerEndpointService(
+        UNIXServerEndpoint(reactor, child.metrics_socket, mode=0o600), ops_site(proxy.registry, proxy.keeper.ready)
+    ).setServiceParent(top)
