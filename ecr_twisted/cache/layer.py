@@ -49,7 +49,8 @@ from twisted.logger import Logger
 
 from ecr_twisted.registry import errors
 from ecr_twisted.registry import routes
-from ecr_twisted.cache.store import UNSATISFIABLE, BlobStore, Fill, SharedLog, Stat, parse_range
+from ecr_twisted.cache.ranges import UNSATISFIABLE, parse_range
+from ecr_twisted.cache.store import BlobStore, Fill, SharedLog, Stat
 from ecr_twisted.http.http11 import LENGTH
 from ecr_twisted.http.streaming import Exchange, Fields, UpstreamResponse
 
