@@ -19,7 +19,7 @@ from twisted.internet.defer import Deferred
 from ecr_twisted.registry import errors
 from ecr_twisted.registry import routes
 from ecr_twisted.access.gate import GO, Decision, Gate
-from ecr_twisted.registry.listings import cursor as _cursor, read_listing, with_cursor as _with_cursor, with_names
+from ecr_twisted.registry import listings
 from ecr_twisted.cache.layer import FILL, MISS, WRITE, LayerCache
 from ecr_twisted.registry.errors import RegistryError
 from ecr_twisted.http.http11 import Head
@@ -83,8 +83,7 @@ class ProxyConfig:
 
 _CACHEABLE = frozenset({routes.BLOB, routes.MANIFEST})
 MAX_LISTING = 8 << 20  # tags/list and _catalog bodies the policy filters are read whole: bounded
-_LISTING_KEYS = {routes.TAGS: "tags", routes.CATALOG: "repositories"}
-MAX_HIDDEN_PAGES = 16
+MAX_HIDDEN_PAGES = 16  # listing pages in a row with nothing to show fetched before the listing ends there
 class _Ctx:
     """Per-request state of the handler."""
 
@@ -353,7 +352,10 @@ class RegistryProxy:
             return self._refused(ex, ctx, status)
         listing = ctx.decision.listing if ctx.decision is not None else None
         if listing is not None and status == 200:
-            return self._filter_listing(resp, ex, ctx, listing)
+            d = Deferred.fromCoroutine(self._filter_listing(resp, ex, ctx, listing))
+            d.addErrback(self._upstream_failed, ex, ctx)
+            d.addErrback(self._bug, ex)
+            return
         if status >= 500 and ctx.kind == routes.BASE and self._base_offline(ex):
             resp.discard()
             return
@@ -377,55 +379,23 @@ class RegistryProxy:
             fields.append(MISS)
         resp.relay(status, fields)
 
-    def _filter_listing(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx, listing: Any) -> None:
-        """tags/list and _catalog show only what the caller may pull: read (bounded), filter, answer."""
+    async def _filter_listing(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx, keep: listings.Filter) -> None:
+        """tags/list and _catalog show only what the caller may pull: read (bounded), filter, answer,
+        or ask for the next page ourselves (a bounded number of times) rather than name a hidden entry."""
         fields = self._response_fields(resp.head, ex, ctx)
-        key = _LISTING_KEYS[ctx.kind]
-
-        def answer(kept: list[str], data: dict[str, Any], names: list[str]) -> None:
-            out: Fields = []
-            for n, v in fields:
-                ln = n.lower()
-                if ln == b"link":
-                    cursor = _cursor(v)
-                    if cursor is not None and cursor[1] in names and cursor[1] not in kept:
-                        # a name-style cursor (distribution's; ECR's is opaque) would name a hidden entry
-                        if not kept:
-                            return self._next_page(ex, ctx, cursor[0], fields, data, key)
-                        v = _with_cursor(v, kept[-1])
-                elif ln == b"content-encoding":
-                    continue
-                out.append((n, v))
-            ex.respond(200, out, with_names(data, key, kept))
-
-        def got(body: bytes) -> Any:
-            parsed = read_listing(body, key)
-            if parsed is None:
-                raise UpstreamError("closed", "upstream listing is not JSON")
-            data, names = parsed
-            kept = listing(names)
-            if isinstance(kept, Deferred):
-                return kept.addCallback(answer, data, names)
-            return answer(kept, data, names)
-
-        d = resp.read(MAX_LISTING, self.config.request_timeout)
-        d.addCallback(got)
-        d.addErrback(self._upstream_failed, ex, ctx)
-        d.addErrback(self._bug, ex)
-
-    def _next_page(
-        self, ex: Exchange, ctx: _Ctx, link_target: bytes, fields: Fields, data: dict[str, Any], key: str
-    ) -> None:
-        """Nothing on this page may be shown and its cursor names a hidden entry: fetch the next page
-        ourselves (a bounded number of times) rather than hand out that name."""
-        ctx.pages += 1
-        if ctx.pages > MAX_HIDDEN_PAGES or ctx.decision is None:
+        body = await resp.read(MAX_LISTING, self.config.request_timeout)
+        step = await listings.filtered(body, fields, listings.KEYS[ctx.kind], keep)
+        if step is None:
+            raise UpstreamError("closed", "upstream listing is not JSON")
+        if type(step) is listings.NextPage:
+            ctx.pages += 1
+            if ctx.pages <= MAX_HIDDEN_PAGES and ctx.decision is not None:
+                ctx.decision.target = step.target
+                return self._send(ex, ctx)
             self.log.warn("listing {path}: {n} pages in a row hold nothing the caller may see; ending it there",
                           path=redact_url(ex.request.target), n=MAX_HIDDEN_PAGES)
-            kept_fields = [(n, v) for n, v in fields if n.lower() not in (b"link", b"content-encoding")]
-            return ex.respond(200, kept_fields, with_names(data, key, []))
-        ctx.decision.target = link_target
-        self._send(ex, ctx)
+            step = step.last_resort
+        ex.respond(200, step.fields, step.body)
 
     def _refused(self, ex: Exchange, ctx: _Ctx, status: int) -> None:
         """The upstream refused our token: refresh it once (shared) and retry once when safe."""
