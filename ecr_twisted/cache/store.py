@@ -22,7 +22,7 @@ it grew, reads the logs' new lines before trusting its memory (`catch_up`). A st
 than a message between processes: nothing to set up, nothing lost when a process restarts,
 and the logs stay the one record of what is true.
 
-Nothing here speaks HTTP; `cache.py` decides when to look and when to fill.
+Nothing here speaks HTTP; `layer.LayerCache` decides when to look and when to fill.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from collections import OrderedDict
 from typing import Any, Callable, Iterable, NamedTuple
 
 from twisted.logger import Logger
+
+__all__ = ["BlobStore", "Fill", "SharedLog", "Stat", "hash_file", "MAX_MEDIA_TYPE", "MAX_GENERATION"]
 
 log = Logger()
 
