@@ -1,14 +1,17 @@
 """The layer cache as the proxy uses it: when to answer from disk, when to fill, when to go upstream.
 
 Blobs and manifests named by digest are immutable, so once verified they are served from
-`blobstore.BlobStore` without asking the upstream again, but only to a repository the
-upstream has confirmed holds them. A miss streams from upstream into the store and every
-request for that blob meanwhile reads the same growing file (one upstream fetch). Tags move,
-so a manifest by tag is trusted for `tag_ttl` seconds, then revalidated with a HEAD; when
-the upstream cannot answer, the last known manifest is served for `stale_if_error` seconds.
+`store.BlobStore` without asking the upstream again, but only to a repository the upstream
+has confirmed holds them. A miss streams from upstream into the store and every request for
+that blob meanwhile reads the same growing file (one upstream fetch). Tags move, so a
+manifest by tag is trusted for `tag_ttl` seconds, then revalidated with a HEAD; when the
+upstream cannot answer, the last known manifest is served for `stale_if_error` seconds.
 
-`RegistryProxy` calls `lookup` once the gate has admitted a request, and hands back
-upstream answers for requests that `lookup` marked (`ctx.cache_op`).
+The cache answers as values (`plans`), in the manner of CNCF distribution's proxy: once the
+gate has admitted a request, `RegistryProxy` asks `lookup` what should happen to it and does
+that; it hands each upstream answer to a `Forward` back to `answered` (or says that none
+came: `failed`), and tells `finished` when the request is over. The cache reads the request
+and whether its client is still there, never answers it, and never talks to the upstream.
 
 Writes. The cache must stay transparent: after a write through the proxy, a read through
 the proxy gets what the registry would answer. So `lookup` marks manifest PUT/DELETE and blob
@@ -26,7 +29,7 @@ Forgetting, never guessing the new state: an invalidation can only cost an upstr
 A write the upstream refused (4xx/5xx) changes nothing; one whose answer never came (timeout,
 connection lost after sending, the client gone first) may have happened, so it counts as accepted.
 
-All of it goes to the logs on disk (tags here, repository confirmations in the store), then
+All of it goes to the logs on disk (`tags.Tags`, repository confirmations in the store), then
 the store's generation file grows by a byte (`BlobStore.bump`). Each request first compares
 that file's (inode, size) with what this process saw last (one stat, `sync`) and, when it
 changed, reads the logs' new lines in order; so a write handled by one `--workers` process
@@ -38,7 +41,6 @@ every process notices when it opens them.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 from urllib.parse import parse_qsl
@@ -47,20 +49,43 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from ecr_twisted.registry import errors
-from ecr_twisted.registry import routes
-from ecr_twisted.cache.store import UNSATISFIABLE, BlobStore, Fill, SharedLog, Stat, parse_range
-from ecr_twisted.http.http11 import LENGTH
-from ecr_twisted.http.exchange import Exchange, Fields
-from ecr_twisted.http.upstream import UpstreamResponse
+from ecr_twisted.cache.plans import (
+    CACHE,
+    DONE,
+    FILL,
+    HIT,
+    MANIFEST,
+    MISS,
+    PLAIN,
+    PROBE,
+    RELAY,
+    REVALIDATE,
+    UPSTREAM,
+    WRITE,
+    Fail,
+    Fields,
+    Forward,
+    Next,
+    Plan,
+    Read,
+    Serve,
+    Tee,
+    Wait,
+)
+from ecr_twisted.cache.ranges import UNSATISFIABLE, parse_range
+from ecr_twisted.cache.store import BlobStore, Fill, Stat
+from ecr_twisted.cache.tags import Tags
+from ecr_twisted.http.http11 import LENGTH, Head
+from ecr_twisted.registry import errors, routes
+from ecr_twisted.registry.routes import Match
 
 if TYPE_CHECKING:
-    from ecr_twisted.registry.handler import RegistryProxy, _Ctx
+    from ecr_twisted.http.exchange import Exchange
+
+__all__ = ["LayerCache", "CacheCollector", "HIT", "MISS", "STALE_WARNING", "MAX_MANIFEST", "FILL_STALL"]
 
 log = Logger()
 
-HIT = (b"X-Cache", b"HIT")
-MISS = (b"X-Cache", b"MISS")
 STALE_WARNING = (b"Warning", b'110 - "Response is Stale"')
 _BLOB_FIELDS = (
     (b"Content-Type", b"application/octet-stream"),
@@ -70,23 +95,11 @@ _BLOB_FIELDS = (
 )
 MAX_MANIFEST = 4 << 20  # ECR's own limit on a manifest's size
 FILL_STALL = 60.0  # seconds an upstream fill may make no progress before it is cut
+MAX_TRIES = 2  # looks at the store for one request; beyond, it goes upstream as it is
+_READ_MANIFEST = Read(MAX_MANIFEST)
 _GET_HEAD = frozenset({b"GET", b"HEAD"})
 _WRITES = frozenset({b"PUT", b"DELETE"})
-
-# ctx.cache_op values: what an upstream answer means to the cache
-FILL = "fill"  # blob GET miss: store the body while serving it
-PROBE = "probe"  # HEAD upstream: does this repository hold a blob we have?
-MANIFEST = "manifest"  # manifest GET miss: read it, store it, answer it
-REVALIDATE = "revalidate"  # HEAD upstream: is this tag still that digest?
-WRITE = "write"  # manifest PUT/DELETE, blob DELETE: once accepted, take back what it changed
-
-
-class TagEntry:
-    __slots__ = ("digest", "checked")
-
-    def __init__(self, digest: str, checked: float) -> None:
-        self.digest = digest
-        self.checked = checked  # when the upstream last said the tag is this digest
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 def _accept_key(ex: Exchange) -> bytes:
@@ -94,8 +107,12 @@ def _accept_key(ex: Exchange) -> bytes:
     return b",".join(v for ln, _, v in ex.request.fields if ln == b"accept")
 
 
+def _sha256(body: bytes) -> str:
+    return "sha256:" + hashlib.sha256(body).hexdigest()
+
+
 class LayerCache:
-    """What the proxy caches and the counters it reports. One per process."""
+    """What the proxy caches, decided per request, and the counters it reports. One per process."""
 
     def __init__(
         self,
@@ -108,7 +125,6 @@ class LayerCache:
         every_time: bool = False,
     ) -> None:
         self.store = store
-        self.proxy: RegistryProxy  # set by the proxy that uses this cache
         self.clock = clock
         self.verify = verify  # hashes a stored file off the reactor thread
         self.tag_ttl = tag_ttl
@@ -118,212 +134,160 @@ class LayerCache:
         self.every_time = every_time
         self.hits = {"blob": 0, "manifest": 0}
         self.misses = {"blob": 0, "manifest": 0}
-        self.bytes = {"cache": 0, "upstream": 0}
+        self.bytes = {CACHE: 0, UPSTREAM: 0}
         self.stale = 0
-        self._waiting: dict[str, list[tuple[Exchange, "_Ctx"]]] = {}
-        self._tags: dict[tuple[str, str, bytes], TagEntry] = {}
+        # blob digest -> (the request fetching it, requests waiting for its answer)
+        self._waiting: dict[str, tuple[Forward, list[Deferred[None]]]] = {}
         self._seen = store.loaded_generation  # the generation file as this process last caught up with it
-        self._tags_log = SharedLog(os.path.join(store.root, "tags"))
-        self._load_tags()
+        self._tags = Tags(os.path.join(store.root, "tags"), store.has, store.compact)
 
-    # -- entry point
-    def lookup(self, ex: Exchange, ctx: "_Ctx") -> bool:
-        """Answer `ex` from the cache or arrange how its upstream answer is used. True if taken over."""
-        req = ex.request
-        m = ctx.match
-        assert m is not None and m.name is not None
-        if req.method not in _GET_HEAD:
-            if req.method in _WRITES:
-                ctx.cache_op = WRITE  # straight upstream; its answer comes back to `answer`
-            return False
-        if ctx.cache_tries > 2:
-            return False
+    # -- what should happen to a request
+    def lookup(self, ex: Exchange, m: Match) -> Plan:
+        """The plan for a blob or manifest request the gate admitted."""
+        return self._look(ex, m, 0)
+
+    def _look(self, ex: Exchange, m: Match, tries: int) -> Plan:
+        method = ex.request.method
+        if method not in _GET_HEAD:
+            # writes go straight upstream; their answer comes back to `answered`
+            return Forward(WRITE if method in _WRITES else PLAIN, m, None)
+        if tries > MAX_TRIES:
+            return Forward(PLAIN, m, UPSTREAM, tries=tries)
         self.sync()
-        ctx.cache_source = "upstream"
-        if ctx.kind == routes.BLOB:
+        assert m.route is not None and m.name is not None
+        if m.route.kind == routes.BLOB:
             assert m.digest is not None
-            return self._blob(ex, ctx, m.name, m.digest)
+            return self._blob(ex, m, tries, m.digest)
         reference = m.reference or ""
         if ":" in reference:
-            return self._manifest_by_digest(ex, ctx, m.name, reference)
-        return self._manifest_by_tag(ex, ctx, m.name, reference)
+            return self._manifest_by_digest(ex, m, tries, reference)
+        return self._manifest_by_tag(ex, m, tries, reference)
 
-    def _blob(self, ex: Exchange, ctx: "_Ctx", repo: str, digest: str) -> bool:
+    def _blob(self, ex: Exchange, m: Match, tries: int, digest: str) -> Plan:
         store = self.store
         if not store.cacheable(digest):
-            return False
+            return Forward(PLAIN, m, tries=tries)
         if store.has(digest) or store.filling(digest) is not None:
-            return self._stored(ex, ctx, repo, digest, "blob")
+            return self._stored(ex, m, tries, digest, "blob")
         if ex.request.method == b"HEAD" or ex.request.get(b"range") is not None:
             self.misses["blob"] += 1
-            return False  # nothing to store from these: straight through
-        waiting = self._waiting.get(digest)
-        if waiting is not None:
-            if ctx.cache_tries == 0:
-                ctx.cache_tries += 1
-                waiting.append((ex, ctx))
-                return True
-            return False  # a second round of waiting: go alone
+            return Forward(PLAIN, m, tries=tries)  # nothing to store from these: straight through
+        fetching = self._waiting.get(digest)
+        if fetching is not None:
+            if tries == 0:  # wait for that fetch's answer, then look again
+                ready: Deferred[None] = Deferred()
+                fetching[1].append(ready)
+                return Wait(ready.addCallback(self._again, ex, m, 1))
+            return Forward(PLAIN, m, tries=tries)  # a second round of waiting: go alone
         self.misses["blob"] += 1
-        self._waiting[digest] = []
-        ctx.cache_op = FILL
-        return False
+        plan = Forward(FILL, m, tries=tries, digest=digest)
+        self._waiting[digest] = (plan, [])
+        return plan
 
-    def _stored(self, ex: Exchange, ctx: "_Ctx", repo: str, digest: str, kind: str) -> bool:
-        """We hold `digest`: serve it if `repo` is known to hold it too, else ask the upstream first (HEAD)."""
-        if not self.every_time and self.store.knows(repo, digest):
-            self._serve(ex, ctx, digest, kind)
-            return True
-        ctx.cache_op = PROBE
-        ctx.method = b"HEAD"
-        return False
+    def _again(self, _: object, ex: Exchange, m: Match, tries: int) -> Plan:
+        return DONE if ex.gone else self._look(ex, m, tries)
 
-    def _manifest_by_digest(self, ex: Exchange, ctx: "_Ctx", repo: str, digest: str) -> bool:
+    def _stored(self, ex: Exchange, m: Match, tries: int, digest: str, kind: str) -> Plan:
+        """We hold `digest`: serve it if the repository is known to hold it too, else ask the upstream first (HEAD)."""
+        assert m.name is not None
+        if not self.every_time and self.store.knows(m.name, digest):
+            return self._serve(ex, m, tries, digest, kind)
+        return Forward(PROBE, m, method=b"HEAD", tries=tries, digest=digest, kind=kind)
+
+    def _manifest_by_digest(self, ex: Exchange, m: Match, tries: int, digest: str) -> Plan:
         store = self.store
         if not store.cacheable(digest):
-            return False
+            return Forward(PLAIN, m, tries=tries, kind="manifest")
         if store.has(digest) and store.media_type(digest) is not None:
-            return self._stored(ex, ctx, repo, digest, "manifest")
+            return self._stored(ex, m, tries, digest, "manifest")
         self.misses["manifest"] += 1
-        if ex.request.method == b"GET":
-            ctx.cache_op = MANIFEST
-        return False
+        op = MANIFEST if ex.request.method == b"GET" else PLAIN
+        return Forward(op, m, tries=tries, digest=digest, kind="manifest")
 
-    def _manifest_by_tag(self, ex: Exchange, ctx: "_Ctx", repo: str, tag: str) -> bool:
-        key = (repo, tag, _accept_key(ex))
+    def _manifest_by_tag(self, ex: Exchange, m: Match, tries: int, tag: str) -> Plan:
+        assert m.name is not None
+        key = (m.name, tag, _accept_key(ex))
         entry = self._tags.get(key)
-        ctx.tag_key = key
-        if entry is not None and self.store.has(entry.digest) and self.store.media_type(entry.digest) is not None:
+        store = self.store
+        if entry is not None and store.has(entry.digest) and store.media_type(entry.digest) is not None:
             if (
                 not self.every_time
                 and self.clock.seconds() - entry.checked < self.tag_ttl
-                and self.store.knows(repo, entry.digest)
+                and store.knows(m.name, entry.digest)
             ):
-                self._serve(ex, ctx, entry.digest, "manifest")
-                return True
-            ctx.cache_op = REVALIDATE
-            ctx.method = b"HEAD"
-            return False
+                return self._serve(ex, m, tries, entry.digest, "manifest")
+            return Forward(REVALIDATE, m, method=b"HEAD", tries=tries, kind="manifest", tag=key)
         self.misses["manifest"] += 1
-        if ex.request.method == b"GET":
-            ctx.cache_op = MANIFEST
-        return False
+        op = MANIFEST if ex.request.method == b"GET" else PLAIN
+        return Forward(op, m, tries=tries, kind="manifest", tag=key)
 
-    # -- upstream answers for marked requests
-    def answer(self, resp: UpstreamResponse, ex: Exchange, ctx: "_Ctx") -> bool:
-        """An upstream answer (not a redirect being followed) to a marked request. True if taken over."""
-        op = ctx.cache_op
-        status = resp.head.status
-        m = ctx.match
-        assert m is not None and m.name is not None
-        if op == FILL:
-            assert m.digest is not None
-            return self._fill(resp, ex, ctx, m.name, m.digest)
-        if op == PROBE:
-            digest = m.digest or m.reference or ""
-            resp.discard()
-            if status == 200 or status in (301, 302, 303, 307, 308):
-                self.store.confirm(m.name, digest)
-                self._serve(ex, ctx, digest, "blob" if ctx.kind == routes.BLOB else "manifest")
-            else:
-                self._plain(ex, ctx)  # let the client see the upstream's own answer
-            return True
-        if op == MANIFEST:
-            head = resp.head
-            if status != 200 or (head.framing == LENGTH and head.length > MAX_MANIFEST):
-                return False  # an error, or too big to hold: straight through
-            self._read_manifest(resp, ex, ctx)
-            return True
-        if op == REVALIDATE:
-            return self._revalidated(resp, ex, ctx)
-        if op == WRITE and 200 <= status < 300:
-            self._written(ex, ctx)
-        return False  # the upstream's answer goes to the client as it is
+    # -- what the upstream answered to a Forward
+    def answered(self, ex: Exchange, plan: Forward, head: Head) -> Next:
+        """The upstream's answer (not a redirect being followed) to `plan`: what to do with it."""
+        op = plan.op
+        if op is FILL:
+            return self._fill(plan, head)
+        if op is PROBE:
+            assert plan.digest is not None and plan.match.name is not None
+            if head.status == 200 or head.status in _REDIRECTS:
+                self.store.confirm(plan.match.name, plan.digest)
+                return self._serve(ex, plan.match, plan.tries, plan.digest, plan.kind)
+            return Forward(PLAIN, plan.match, tries=plan.tries, kind=plan.kind)  # the upstream's own answer
+        if op is MANIFEST:
+            if head.status != 200 or (head.framing == LENGTH and head.length > MAX_MANIFEST):
+                return RELAY  # an error, or too big to hold: straight through
+            return _READ_MANIFEST
+        if op is REVALIDATE:
+            return self._revalidated(ex, plan, head)
+        if op is WRITE and 200 <= head.status < 300:
+            self._written(ex, plan)
+        return RELAY
 
-    def upstream_failed(self, ex: Exchange, ctx: "_Ctx") -> bool:
-        """The upstream could not be asked (unreachable, timeout, no token): serve stale if allowed."""
-        if ctx.cache_op == WRITE:
-            if ctx.sent_at:  # sent, and no answer: it may have been applied
-                self._written(ex, ctx)
-            return False
-        if ctx.cache_op != REVALIDATE:
-            return False
-        return self._stale(ex, ctx)
+    def failed(self, ex: Exchange, plan: Forward, sent: bool) -> Plan | None:
+        """The upstream could not answer `plan` (unreachable, timeout, no token; `sent`: the request
+        had gone out). A plan if the cache can answer instead (a stale manifest), else None."""
+        if plan.op is WRITE:
+            if sent:  # no answer: it may have been applied
+                self._written(ex, plan)
+            return None
+        if plan.op is not REVALIDATE:
+            return None
+        return self._stale(ex, plan)
 
-    # -- writes: what the cache could answer for them is taken back (see the module's docstring)
-    def sync(self) -> None:
-        """Catch up with the writes any process recorded since we last looked: one stat if none."""
-        now = self.store.generation()
-        if now == self._seen:
-            return
-        try:
-            self.store.catch_up()
-            self._apply_tag_lines(*self._tags_log.new_lines())
-        except OSError as e:
-            log.error("cannot read the cache's logs: {error}", error=e.strerror)
-            return  # tried again by the next request
-        self._seen = now
-
-    def _written(self, ex: Exchange, ctx: "_Ctx") -> None:
-        m = ctx.match
-        assert m is not None and m.name is not None
-        repo = m.name
-        self.sync()  # every tag entry any process recorded, to forget the right ones
-        revoked: str | None = None
-        tags: set[str] = set()
-        if ctx.kind == routes.BLOB:
-            revoked = m.digest
-        else:
-            reference = m.reference or ""
-            if ":" not in reference:
-                tags.add(reference)
-            else:
-                if ex.request.method == b"DELETE":
-                    revoked = reference  # and with it, every tag of it in this repository
-                    tags.update(t for (r, t, _), e in self._tags.items() if r == repo and e.digest == reference)
-                query = ex.request.target.partition(b"?")[2].decode("latin-1")
-                tags.update(v for k, v in parse_qsl(query) if k == "tag")
-        dropped = [key for key in self._tags if key[0] == repo and key[1] in tags]
-        if not dropped and revoked is None:
-            return  # a manifest pushed by digest alone: nothing the cache answered has changed
-        stale = {self._tags.pop(key).digest for key in dropped}
-        try:
-            if dropped:
-                self._tags_log.append([self._tag_line(key, None, 0) for key in dropped])
-            if revoked is not None:
-                self.store.revoke(repo, revoked)
-            self.store.bump()
-        except OSError as e:
-            # the other processes cannot be told: take away the files themselves, which they notice
-            log.error("cannot record a write in the cache ({error}): its files are removed", error=e.strerror)
-            for digest in stale | ({revoked} if revoked else set()):
-                self.store.remove(digest)
-
-    def _plain(self, ex: Exchange, ctx: "_Ctx") -> None:
-        ctx.cache_op = None
-        ctx.method = None
-        self.proxy._send(ex, ctx)
+    def finished(self, plan: Plan, bytes_out: int) -> None:
+        """The request whose last plan was `plan` is over."""
+        source = plan.source
+        if source is not None:
+            self.bytes[source] += bytes_out
+        if plan.op is FILL:
+            assert type(plan) is Forward
+            self._release(plan)  # it ended without an answer the cache saw (or before: then a no-op)
 
     # -- blobs: one fill per digest, everyone reads the growing file
-    def _fill(self, resp: UpstreamResponse, ex: Exchange, ctx: "_Ctx", repo: str, digest: str) -> bool:
-        head = resp.head
+    def _fill(self, plan: Forward, head: Head) -> Next:
+        digest = plan.digest
+        assert digest is not None and plan.match.name is not None
         length = head.length if head.status == 200 and head.framing == LENGTH else None
         fill = self.store.begin(digest, length) if length is not None else None
         if fill is None:
-            self._release(digest)
-            return False  # relayed as it comes (an error, a full disk, a stored copy): no caching
+            self._release(plan)
+            return RELAY  # relayed as it comes (an error, a full disk, a stored copy): no caching
         try:
             fd = os.open(fill.path, os.O_RDONLY | os.O_CLOEXEC)  # before any byte: the file may be done at once
         except OSError:
             fill.abort("cannot read the cache file back")
-            self._release(digest)
-            return False
-        self.store.confirm(repo, digest)
-        cut = resp.into(fill)
-        self._watch_fill(fill, cut, -1)
-        self._release(digest)
-        self._follow(ex, ctx, fill, digest, leader=True, fd=fd)
-        return True
+            self._release(plan)
+            return RELAY
+        self.store.confirm(plan.match.name, digest)
+        return Tee(plan, fill, fd)
+
+    def filling(self, tee: Tee, cut: Callable[[], None]) -> Plan:
+        """The body of `tee` now goes into its fill (`cut` stops that): the fetching client reads
+        along, and so do those that waited for it."""
+        self._watch_fill(tee.fill, cut, -1)
+        self._release(tee.plan)
+        assert tee.plan.digest is not None
+        return self._read_along(tee.fill, tee.plan.digest, leader=True, fd=tee.fd)
 
     def _watch_fill(self, fill: Fill, cut: Callable[[], None], seen: int) -> None:
         if fill.state != "filling":
@@ -335,79 +299,67 @@ class LayerCache:
             return
         self.clock.callLater(FILL_STALL, self._watch_fill, fill, cut, fill.written)
 
-    def _follow(
-        self, ex: Exchange, ctx: "_Ctx", fill: Fill, digest: str, leader: bool = False, fd: int | None = None
-    ) -> None:
+    def _read_along(self, fill: Fill, digest: str, leader: bool = False, fd: int | None = None) -> Plan:
+        """Serve the fill's file as it grows; its last byte waits for the digest check."""
         if fd is None:
             try:
                 fd = os.open(fill.path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError:  # a fill still in the store's table always has its file
-                ex.error = "cache fill vanished"
-                return ex.respond(502, list(errors.JSON_FIELDS), errors.envelope(errors.UPSTREAM_BROKEN))
+                return Fail(errors.UPSTREAM_BROKEN, source=UPSTREAM, reason="cache fill vanished")
         size = fill.size or 0
         fields = self._blob_fields(digest)
         # the request that fetches is the miss; the ones reading along cost the upstream nothing
         fields.append(MISS if leader else HIT)
-        ctx.cache_source = "upstream" if leader else "cache"
-        ex.respond_file(200, fields, fd, 0, size, size, fill)
+        return Serve(200, fields, fd, 0, size, size, fill, UPSTREAM if leader else CACHE)
 
-    def _release(self, digest: str) -> None:
-        """The leader's answer is in: requests that waited for it look again (and mostly follow the fill)."""
-        waiting = self._waiting.pop(digest, None)
-        for ex, ctx in waiting or ():
-            if not ex.gone:
-                self.proxy._resume(ex, ctx)
-
-    def leader_finished(self, ctx: "_Ctx") -> None:
-        if ctx.cache_op == FILL and ctx.match is not None and ctx.match.digest is not None:
-            self._release(ctx.match.digest)
+    def _release(self, plan: Forward) -> None:
+        """The answer to the fetch `plan` is in: requests that waited for it look again (and mostly read along)."""
+        assert plan.digest is not None
+        fetching = self._waiting.get(plan.digest)
+        if fetching is None or fetching[0] is not plan:
+            return
+        del self._waiting[plan.digest]
+        for ready in fetching[1]:
+            ready.callback(None)
 
     # -- serving what is stored
-    def _serve(self, ex: Exchange, ctx: "_Ctx", digest: str, kind: str) -> None:
+    def _serve(self, ex: Exchange, m: Match, tries: int, digest: str, kind: str, stale: bool = False) -> Plan:
         store = self.store
         fill = store.filling(digest)
         if fill is not None:
             self.hits[kind] += 1
-            return self._follow(ex, ctx, fill, digest)
+            return self._read_along(fill, digest)
         opened = store.open(digest)
-        if opened is None:
-            return self._gone_from_disk(ex, ctx)
+        if opened is None:  # evicted by another worker: look again
+            return self._again(None, ex, m, tries + 1)
         fd, stat = opened
         if store.trusted(digest, stat):
-            return self._send(ex, ctx, digest, kind, fd, stat.size)
+            return self._from_disk(ex, digest, kind, fd, stat.size, stale)
         d = self.verify(fd, stat.size)
-        d.addCallback(self._checked, ex, ctx, digest, kind, fd, stat)
-        d.addErrback(self._check_failed, ex, ctx, fd)
+        d.addCallback(self._checked, ex, m, tries, digest, kind, fd, stat, stale)
+        d.addErrback(self._check_failed, ex, m, fd)
+        return Wait(d)
 
-    def _checked(self, got: str, ex: Exchange, ctx: "_Ctx", digest: str, kind: str, fd: int, stat: Stat) -> None:
+    def _checked(
+        self, got: str, ex: Exchange, m: Match, tries: int, digest: str, kind: str, fd: int, stat: Stat, stale: bool
+    ) -> Plan:
         ok = got == digest
-        self.store.verified(digest, stat, ok)
+        self.store.verified(digest, stat, ok)  # kept whether or not the client is still there
         if ok and not ex.gone:
-            return self._send(ex, ctx, digest, kind, fd, stat.size)
+            return self._from_disk(ex, digest, kind, fd, stat.size, stale)
         os.close(fd)
-        if not ex.gone:
-            self._gone_from_disk(ex, ctx)
+        return DONE if ex.gone else self._look(ex, m, tries + 1)  # corrupt: removed, fetch it again
 
-    def _check_failed(self, reason: Any, ex: Exchange, ctx: "_Ctx", fd: int) -> None:
+    def _check_failed(self, reason: Any, ex: Exchange, m: Match, fd: int) -> Plan:
         log.failure("verifying a cached file failed", reason)
         os.close(fd)
-        if not ex.gone:
-            ctx.cache_tries = 99  # straight upstream, no more cache for this one
-            self._gone_from_disk(ex, ctx)
+        return DONE if ex.gone else self._look(ex, m, 100)  # straight upstream, no more cache for this one
 
-    def _gone_from_disk(self, ex: Exchange, ctx: "_Ctx") -> None:
-        """The stored copy is unusable (evicted by another worker, or corrupt): fetch it again."""
-        ctx.cache_op = None
-        ctx.method = None
-        ctx.cache_tries += 1
-        self.proxy._resume(ex, ctx)
-
-    def _send(self, ex: Exchange, ctx: "_Ctx", digest: str, kind: str, fd: int, size: int) -> None:
+    def _from_disk(self, ex: Exchange, digest: str, kind: str, fd: int, size: int, stale: bool) -> Plan:
         if ex.gone:
             os.close(fd)
-            return
+            return DONE
         self.hits[kind] += 1
-        ctx.cache_source = "cache"
         if kind == "manifest":
             fields: Fields = [
                 (b"Content-Type", (self.store.media_type(digest) or "application/octet-stream").encode("latin-1")),
@@ -416,23 +368,20 @@ class LayerCache:
                 (b"Docker-Distribution-API-Version", b"registry/2.0"),
                 HIT,
             ]
-            if ctx.stale:
+            if stale:
                 fields.append(STALE_WARNING)
-            return ex.respond_file(200, fields, fd, 0, size, size)
+            return Serve(200, fields, fd, 0, size, size)
         fields = self._blob_fields(digest)
         fields.append(HIT)
         wanted = parse_range(ex.request.get(b"range"), size)
         if wanted is None:
-            return ex.respond_file(200, fields, fd, 0, size, size)
+            return Serve(200, fields, fd, 0, size, size)
         if wanted == UNSATISFIABLE:
             os.close(fd)
-            out = list(errors.JSON_FIELDS)
-            out.append((b"Content-Range", b"bytes */%d" % size))
-            out.append(HIT)
-            return ex.respond(416, out, errors.envelope(errors.RANGE_INVALID))
-        first, last = wanted  # type: ignore[misc]
+            return Fail(errors.RANGE_INVALID, [(b"Content-Range", b"bytes */%d" % size), HIT])
+        first, last = wanted
         fields.append((b"Content-Range", b"bytes %d-%d/%d" % (first, last, size)))
-        ex.respond_file(206, fields, fd, first, last - first + 1, size)
+        return Serve(206, fields, fd, first, last - first + 1, size)
 
     @staticmethod
     def _blob_fields(digest: str) -> Fields:
@@ -443,137 +392,115 @@ class LayerCache:
         return fields
 
     # -- manifests
-    def _read_manifest(self, resp: UpstreamResponse, ex: Exchange, ctx: "_Ctx") -> None:
-        fields = self.proxy._response_fields(resp.head, ex, ctx)
-        media_type = resp.head.get(b"content-type")
-        announced = resp.head.get(b"docker-content-digest")
-        m = ctx.match
-        assert m is not None and m.name is not None
+    def store_manifest(self, plan: Forward, head: Head, body: bytes) -> None:
+        """The upstream's 200 to a MANIFEST plan, read whole: keep it if it is what it says it is."""
+        m = plan.match
+        assert m.name is not None
+        media_type = head.get(b"content-type")
+        announced = head.get(b"docker-content-digest")
+        if m.reference and ":" in m.reference:
+            digest = m.reference
+        elif announced:
+            digest = announced.decode("latin-1")
+        else:
+            digest = _sha256(body)
+        store = self.store
+        if media_type is not None and (
+            store.put(digest, body, media_type.decode("latin-1"))
+            # stored already (another tag, another Accept, fetched by digest): the same bytes?
+            or (store.has(digest) and _sha256(body) == digest)
+        ):
+            store.confirm(m.name, digest)
+            if plan.tag is not None:
+                self._tags.remember(plan.tag, digest, self.clock.seconds())
 
-        def got(body: bytes) -> None:
-            if m.reference and ":" in m.reference:
-                digest = m.reference
-            elif announced:
-                digest = announced.decode("latin-1")
-            else:
-                digest = "sha256:" + hashlib.sha256(body).hexdigest()
-            store = self.store
-            if media_type is not None and (
-                store.put(digest, body, media_type.decode("latin-1"))
-                # stored already (another tag, another Accept, fetched by digest): the same bytes?
-                or (store.has(digest) and "sha256:" + hashlib.sha256(body).hexdigest() == digest)
-            ):
-                self.store.confirm(m.name, digest)
-                if ctx.tag_key is not None:
-                    self._remember_tag(ctx.tag_key, digest)
-            fields.append(MISS)
-            ex.respond(200, fields, body)
-
-        d = resp.read(MAX_MANIFEST, self.proxy.config.request_timeout)
-        d.addCallback(got)
-        d.addErrback(self.proxy._upstream_failed, ex, ctx)
-        d.addErrback(self.proxy._bug, ex)
-
-    def _revalidated(self, resp: UpstreamResponse, ex: Exchange, ctx: "_Ctx") -> bool:
-        status = resp.head.status
-        entry = self._tags.get(ctx.tag_key) if ctx.tag_key is not None else None
-        resp.discard()
+    def _revalidated(self, ex: Exchange, plan: Forward, head: Head) -> Plan:
+        status = head.status
+        key = plan.tag
+        entry = self._tags.get(key) if key is not None else None
         if entry is not None and status >= 500:
-            if self._stale(ex, ctx):
-                return True
+            stale = self._stale(ex, plan)
+            if stale is not None:
+                return stale
         elif entry is not None and status == 200:
-            announced = resp.head.get(b"docker-content-digest")
+            announced = head.get(b"docker-content-digest")
             if announced is not None and announced.decode("latin-1") == entry.digest:
                 entry.checked = self.clock.seconds()
-                assert ctx.match is not None and ctx.match.name is not None
-                self.store.confirm(ctx.match.name, entry.digest)
-                self._serve(ex, ctx, entry.digest, "manifest")
-                return True
-        if status == 404 and ctx.tag_key is not None:
-            self._forget_tag(ctx.tag_key)  # deleted upstream: never to be served stale
+                assert plan.match.name is not None
+                self.store.confirm(plan.match.name, entry.digest)
+                return self._serve(ex, plan.match, plan.tries, entry.digest, "manifest")
+        if status == 404 and key is not None:
+            self._tags.forget(key)  # deleted upstream: never to be served stale
         # moved, gone or refused: the upstream's own answer to the client's own request
         self.misses["manifest"] += 1
-        ctx.method = None
-        ctx.cache_op = MANIFEST if ex.request.method == b"GET" and status == 200 else None
-        self.proxy._send(ex, ctx)
-        return True
+        op = MANIFEST if ex.request.method == b"GET" and status == 200 else PLAIN
+        return Forward(op, plan.match, tries=plan.tries, kind="manifest", tag=key)
 
-    def _stale(self, ex: Exchange, ctx: "_Ctx") -> bool:
+    def _stale(self, ex: Exchange, plan: Forward) -> Plan | None:
+        """The last known manifest of a tag the upstream cannot revalidate, if it may still be served."""
         self.sync()  # a write since the request came in may have taken the tag back
-        entry = self._tags.get(ctx.tag_key) if ctx.tag_key is not None else None
+        key = plan.tag
+        entry = self._tags.get(key) if key is not None else None
         if entry is None or self.every_time or self.clock.seconds() - entry.checked > self.stale_if_error:
-            return False
-        assert ctx.tag_key is not None
-        if not self.store.has(entry.digest) or not self.store.knows(ctx.tag_key[0], entry.digest):
-            return False  # evicted, or deleted in that repository since
+            return None
+        assert key is not None
+        if not self.store.has(entry.digest) or not self.store.knows(key[0], entry.digest):
+            return None  # evicted, or deleted in that repository since
         self.stale += 1
-        ctx.stale = True
-        log.warn("upstream unavailable: serving a stale manifest for {repo}:{tag}",
-                 repo=ctx.tag_key[0], tag=ctx.tag_key[1])
-        self._serve(ex, ctx, entry.digest, "manifest")
-        return True
+        log.warn("upstream unavailable: serving a stale manifest for {repo}:{tag}", repo=key[0], tag=key[1])
+        return self._serve(ex, plan.match, plan.tries, entry.digest, "manifest", stale=True)
 
-    # -- tags survive restarts, so a restart while ECR is down still serves
-    @staticmethod
-    def _tag_line(key: tuple[str, str, bytes], digest: str | None, checked: float) -> str:
-        """A tags log line; digest None: forgotten."""
-        return json.dumps([key[0], key[1], key[2].decode("latin-1"), digest, checked])
-
-    def _remember_tag(self, key: tuple[str, str, bytes], digest: str) -> None:
-        now = self.clock.seconds()
-        entry = self._tags.get(key)
-        if entry is not None and entry.digest == digest:
-            entry.checked = now
-            return
-        self._tags[key] = TagEntry(digest, now)
-        try:
-            self._tags_log.append([self._tag_line(key, digest, now)])
-        except OSError as e:
-            log.warn("cannot record a tag in the cache: {error}", error=e.strerror)
-
-    def _forget_tag(self, key: tuple[str, str, bytes]) -> None:
-        if self._tags.pop(key, None) is None:
+    # -- writes: what the cache could answer for them is taken back (see the module's docstring)
+    def sync(self) -> None:
+        """Catch up with the writes any process recorded since we last looked: one stat if none."""
+        now = self.store.generation()
+        if now == self._seen:
             return
         try:
-            self._tags_log.append([self._tag_line(key, None, 0)])
+            self.store.catch_up()
+            self._tags.catch_up()
         except OSError as e:
-            log.warn("cannot record a tag in the cache: {error}", error=e.strerror)
+            log.error("cannot read the cache's logs: {error}", error=e.strerror)
+            return  # tried again by the next request
+        self._seen = now
 
-    def _apply_tag_lines(self, from_start: bool, lines: list[str]) -> None:
-        """Replay tags log lines in order. A forget always applies; an entry only if it is not older
-        than the one held (this process may have revalidated since) and its manifest is stored.
-        Lines from the start of a file are all there is (a newer start compacted it)."""
-        if from_start:
-            self._tags = {}
-        for line in lines:
-            try:
-                repo, tag, accept, digest, checked = json.loads(line)
-                key = (repo, tag, accept.encode("latin-1"))
-                checked = float(checked)
-            except (ValueError, TypeError, AttributeError):
-                continue  # a torn line
-            entry = self._tags.get(key)
-            if digest is None:
-                self._tags.pop(key, None)
-            elif entry is not None and entry.checked > checked:
-                continue
-            elif self.store.has(digest):
-                self._tags[key] = TagEntry(digest, checked)
+    def _written(self, ex: Exchange, plan: Forward) -> None:
+        m = plan.match
+        assert m.name is not None and m.route is not None
+        repo = m.name
+        self.sync()  # every tag entry any process recorded, to forget the right ones
+        revoked: str | None = None
+        tags: set[str] = set()
+        if m.route.kind == routes.BLOB:
+            revoked = m.digest
+        else:
+            reference = m.reference or ""
+            if ":" not in reference:
+                tags.add(reference)
             else:
-                self._tags.pop(key, None)  # moved to a manifest we do not hold (evicted, or not adopted yet)
-
-    def _load_tags(self) -> None:
-        self._apply_tag_lines(*self._tags_log.new_lines())
-        if not self.store.compact:
-            return
-        self._tags_log.rewrite(self._tag_line(key, e.digest, e.checked) for key, e in self._tags.items())
-
-    def count_bytes(self, source: str, n: int) -> None:
-        self.bytes[source] += n
+                if ex.request.method == b"DELETE":
+                    revoked = reference  # and with it, every tag of it in this repository
+                    tags |= self._tags.pointing_at(repo, reference)
+                query = ex.request.target.partition(b"?")[2].decode("latin-1")
+                tags.update(v for k, v in parse_qsl(query) if k == "tag")
+        dropped = self._tags.drop(repo, tags)
+        if not dropped and revoked is None:
+            return  # a manifest pushed by digest alone: nothing the cache answered has changed
+        try:
+            if dropped:
+                self._tags.log_dropped(dropped)
+            if revoked is not None:
+                self.store.revoke(repo, revoked)
+            self.store.bump()
+        except OSError as e:
+            # the other processes cannot be told: take away the files themselves, which they notice
+            log.error("cannot record a write in the cache ({error}): its files are removed", error=e.strerror)
+            for digest in set(dropped.values()) | ({revoked} if revoked else set()):
+                self.store.remove(digest)
 
     def close(self) -> None:
         self.store.close()
-        self._tags_log.close()
+        self._tags.close()
 
 
 class CacheCollector:
@@ -593,7 +520,7 @@ class CacheCollector:
             "ecrproxy_cache_bytes", "Blob and manifest body bytes sent to clients, by where they came from",
             labels=["source"],
         )
-        for source in ("cache", "upstream"):
+        for source in (CACHE, UPSTREAM):
             served.add_metric([source], cache.bytes[source])
         yield hits
         yield misses

@@ -22,7 +22,7 @@ it grew, reads the logs' new lines before trusting its memory (`catch_up`). A st
 than a message between processes: nothing to set up, nothing lost when a process restarts,
 and the logs stay the one record of what is true.
 
-Nothing here speaks HTTP; `cache.py` decides when to look and when to fill.
+Nothing here speaks HTTP; `layer.LayerCache` decides when to look and when to fill.
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ from typing import Any, Callable, Iterable, NamedTuple
 
 from twisted.logger import Logger
 
+__all__ = ["BlobStore", "Fill", "SharedLog", "Stat", "hash_file", "MAX_MEDIA_TYPE", "MAX_GENERATION"]
+
 log = Logger()
 
 _SHA256 = re.compile(r"sha256:([0-9a-f]{64})\Z")
-_RANGE = re.compile(rb"bytes=(\d*)-(\d*)\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
-UNSATISFIABLE = "unsatisfiable"
 MAX_MEDIA_TYPE = 255
 MAX_GENERATION = 1 << 20  # a start compacts the generation file once it has grown this big
 
@@ -80,32 +80,6 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def parse_range(value: bytes | None, size: int) -> tuple[int, int] | str | None:
-    """The one byte range (first, last inclusive) a `Range` header asks of `size` bytes.
-
-    None: serve the whole blob (no header, a unit other than bytes, several ranges, or
-    nonsense, all of which RFC 9110 lets a server ignore). UNSATISFIABLE: answer 416."""
-    if value is None:
-        return None
-    m = _RANGE.match(value.strip())
-    if m is None:
-        return None
-    first, last = m.group(1), m.group(2)
-    if not first:
-        if not last:
-            return None
-        n = int(last)  # a suffix: the last n bytes
-        if n == 0 or size == 0:
-            return UNSATISFIABLE
-        return max(0, size - n), size - 1
-    start = int(first)
-    if last and int(last) < start:
-        return None
-    if start >= size:
-        return UNSATISFIABLE
-    return start, min(int(last), size - 1) if last else size - 1
 
 
 class SharedLog:
@@ -389,9 +363,6 @@ class BlobStore:
 
     def knows(self, repository: str, digest: str) -> bool:
         return repository in self._known.get(digest, ())
-
-    def size_of(self, digest: str) -> int | None:
-        return self._lru.get(digest)
 
     def confirm(self, repository: str, digest: str) -> None:
         """The upstream showed that `repository` holds `digest` (it answered 200 for it)."""

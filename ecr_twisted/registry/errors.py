@@ -1,9 +1,20 @@
-"""Registry errors, declared once, and the one function that writes the error envelope."""
+"""Registry errors, declared once, and the one function that writes the error envelope.
+
+Every refusal the proxy makes itself (routing, the gate, the cache, upstream failures) names one
+of these, so a client always gets distribution's `{"errors":[...]}` shape with a stable code.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
+__all__ = [
+    "RegistryError", "JSON_FIELDS", "envelope",
+    "NOT_FOUND", "UNSUPPORTED", "NAME_INVALID", "BLOB_UNKNOWN", "RANGE_INVALID", "NAME_UNKNOWN", "UNAUTHORIZED",
+    "TOO_MANY_REQUESTS", "DENIED", "UPSTREAM_AUTH", "NO_TOKEN", "UPSTREAM_UNREACHABLE", "UPSTREAM_TIMEOUT",
+    "UPSTREAM_BROKEN", "STORAGE_ERROR", "INTERNAL",
+]
 
 
 @dataclass(frozen=True)
@@ -16,8 +27,6 @@ class RegistryError:
 NOT_FOUND = RegistryError("NOT_FOUND", "no such registry API endpoint", 404)
 UNSUPPORTED = RegistryError("UNSUPPORTED", "the operation is unsupported", 405)
 NAME_INVALID = RegistryError("NAME_INVALID", "invalid repository name", 400)
-DIGEST_INVALID = RegistryError("DIGEST_INVALID", "provided digest did not match uploaded content", 400)
-TAG_INVALID = RegistryError("TAG_INVALID", "manifest tag did not match URI", 400)
 BLOB_UNKNOWN = RegistryError("BLOB_UNKNOWN", "blob unknown to registry", 404)
 RANGE_INVALID = RegistryError("RANGE_INVALID", "requested range not satisfiable", 416)
 NAME_UNKNOWN = RegistryError("NAME_UNKNOWN", "repository name not known to registry", 404)

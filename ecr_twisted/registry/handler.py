@@ -1,7 +1,14 @@
 """What the proxy does with a registry request: route, rewrite, authenticate upstream, map errors.
 
-It talks to the data path only through `streaming.Exchange`, so it does not care how
-body bytes move.
+It talks to the data path only through `http.exchange.Exchange`, so it does not care how
+body bytes move. It alone talks to the upstream: for blobs and manifests it asks the layer
+cache what to do (`cache.plans`: serve a file, fail, go upstream and hand the answer back)
+and does it. A request's state (`_Ctx`) is written here only.
+
+A request: `handle` routes it and asks the gate; `_admitted` asks the cache (blobs and
+manifests) or goes on; `_go_upstream` picks token and origin; `_send` forwards;
+`_registry_response` refreshes a refused token, filters a listing, hands a cache's request's
+answer back to the cache, follows a blob's redirect (`_follow_redirect`), or relays.
 """
 
 from __future__ import annotations
@@ -11,23 +18,41 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urljoin
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from twisted.internet.defer import Deferred
-
-from ecr_twisted.registry import errors
-from ecr_twisted.registry import routes
 from ecr_twisted.access.gate import GO, Decision, Gate
-from ecr_twisted.registry.listings import cursor as _cursor, read_listing, with_cursor as _with_cursor, with_names
-from ecr_twisted.cache.layer import FILL, MISS, WRITE, LayerCache
-from ecr_twisted.registry.errors import RegistryError
+from ecr_twisted.cache.layer import LayerCache
+from ecr_twisted.cache.plans import (
+    FILL,
+    MISS,
+    RELAY,
+    WRITE,
+    Fail,
+    Forward,
+    Next,
+    Plan,
+    Read,
+    Relay,
+    Serve,
+    Tee,
+    Wait,
+)
+from ecr_twisted.ecr.tokens import Token, TokenKeeper
 from ecr_twisted.http.http11 import Head
-from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.http.exchange import Exchange, Fields
 from ecr_twisted.http.origin import Origin, UpstreamError
 from ecr_twisted.http.upstream import UpstreamResponse
-from ecr_twisted.ecr.tokens import Token, TokenKeeper
+from ecr_twisted.observe.metrics import Metrics
+from ecr_twisted.registry import errors, listings, routes
+from ecr_twisted.registry.errors import RegistryError
+
+__all__ = [
+    "RegistryProxy", "ProxyConfig", "redact_target", "redact_url", "rewrite_location", "rewrite_link",
+    "HOP_BY_HOP", "REQUEST_DROP", "RESPONSE_DROP", "STORAGE_REQUEST_KEEP", "MAX_REDIRECTS", "MAX_LISTING",
+    "MAX_HIDDEN_PAGES",
+]
 
 HOP_BY_HOP = frozenset(
     {
@@ -85,14 +110,16 @@ class ProxyConfig:
 
 _CACHEABLE = frozenset({routes.BLOB, routes.MANIFEST})
 MAX_LISTING = 8 << 20  # tags/list and _catalog bodies the policy filters are read whole: bounded
-_LISTING_KEYS = {routes.TAGS: "tags", routes.CATALOG: "repositories"}
-MAX_HIDDEN_PAGES = 16
+MAX_HIDDEN_PAGES = 16  # listing pages in a row with nothing to show fetched before the listing ends there
+_SOURCE_FIELD = {None: "", "cache": " cache=cache", "upstream": " cache=upstream"}  # the access log's cache=
+
+
 class _Ctx:
-    """Per-request state of the handler."""
+    """Per-request state of the handler, written by the handler only."""
 
     __slots__ = (
         "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "pages", "timeout", "target",
-        "decision", "method", "cache_op", "cache_tries", "cache_source", "tag_key", "stale",
+        "decision", "plan",
     )
 
     def __init__(self, kind: str) -> None:
@@ -108,12 +135,7 @@ class _Ctx:
         self.timeout = 60.0
         self.target = "registry"
         self.decision: Decision | None = None
-        self.method: bytes | None = None  # sent upstream instead of the client's (a cache's HEAD)
-        self.cache_op: str | None = None  # what the cache makes of the upstream answer (cache.FILL, ...)
-        self.cache_tries = 0
-        self.cache_source: str | None = None  # "cache" or "upstream" for cacheable requests
-        self.tag_key: tuple[str, str, bytes] | None = None
-        self.stale = False
+        self.plan: Plan | None = None  # the cache's current plan for a blob or manifest request
 
 
 def _rewriter(upstream: Origin, public: bytes) -> tuple[tuple[bytes, ...], bytes]:
@@ -139,7 +161,7 @@ def rewrite_link(value: bytes, bases: tuple[bytes, ...], public: bytes) -> bytes
 
 
 class RegistryProxy:
-    """The `streaming.Handler` of the registry API."""
+    """The `http.exchange.Handler` of the registry API."""
 
     log = Logger()
 
@@ -156,8 +178,6 @@ class RegistryProxy:
         self.tokens = tokens
         self.gate = gate
         self.cache = cache
-        if cache is not None:
-            cache.proxy = self
         self.metrics = metrics
         self.clock = clock
         self._token_origin: tuple[str, Origin] | None = None
@@ -196,17 +216,32 @@ class RegistryProxy:
         if ex.gone:
             return
         ctx.decision = decision
-        if self.cache is not None and ctx.kind in _CACHEABLE and self.cache.lookup(ex, ctx):
-            return
+        cache = self.cache
+        if cache is not None and ctx.kind in _CACHEABLE:
+            assert ctx.match is not None
+            return self._act(cache.lookup(ex, ctx.match), ex, ctx)
         self._go_upstream(ex, ctx)
 
-    def _resume(self, ex: Exchange, ctx: _Ctx) -> None:
-        """The cache sends a request it held (or could not serve) on its way again."""
-        if ex.gone:
-            return
-        if self.cache is not None and self.cache.lookup(ex, ctx):
-            return
-        self._go_upstream(ex, ctx)
+    def _act(self, plan: Plan, ex: Exchange, ctx: _Ctx) -> None:
+        """Carry out what the cache decided for a blob or manifest request."""
+        if isinstance(plan, Serve):
+            ctx.plan = plan
+            return ex.respond_file(plan.status, plan.fields, plan.fd, plan.first, plan.length, plan.size, plan.fill)
+        if isinstance(plan, Forward):
+            ctx.plan = plan
+            if ctx.origin is None:
+                return self._go_upstream(ex, ctx)
+            return self._send(ex, ctx)  # again, with the token and origin it went with
+        if isinstance(plan, Fail):
+            ctx.plan = plan
+            if plan.reason is not None:
+                ex.error = plan.reason
+            return self._fail(ex, plan.error, None, plan.extra)
+        if isinstance(plan, Wait):
+            ctx.plan = plan
+            plan.ready.addCallback(self._act, ex, ctx)
+            plan.ready.addErrback(self._bug, ex)
+        # else DONE: the client left while the cache waited
 
     def _go_upstream(self, ex: Exchange, ctx: _Ctx) -> None:
         decision = ctx.decision
@@ -298,12 +333,10 @@ class RegistryProxy:
         status = ex.status or 499  # 499: the client left before any response
         duration = self.clock.seconds() - ex.started
         self.metrics.observe_request(ex.request.method, kind, status, duration, ex.bytes_in, ex.bytes_out)
-        if ctx is not None and ctx.cache_source is not None:
-            cache = self.cache
-            assert cache is not None
-            cache.count_bytes(ctx.cache_source, ex.bytes_out)
-            if ctx.cache_op == FILL:
-                cache.leader_finished(ctx)
+        plan = ctx.plan if ctx is not None else None
+        if plan is not None:
+            assert self.cache is not None
+            self.cache.finished(plan, ex.bytes_out)
         if ex.error is not None and ex.status:
             self.metrics.upstream_errors.labels("aborted").inc()
         self.log.info(
@@ -314,7 +347,7 @@ class RegistryProxy:
             bytes_out=ex.bytes_out,
             duration=duration,
             upstream=ex.upstream_status or "-",
-            cache=f" cache={ctx.cache_source}" if ctx is not None and ctx.cache_source is not None else "",
+            cache=_SOURCE_FIELD[plan.source] if plan is not None else "",
             error=f" error={ex.error!r}" if ex.error else "",
         )
 
@@ -340,7 +373,9 @@ class RegistryProxy:
         elif ctx.decision.forward_auth is not None:
             fields.append((b"Authorization", ctx.decision.forward_auth))
         target = ctx.decision.target or req.target
-        d = ex.forward(ctx.origin, ctx.method or req.method, target, fields, ctx.timeout)
+        plan = ctx.plan
+        method = req.method if plan is None or plan.method is None else plan.method
+        d = ex.forward(ctx.origin, method, target, fields, ctx.timeout)
         d.addCallbacks(self._registry_response, self._upstream_failed, (ex, ctx), None, (ex, ctx))
         d.addErrback(self._bug, ex)
 
@@ -355,79 +390,78 @@ class RegistryProxy:
             return self._refused(ex, ctx, status)
         listing = ctx.decision.listing if ctx.decision is not None else None
         if listing is not None and status == 200:
-            return self._filter_listing(resp, ex, ctx, listing)
+            d = Deferred.fromCoroutine(self._filter_listing(resp, ex, ctx, listing))
+            d.addErrback(self._upstream_failed, ex, ctx)
+            d.addErrback(self._bug, ex)
+            return
         if status >= 500 and ctx.kind == routes.BASE and self._base_offline(ex):
             resp.discard()
             return
-        op = ctx.cache_op
-        if op is not None and not (op == FILL and status in REDIRECTS):
-            assert self.cache is not None
-            if self.cache.answer(resp, ex, ctx):
-                return
+        plan = ctx.plan
+        if plan is not None:
+            assert type(plan) is Forward and self.cache is not None
+            if not (plan.op is FILL and status in REDIRECTS):  # a blob to cache is fetched from storage first
+                answer = self.cache.answered(ex, plan, head)
+                if answer is not RELAY:
+                    return self._take(answer, resp, ex, ctx)
         if (
             status in REDIRECTS
             and ctx.kind == routes.BLOB
-            and (self.config.blob_mode == "stream" or op == FILL)  # a blob to cache is fetched here
+            and (self.config.blob_mode == "stream" or (plan is not None and plan.op is FILL))
             and ex.request.method in (b"GET", b"HEAD")
         ):
             location = head.get(b"location")
             if location:
                 resp.discard()
-                return self._follow(ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1")))
+                return self._follow_redirect(
+                    ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1"))
+                )
         fields = self._response_fields(head, ex, ctx)
-        if ctx.cache_source is not None:
+        if plan is not None and plan.source is not None:
             fields.append(MISS)
         resp.relay(status, fields)
 
-    def _filter_listing(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx, listing: Any) -> None:
-        """tags/list and _catalog show only what the caller may pull: read (bounded), filter, answer."""
+    def _take(self, answer: Next, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
+        """What the cache made of an upstream answer: read the body for it, fill it, or drop it and go on."""
+        if isinstance(answer, Read):
+            d = Deferred.fromCoroutine(self._store_manifest(answer.limit, resp, ex, ctx))
+            d.addErrback(self._upstream_failed, ex, ctx)
+            d.addErrback(self._bug, ex)
+            return
+        assert self.cache is not None and not isinstance(answer, Relay)
+        if isinstance(answer, Tee):
+            return self._act(self.cache.filling(answer, resp.into(answer.fill)), ex, ctx)
+        resp.discard()
+        self._act(answer, ex, ctx)
+
+    async def _store_manifest(self, limit: int, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
+        """A manifest the cache wants: read it whole, let the cache keep it, answer it."""
+        plan = ctx.plan
+        assert isinstance(plan, Forward) and self.cache is not None
+        head = resp.head
+        fields = self._response_fields(head, ex, ctx)
+        body = await resp.read(limit, self.config.request_timeout)
+        self.cache.store_manifest(plan, head, body)
+        fields.append(MISS)
+        ex.respond(200, fields, body)
+
+    async def _filter_listing(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx, keep: listings.Filter) -> None:
+        """tags/list and _catalog show only what the caller may pull: read (bounded), filter, answer,
+        or ask for the next page ourselves (a bounded number of times) rather than name a hidden entry."""
         fields = self._response_fields(resp.head, ex, ctx)
-        key = _LISTING_KEYS[ctx.kind]
-
-        def answer(kept: list[str], data: dict[str, Any], names: list[str]) -> None:
-            out: Fields = []
-            for n, v in fields:
-                ln = n.lower()
-                if ln == b"link":
-                    cursor = _cursor(v)
-                    if cursor is not None and cursor[1] in names and cursor[1] not in kept:
-                        # a name-style cursor (distribution's; ECR's is opaque) would name a hidden entry
-                        if not kept:
-                            return self._next_page(ex, ctx, cursor[0], fields, data, key)
-                        v = _with_cursor(v, kept[-1])
-                elif ln == b"content-encoding":
-                    continue
-                out.append((n, v))
-            ex.respond(200, out, with_names(data, key, kept))
-
-        def got(body: bytes) -> Any:
-            parsed = read_listing(body, key)
-            if parsed is None:
-                raise UpstreamError("closed", "upstream listing is not JSON")
-            data, names = parsed
-            kept = listing(names)
-            if isinstance(kept, Deferred):
-                return kept.addCallback(answer, data, names)
-            return answer(kept, data, names)
-
-        d = resp.read(MAX_LISTING, self.config.request_timeout)
-        d.addCallback(got)
-        d.addErrback(self._upstream_failed, ex, ctx)
-        d.addErrback(self._bug, ex)
-
-    def _next_page(
-        self, ex: Exchange, ctx: _Ctx, link_target: bytes, fields: Fields, data: dict[str, Any], key: str
-    ) -> None:
-        """Nothing on this page may be shown and its cursor names a hidden entry: fetch the next page
-        ourselves (a bounded number of times) rather than hand out that name."""
-        ctx.pages += 1
-        if ctx.pages > MAX_HIDDEN_PAGES or ctx.decision is None:
+        body = await resp.read(MAX_LISTING, self.config.request_timeout)
+        step = await listings.filtered(body, fields, listings.KEYS[ctx.kind], keep)
+        if step is None:
+            raise UpstreamError("closed", "upstream listing is not JSON")
+        if isinstance(step, listings.NextPage):
+            ctx.pages += 1
+            if ctx.pages <= MAX_HIDDEN_PAGES and ctx.decision is not None:
+                ctx.decision.target = step.target
+                return self._send(ex, ctx)
             self.log.warn("listing {path}: {n} pages in a row hold nothing the caller may see; ending it there",
                           path=redact_url(ex.request.target), n=MAX_HIDDEN_PAGES)
-            kept_fields = [(n, v) for n, v in fields if n.lower() not in (b"link", b"content-encoding")]
-            return ex.respond(200, kept_fields, with_names(data, key, []))
-        ctx.decision.target = link_target
-        self._send(ex, ctx)
+            step = step.last_resort
+        ex.respond(200, step.fields, step.body)
 
     def _refused(self, ex: Exchange, ctx: _Ctx, status: int) -> None:
         """The upstream refused our token: refresh it once (shared) and retry once when safe."""
@@ -453,7 +487,7 @@ class RegistryProxy:
         ctx.token = token
         self._send(ex, ctx)
 
-    def _follow(self, ex: Exchange, ctx: _Ctx, url: str) -> None:
+    def _follow_redirect(self, ex: Exchange, ctx: _Ctx, url: str) -> None:
         """Fetch a redirected blob ourselves, without the registry's Authorization."""
         try:
             origin = Origin.from_url(url)
@@ -481,11 +515,15 @@ class RegistryProxy:
             location = head.get(b"location")
             if location:
                 resp.discard()
-                return self._follow(ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1")))
-        if status == 200 and ctx.cache_op == FILL:
-            assert self.cache is not None
-            if self.cache.answer(resp, ex, ctx):
-                return
+                return self._follow_redirect(
+                    ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1"))
+                )
+        plan = ctx.plan
+        if status == 200 and plan is not None and plan.op is FILL:
+            assert type(plan) is Forward and self.cache is not None
+            answer = self.cache.answered(ex, plan, head)
+            if answer is not RELAY:
+                return self._take(answer, resp, ex, ctx)
         if status in (200, 206, 304):
             fields = [
                 (n, v)
@@ -494,7 +532,7 @@ class RegistryProxy:
             ]
             if head.get(b"docker-content-digest") is None and ctx.match is not None and ctx.match.digest:
                 fields.append((b"Docker-Content-Digest", ctx.match.digest.encode("ascii")))
-            if ctx.cache_source is not None:
+            if plan is not None and plan.source is not None:
                 fields.append(MISS)
             return resp.relay(status, fields)
         # Storage error bodies can quote the signed request: never pass them on.
@@ -511,8 +549,10 @@ class RegistryProxy:
         if not isinstance(err, UpstreamError):
             return self._bug(reason, ex)
         if ex.gone:
-            if ctx.cache_op == WRITE and self.cache is not None:
-                self.cache.upstream_failed(ex, ctx)  # the write may have reached the registry all the same
+            plan = ctx.plan
+            if plan is not None and plan.op is WRITE:
+                assert type(plan) is Forward and self.cache is not None
+                self.cache.failed(ex, plan, bool(ctx.sent_at))  # the write may have reached the registry all the same
             return  # the client left; nothing failed upstream
         self.metrics.upstream_errors.labels(err.kind).inc()
         if self._offline(ex, ctx):
@@ -527,11 +567,19 @@ class RegistryProxy:
 
     def _offline(self, ex: Exchange, ctx: _Ctx) -> bool:
         """The upstream cannot be asked (unreachable, timed out, no token): answer from the cache if it can."""
-        if self.cache is None:
+        cache = self.cache
+        if cache is None:
             return False
         if ctx.kind == routes.BASE:
             return self._base_offline(ex)
-        return self.cache.upstream_failed(ex, ctx)
+        plan = ctx.plan
+        if not isinstance(plan, Forward):
+            return False
+        instead = cache.failed(ex, plan, bool(ctx.sent_at))
+        if instead is None:
+            return False
+        self._act(instead, ex, ctx)
+        return True
 
     def _base_offline(self, ex: Exchange) -> bool:
         """`GET /v2/` while the upstream is down: with a cache, clients that pass the gate may still pull

@@ -9,6 +9,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+__all__ = [
+    "Route", "Match", "ROUTES", "NOT_FOUND", "match", "valid_name",
+    "NAME", "TAG", "DIGEST", "REFERENCE", "UPLOAD_ID", "MAX_NAME",
+    "BASE", "MANIFEST", "BLOB", "UPLOAD", "TAGS", "CATALOG", "REFERRERS", "OTHER",
+]
+
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
 NAME = rf"{_COMPONENT}(?:/{_COMPONENT})*"
 TAG = r"[\w][\w.-]{0,127}"

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ecr_twisted.cache.store import UNSATISFIABLE, BlobStore, SharedLog, parse_range
+from ecr_twisted.cache.ranges import UNSATISFIABLE, parse_range
+from ecr_twisted.cache.store import BlobStore, SharedLog
 
 
 def digest_of(data: bytes) -> str:

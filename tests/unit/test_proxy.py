@@ -397,3 +397,50 @@ def test_a_client_leaving_is_not_an_upstream_error() -> None:
     proto.dataReceived(b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n")
     proto.connectionLost(Failure(ConnectionDone()))
     assert h.sample("ecrproxy_upstream_errors_total", {"kind": "closed"}) is None
+
+
+def _deferreds_made_by_us(monkeypatch: pytest.MonkeyPatch, h: Harness, raw: bytes, answer: bytes) -> list[str]:
+    """Where the Deferreds created while `raw` is forwarded and answered came from: the first frame
+    outside Twisted that asked for one, as `package/module.py:function`."""
+    import os
+    import sys
+
+    import twisted
+    from twisted.internet import defer
+
+    twisted_dir = os.path.dirname(twisted.__file__)
+    made: list[str] = []
+    real_init = defer.Deferred.__init__
+
+    def counting_init(self: defer.Deferred, *args: object, **kwargs: object) -> None:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_filename.startswith(twisted_dir):
+            frame = frame.f_back
+        where = frame.f_code.co_filename.split("/ecr_twisted/")[-1] if frame is not None else "?"
+        made.append(f"{where}:{frame.f_code.co_name if frame is not None else '?'}")
+        real_init(self, *args, **kwargs)
+
+    proto, client = h.client()
+    monkeypatch.setattr(defer.Deferred, "__init__", counting_init)
+    proto.dataReceived(raw)
+    conn, _ = h.upstreams.last()
+    conn.dataReceived(answer)
+    monkeypatch.undo()
+    assert split(client.value())[0] == b"HTTP/1.1 200 OK"
+    return made
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_a_plain_forwarded_get_makes_no_deferred_of_the_handler_or_the_cache(
+    cache: bool, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-request fast path: handle -> gate -> _go_upstream -> _send -> relay. The only
+    Deferreds are the data path's own (the upstream attempt and its pool place)."""
+    h = Harness(cache_dir=str(tmp_path / "cache") if cache else None)
+    target = b"/v2/app/tags/list" if cache else BLOB  # with a cache, blobs are the cache's: a listing is plain
+    raw = b"GET " + target + b" HTTP/1.1\r\nHost: h\r\n\r\n"
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc"
+    _deferreds_made_by_us(monkeypatch, h, raw, answer)  # the first request opens the pooled connection
+    made = _deferreds_made_by_us(monkeypatch, h, raw, answer)
+    assert not [m for m in made if m.startswith(("registry/", "cache/", "access/"))], made
+    assert all(m.startswith("http/") for m in made), made
