@@ -27,7 +27,7 @@ from ecr_twisted.http.http11 import (
     status_line,
 )
 from ecr_twisted.http.policy import CLOSE, LINGER, after_response
-from ecr_twisted.http.sockets import Valve, big_reads, direct_writer
+from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer
 from ecr_twisted.http.upstream import UpstreamPool
 from ecr_twisted.timers import cancel
 
@@ -67,6 +67,7 @@ _METHOD_START = frozenset(bytes([c]) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 class ClientConnection(Protocol):
     """Server side of one client connection: parses heads, frames request bodies, one request at a time."""
 
+    transport: Transport  # type: ignore[assignment]  # set by makeConnection before any use
     send_body: Callable[[bytes], None]  # response body bytes, set once connected
 
     def __init__(self, factory: RelayFactory) -> None:
@@ -174,11 +175,12 @@ class ClientConnection(Protocol):
     def _body_data(self, data: bytes, off: int) -> None:
         reader = self._reader
         ex = self._exchange
+        assert reader is not None and ex is not None  # _C_BODY: both set by the head that started it
         try:
             n = reader.feed(data, off)
         except BadMessage as e:
             self.on_error(e)
-            if ex is not None and not ex.responded:
+            if not ex.responded:
                 content_type, body = self.error_body(e)
                 ex.respond(e.status, [(b"Content-Type", content_type)], body)
             else:

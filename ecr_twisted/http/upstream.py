@@ -33,7 +33,7 @@ from ecr_twisted.http.http11 import (
 )
 from ecr_twisted.http.origin import Origin, UpstreamError
 from ecr_twisted.http.policy import MAX_DRAIN, may_pool, may_retry, upstream_keep_alive, worth_draining
-from ecr_twisted.http.sockets import Valve, big_reads, direct_writer
+from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer
 from ecr_twisted.timers import cancel
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ _DRAIN_TIMEOUT = 30.0  # a discarded body that stalls must not hold a pool place
 class UpstreamConnection(Protocol):
     """One persistent HTTP/1.1 connection to an origin, owned by the pool between requests."""
 
+    transport: Transport  # type: ignore[assignment]  # set by makeConnection before any use
     send_body: Callable[[bytes], None]  # request body bytes, set once connected
 
     def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
@@ -89,12 +90,14 @@ class UpstreamConnection(Protocol):
         mode = self._mode
         if mode == _U_RELAY:
             reader = self._reader
+            attempt = self._attempt
+            assert reader is not None and attempt is not None  # relaying: a head was read for an attempt
             try:
                 n = reader.feed(data)
             except BadMessage:
                 return self._bad_body()
             if n:
-                self._attempt.exchange.upstream_body(data if n == len(data) else data[:n], reader)
+                attempt.exchange.upstream_body(data if n == len(data) else data[:n], reader)
             if reader.done:
                 self._body_done(n < len(data))
             return
@@ -110,6 +113,7 @@ class UpstreamConnection(Protocol):
             return
         if mode == _U_DRAIN:
             reader = self._reader
+            assert reader is not None  # draining the body of a head that was read
             try:
                 n = reader.feed(data)
             except BadMessage:
@@ -128,6 +132,7 @@ class UpstreamConnection(Protocol):
 
     def _parse_head(self) -> None:
         attempt = self._attempt
+        assert attempt is not None  # _U_HEAD: a request was sent for it
         while True:
             try:
                 found = split_head(self._buf)
@@ -156,6 +161,7 @@ class UpstreamConnection(Protocol):
     def relay(self) -> None:
         """Start moving the held body to the exchange's client."""
         self._mode = _U_RELAY
+        assert self._attempt is not None and self._reader is not None  # held: head read for an attempt
         ex = self._attempt.exchange
         reader = self._reader
         if reader.done:
@@ -317,7 +323,7 @@ class UpstreamConnection(Protocol):
             self.pool.release(self)
         else:
             self.abort()
-        if relayed:
+        if relayed and attempt is not None:
             attempt.exchange.upstream_body_done(self)
 
     def abort(self) -> None:
@@ -325,6 +331,11 @@ class UpstreamConnection(Protocol):
         self._keep = False
         if self.connected_:
             self.transport.abortConnection()
+
+    def _until_close(self, reason: Failure) -> bool:
+        """The body was framed by the connection's end, and that end was clean: it is complete."""
+        reader = self._reader
+        return reader is not None and reader.framing == UNTIL_CLOSE and reason.check(ierror.ConnectionDone) is not None
 
     def abandon(self) -> None:
         """Abort without telling the attempt or exchange it served: whoever calls this answers them."""
@@ -341,7 +352,7 @@ class UpstreamConnection(Protocol):
         if mode == _U_SINK:
             sink, self._sink = self._sink, None
             if sink is not None:
-                if self._reader.framing == UNTIL_CLOSE and reason.check(ierror.ConnectionDone):
+                if self._until_close(reason):
                     sink.finish()
                 else:
                     sink.abort("upstream closed mid-body")
@@ -351,14 +362,14 @@ class UpstreamConnection(Protocol):
         if mode == _U_HEAD:
             attempt.lost_before_head(self, self._got_bytes)
         elif mode == _U_RELAY:
-            if self._reader.framing == UNTIL_CLOSE and reason.check(ierror.ConnectionDone):
+            if self._until_close(reason):
                 attempt.exchange.upstream_body_done(self)
             else:
                 attempt.exchange.upstream_truncated()
         elif mode == _U_HOLD:
             attempt.exchange.upstream_lost_held()
         elif mode == _U_COLLECT:
-            if self._reader.framing == UNTIL_CLOSE and reason.check(ierror.ConnectionDone):
+            if self._until_close(reason):
                 self._collected(False)
             else:
                 self._collect_failed(UpstreamError("closed", "upstream closed mid-body"))
