@@ -30,19 +30,11 @@ from twisted.internet.defer import Deferred
 
 from ecr_twisted.registry import errors
 from ecr_twisted.registry import routes
-from ecr_twisted.access.auth import (
-    ALLOW,
-    NO_CREDENTIALS,
-    UNAUTHENTICATED,
-    UNAVAILABLE,
-    Credentials,
-    Grant,
-    Htpasswd,
-    LoginThrottle,
-    TokenIssuer,
-    WebhookAuthorizer,
-    parse_authorization,
-)
+from ecr_twisted.access.credentials import NO_CREDENTIALS, Credentials, parse_authorization
+from ecr_twisted.access.htpasswd import Htpasswd
+from ecr_twisted.access.throttle import LoginThrottle
+from ecr_twisted.access.tokens import Grant, TokenIssuer
+from ecr_twisted.access.webhook import ALLOW, UNAUTHENTICATED, UNAVAILABLE, WebhookAuthorizer
 from ecr_twisted.registry.errors import RegistryError
 from ecr_twisted.access.policy import ANONYMOUS, FixedPolicy, Policy, Principal
 

@@ -23,7 +23,10 @@ from twisted.python import usage
 from ecr_twisted.access.gate import MODES, AccessConfig, AccessMetrics, Gate
 from ecr_twisted.cache.store import BlobStore, hash_file
 from ecr_twisted.cache.layer import CacheCollector, LayerCache
-from ecr_twisted.access.auth import Htpasswd, LoginThrottle, TokenIssuer, WebhookAuthorizer, http_post, load_or_create_key
+from ecr_twisted.access.htpasswd import Htpasswd
+from ecr_twisted.access.throttle import LoginThrottle
+from ecr_twisted.access.tokens import TokenIssuer, load_or_create_key
+from ecr_twisted.access.webhook import WebhookAuthorizer, http_post
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyError, PolicyFile
 from ecr_twisted.observe.health import ops_site

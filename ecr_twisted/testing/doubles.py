@@ -140,7 +140,7 @@ def open_gate(clock: Any) -> Gate:
 
 def synchronous_bcrypt(password: bytes, hashed: bytes) -> Deferred[bool]:
     """An Htpasswd `check` that runs on the test's thread (real bcrypt, no thread pool)."""
-    from ecr_twisted.access.auth import _checkpw
+    from ecr_twisted.access.htpasswd import _checkpw
 
     return succeed(_checkpw(password, hashed))
 

@@ -21,7 +21,9 @@ from twisted.python.failure import Failure
 
 from ecr_twisted.registry import handler as proxy
 from ecr_twisted.access.gate import AccessConfig, Gate
-from ecr_twisted.access.auth import Htpasswd, TokenIssuer, WebhookAuthorizer
+from ecr_twisted.access.htpasswd import Htpasswd
+from ecr_twisted.access.tokens import TokenIssuer
+from ecr_twisted.access.webhook import WebhookAuthorizer
 from ecr_twisted.access.policy import FixedPolicy, Policy
 from ecr_twisted.registry.handler import MAX_HIDDEN_PAGES, ProxyConfig
 from ecr_twisted.testing.doubles import UPSTREAM, Harness, synchronous_bcrypt, write_htpasswd
@@ -1178,7 +1180,8 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
     from twisted.internet.task import Clock
 
     from ecr_twisted.access.gate import Identity
-    from ecr_twisted.access.auth import Credentials, _checkpw
+    from ecr_twisted.access.credentials import Credentials
+    from ecr_twisted.access.htpasswd import _checkpw
 
     clock = Clock()
     pending: list[tuple[Deferred[bool], bytes, bytes]] = []
