@@ -1179,7 +1179,7 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
     credentials share one check, and logging in with one's own account does not wipe the count."""
     from twisted.internet.task import Clock
 
-    from ecr_twisted.access.gate import Identity
+    from ecr_twisted.access.decision import Identity
     from ecr_twisted.access.credentials import Credentials
     from ecr_twisted.access.htpasswd import _checkpw
 
@@ -1195,7 +1195,7 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
                 htpasswd=Htpasswd(htpasswd, clock, check=held_check))
 
     def login(user: str, password: str) -> Any:
-        return gate.login(Credentials("basic", user, password), lambda: "10.9.9.9")
+        return gate.strategy.login(Credentials("basic", user, password), lambda: "10.9.9.9")
 
     results = [login("alice", f"guess-{i}") for i in range(8)]
     assert len(pending) == 5  # the 6th guess onwards was throttled before any bcrypt ran
