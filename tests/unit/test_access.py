@@ -1277,3 +1277,42 @@ def test_filtered_listings_are_asked_for_uncompressed(htpasswd: str) -> None:
     send(h, request("GET", "/v2/team-a/app/tags/list", basic("alice", "alice-pw"),
                     headers=[(b"Accept-Encoding", b"gzip")]))
     assert upstream_requests(h)[-1].header(b"accept-encoding") == b"gzip"  # nothing to filter there
+
+
+def test_the_per_request_fast_paths_answer_with_a_decision_not_a_deferred(htpasswd: str) -> None:
+    """What nearly every request takes is decided synchronously (the handler checks
+    `type(decision) is Decision`): --auth none with the open policy, a remembered Basic
+    login, a valid Bearer token of ours (token mode, and basic mode's token flow)."""
+    from twisted.internet.task import Clock
+
+    from ecr_twisted.access.decision import Decision
+    from ecr_twisted.registry import routes
+
+    clock = Clock()
+    peer = lambda: "10.1.2.3"  # noqa: E731
+    manifest = routes.match(b"GET", b"/v2/team-a/app/manifests/1.0")
+    base = routes.match(b"GET", b"/v2/")
+
+    def check(gate: Gate, auth: bytes | None, m: routes.Match = manifest) -> Any:
+        assert m.route is not None
+        return gate.check(b"GET", m.route.kind, m, b"/v2/team-a/app/manifests/1.0", auth, peer)
+
+    anonymous = Gate(AccessConfig("none"), FixedPolicy(Policy.preset("open")), clock)
+    assert anonymous.open and type(check(anonymous, None)) is Decision
+
+    users = Htpasswd(htpasswd, clock, check=synchronous_bcrypt)
+    issuer = TokenIssuer(KEY, SERVICE)
+    basic_gate = Gate(AccessConfig("basic", service=SERVICE), FixedPolicy(Policy.from_toml(POLICY)), clock,
+                      htpasswd=users, issuer=issuer)
+    assert isinstance(check(basic_gate, basic("alice", "alice-pw")), Deferred)  # the first login runs bcrypt
+    for m in (manifest, base):
+        remembered = check(basic_gate, basic("alice", "alice-pw"), m)
+        assert type(remembered) is Decision and remembered.error is None
+
+    token, _ = issuer.issue("alice", [("team-a/app", ["pull"])], clock.seconds())
+    token_gate = Gate(AccessConfig("token", service=SERVICE), FixedPolicy(Policy.from_toml(POLICY)), clock,
+                      htpasswd=users, issuer=issuer)
+    for gate in (token_gate, basic_gate):
+        for m in (manifest, base):
+            decision = check(gate, bearer(token), m)
+            assert type(decision) is Decision and decision.error is None
