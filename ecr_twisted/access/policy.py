@@ -48,6 +48,18 @@ from twisted.logger import Logger
 
 from ecr_twisted.registry.routes import NAME, TAG
 
+__all__ = [
+    "ACTIONS",
+    "ANONYMOUS",
+    "PRESETS",
+    "FixedPolicy",
+    "Policy",
+    "PolicyError",
+    "PolicyFile",
+    "Principal",
+    "Rule",
+]
+
 _log = Logger()
 
 ACTIONS = frozenset({"pull", "push", "delete"})

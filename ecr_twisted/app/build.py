@@ -33,14 +33,10 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.usage import UsageError
 
-from ecr_twisted.access.auth import (
-    Htpasswd,
-    LoginThrottle,
-    TokenIssuer,
-    WebhookAuthorizer,
-    http_post,
-    load_or_create_key,
-)
+from ecr_twisted.access.htpasswd import Htpasswd
+from ecr_twisted.access.throttle import LoginThrottle
+from ecr_twisted.access.tokens import TokenIssuer, load_or_create_key
+from ecr_twisted.access.webhook import WebhookAuthorizer, http_post
 from ecr_twisted.access.gate import AccessConfig, AccessMetrics, Gate
 from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyFile
 from ecr_twisted.app.config import ProxySettings

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from twisted.application import service
 from twisted.python import usage
 
-from ecr_twisted.access.auth import Htpasswd
+from ecr_twisted.access.htpasswd import Htpasswd
 from ecr_twisted.access.gate import MODES
 from ecr_twisted.access.policy import PRESETS, PolicyError, PolicyFile
 from ecr_twisted.app.config import ProxySettings

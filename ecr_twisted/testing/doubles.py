@@ -170,9 +170,9 @@ def open_gate(clock: Any) -> Gate:
 
 def synchronous_bcrypt(password: bytes, hashed: bytes) -> Deferred[bool]:
     """An Htpasswd `check` that runs on the test's thread (real bcrypt, no thread pool)."""
-    from ecr_twisted.access.auth import _checkpw
+    from ecr_twisted.access.htpasswd import checkpw
 
-    return succeed(_checkpw(password, hashed))
+    return succeed(checkpw(password, hashed))
 
 
 def write_htpasswd(path: str, users: dict[str, str], cost: int = 4) -> None:

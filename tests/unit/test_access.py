@@ -21,7 +21,9 @@ from twisted.python.failure import Failure
 
 from ecr_twisted.registry import handler as proxy
 from ecr_twisted.access.gate import AccessConfig, Gate
-from ecr_twisted.access.auth import Htpasswd, TokenIssuer, WebhookAuthorizer
+from ecr_twisted.access.htpasswd import Htpasswd
+from ecr_twisted.access.tokens import TokenIssuer
+from ecr_twisted.access.webhook import WebhookAuthorizer
 from ecr_twisted.access.policy import FixedPolicy, Policy
 from ecr_twisted.registry.handler import MAX_HIDDEN_PAGES, ProxyConfig
 from ecr_twisted.testing.doubles import UPSTREAM, Harness, synchronous_bcrypt, write_htpasswd
@@ -1177,8 +1179,9 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
     credentials share one check, and logging in with one's own account does not wipe the count."""
     from twisted.internet.task import Clock
 
-    from ecr_twisted.access.gate import Identity
-    from ecr_twisted.access.auth import Credentials, _checkpw
+    from ecr_twisted.access.decision import Identity
+    from ecr_twisted.access.credentials import Credentials
+    from ecr_twisted.access.htpasswd import checkpw
 
     clock = Clock()
     pending: list[tuple[Deferred[bool], bytes, bytes]] = []
@@ -1192,7 +1195,7 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
                 htpasswd=Htpasswd(htpasswd, clock, check=held_check))
 
     def login(user: str, password: str) -> Any:
-        return gate.login(Credentials("basic", user, password), lambda: "10.9.9.9")
+        return gate.strategy.login(Credentials("basic", user, password), lambda: "10.9.9.9")
 
     results = [login("alice", f"guess-{i}") for i in range(8)]
     assert len(pending) == 5  # the 6th guess onwards was throttled before any bcrypt ran
@@ -1200,7 +1203,7 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
     refused = login("bob", "bob-pw")
     assert len(pending) == 5 and refused.failed.error.status == 429  # the address is over its limit, whoever it claims to be
     for d, password, hashed in pending:
-        d.callback(_checkpw(password, hashed))
+        d.callback(checkpw(password, hashed))
     clock.advance(60)
     assert isinstance(login("bob", "bob-pw"), Deferred) and len(pending) == 6
     twin = login("bob", "bob-pw")
@@ -1274,3 +1277,42 @@ def test_filtered_listings_are_asked_for_uncompressed(htpasswd: str) -> None:
     send(h, request("GET", "/v2/team-a/app/tags/list", basic("alice", "alice-pw"),
                     headers=[(b"Accept-Encoding", b"gzip")]))
     assert upstream_requests(h)[-1].header(b"accept-encoding") == b"gzip"  # nothing to filter there
+
+
+def test_the_per_request_fast_paths_answer_with_a_decision_not_a_deferred(htpasswd: str) -> None:
+    """What nearly every request takes is decided synchronously (the handler checks
+    `type(decision) is Decision`): --auth none with the open policy, a remembered Basic
+    login, a valid Bearer token of ours (token mode, and basic mode's token flow)."""
+    from twisted.internet.task import Clock
+
+    from ecr_twisted.access.decision import Decision
+    from ecr_twisted.registry import routes
+
+    clock = Clock()
+    peer = lambda: "10.1.2.3"  # noqa: E731
+    manifest = routes.match(b"GET", b"/v2/team-a/app/manifests/1.0")
+    base = routes.match(b"GET", b"/v2/")
+
+    def check(gate: Gate, auth: bytes | None, m: routes.Match = manifest) -> Any:
+        assert m.route is not None
+        return gate.check(b"GET", m.route.kind, m, b"/v2/team-a/app/manifests/1.0", auth, peer)
+
+    anonymous = Gate(AccessConfig("none"), FixedPolicy(Policy.preset("open")), clock)
+    assert anonymous.open and type(check(anonymous, None)) is Decision
+
+    users = Htpasswd(htpasswd, clock, check=synchronous_bcrypt)
+    issuer = TokenIssuer(KEY, SERVICE)
+    basic_gate = Gate(AccessConfig("basic", service=SERVICE), FixedPolicy(Policy.from_toml(POLICY)), clock,
+                      htpasswd=users, issuer=issuer)
+    assert isinstance(check(basic_gate, basic("alice", "alice-pw")), Deferred)  # the first login runs bcrypt
+    for m in (manifest, base):
+        remembered = check(basic_gate, basic("alice", "alice-pw"), m)
+        assert type(remembered) is Decision and remembered.error is None
+
+    token, _ = issuer.issue("alice", [("team-a/app", ["pull"])], clock.seconds())
+    token_gate = Gate(AccessConfig("token", service=SERVICE), FixedPolicy(Policy.from_toml(POLICY)), clock,
+                      htpasswd=users, issuer=issuer)
+    for gate in (token_gate, basic_gate):
+        for m in (manifest, base):
+            decision = check(gate, bearer(token), m)
+            assert type(decision) is Decision and decision.error is None

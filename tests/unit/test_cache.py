@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from ecr_twisted.cache import store as blobstore
 from ecr_twisted.testing import doubles as testing
 from ecr_twisted.access.gate import AccessConfig, Gate
-from ecr_twisted.access.auth import Htpasswd
+from ecr_twisted.access.htpasswd import Htpasswd
 from ecr_twisted.access.policy import FixedPolicy, Policy
 from ecr_twisted.registry.handler import ProxyConfig
 from ecr_twisted.http.upstream import UpstreamConnection
