@@ -13,11 +13,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from typing import Any, Callable, Iterable
+from typing import Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
 from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.internet.endpoints import UNIXClientEndpoint
@@ -36,7 +33,6 @@ __all__ = [
     "WorkerProcesses",
     "bind_listener",
     "fetch_unix_metrics",
-    "merge_expositions",
     "metrics_body",
 ]
 
@@ -255,47 +251,3 @@ class _OneShot(protocol.Factory):
         return self.proto
 
 
-def _combine(name: str, mtype: str) -> Callable[[float, float], float]:
-    if name.endswith("_created"):
-        return min
-    if mtype == "gauge" and (name.endswith("_timestamp_seconds") or name == "ecrproxy_cache_size_bytes"):
-        return max  # the latest expiry; every worker's view of the one shared cache directory
-    return lambda a, b: a + b
-
-
-class _Merged:
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._families = list(families)
-
-    def collect(self) -> Iterable[Metric]:
-        return self._families
-
-
-def merge_expositions(texts: Iterable[bytes]) -> bytes:
-    """Sum the samples of several processes' expositions (counters, histograms, in-flight
-    gauges); timestamps keep the latest, `_created` the earliest."""
-    order: list[str] = []
-    families: dict[str, Metric] = {}
-    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
-    for text in texts:
-        for fam in text_string_to_metric_families(text.decode("utf-8")):
-            if fam.name not in families:
-                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
-                values[fam.name] = {}
-                order.append(fam.name)
-            bucket = values[fam.name]
-            for s in fam.samples:
-                key = (s.name, tuple(sorted(s.labels.items())))
-                if key in bucket:
-                    bucket[key] = _combine(s.name, fam.type)(bucket[key], s.value)
-                else:
-                    bucket[key] = s.value
-    out = []
-    for name in order:
-        fam = families[name]
-        for (sample_name, labels), value in values[name].items():
-            fam.add_sample(sample_name, dict(labels), value)
-        out.append(fam)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Merged(out))
-    return generate_latest(registry)

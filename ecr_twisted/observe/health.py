@@ -9,6 +9,8 @@ from twisted.internet.defer import Deferred
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from ecr_twisted.observe.metrics import merge_expositions
+
 __all__ = ["ops_site"]
 
 
@@ -37,8 +39,6 @@ def ops_site(
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
         if others is None:
             return generate_latest(registry)
-        from ecr_twisted.app.supervisor import merge_expositions
-
         def write(texts: list[bytes]) -> None:
             request.write(merge_expositions([generate_latest(registry), *texts]))
             request.finish()

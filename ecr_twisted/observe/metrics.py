@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Callable, Iterable
 
-__all__ = ["Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+__all__ = ["Metrics", "merge_expositions"]
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -97,3 +101,49 @@ class Metrics:
 
 
 _KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
+
+
+def _combine(name: str, mtype: str) -> Callable[[float, float], float]:
+    if name.endswith("_created"):
+        return min
+    if mtype == "gauge" and (name.endswith("_timestamp_seconds") or name == "ecrproxy_cache_size_bytes"):
+        return max  # the latest expiry; every worker's view of the one shared cache directory
+    return lambda a, b: a + b
+
+
+class _Merged:
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+def merge_expositions(texts: Iterable[bytes]) -> bytes:
+    """Sum the samples of several processes' expositions (counters, histograms, in-flight
+    gauges); timestamps keep the latest, `_created` the earliest."""
+    order: list[str] = []
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for fam in text_string_to_metric_families(text.decode("utf-8")):
+            if fam.name not in families:
+                families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+                values[fam.name] = {}
+                order.append(fam.name)
+            bucket = values[fam.name]
+            for s in fam.samples:
+                key = (s.name, tuple(sorted(s.labels.items())))
+                if key in bucket:
+                    bucket[key] = _combine(s.name, fam.type)(bucket[key], s.value)
+                else:
+                    bucket[key] = s.value
+    out = []
+    for name in order:
+        fam = families[name]
+        for (sample_name, labels), value in values[name].items():
+            fam.add_sample(sample_name, dict(labels), value)
+        out.append(fam)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged(out))
+    return generate_latest(registry)

@@ -7,7 +7,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from ecr_twisted.observe.metrics import Metrics
-from ecr_twisted.app.supervisor import ListenerError, bind_listener, merge_expositions
+from ecr_twisted.app.supervisor import ListenerError, bind_listener
+from ecr_twisted.observe.metrics import merge_expositions
 
 
 def exposition(requests: int, in_flight: int, expiry: float) -> bytes:
