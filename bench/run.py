@@ -34,6 +34,7 @@ import base64
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gzip
 import hashlib
 import http.client
@@ -1081,7 +1082,7 @@ class Bench:
         for i in range(self.runs):
             for ep in eps:
                 progress(f"pull ({self.where(up)}) run {i + 1}/{self.runs}: {ep.name}")
-                self.measure(row, ep, lambda: curl_pull(ep, path, self.blob_size), peaks.get(ep.name))
+                self.measure(row, ep, functools.partial(curl_pull, ep, path, self.blob_size), peaks.get(ep.name))
         self.finish_row(row, 1 / MB)
         target_ratio(row, PULL_TLS_VS_NGINX if up.tls else PULL_PLAIN_VS_NGINX)
         self.rss_row(row, peaks, target=True)
@@ -1095,7 +1096,7 @@ class Bench:
         path = f"/v2/bench/blob/blobs/{self.digest}"
         for ep in eps:
             progress(f"slow-client pull ({self.where(up)}): {ep.name}")
-            self.measure(row, ep, lambda: curl_pull(ep, path, self.blob_size, SLOW_RATE), peaks.get(ep.name))
+            self.measure(row, ep, functools.partial(curl_pull, ep, path, self.blob_size, SLOW_RATE), peaks.get(ep.name))
         self.finish_row(row, 1 / MB)
         self.rss_row(row, peaks, target=True)
 
@@ -1109,7 +1110,8 @@ class Bench:
                 self.push_counter += 1
                 repo = f"bench/push-{ep.name}-{self.push_counter}"
                 progress(f"push run {i + 1}/{self.runs}: {ep.name} -> {repo}")
-                self.measure(row, ep, lambda: curl_push(ep, repo, self.blob_path, self.digest, self.blob_size),
+                self.measure(row, ep,
+                             functools.partial(curl_push, ep, repo, self.blob_path, self.digest, self.blob_size),
                              peaks.get(ep.name))
         self.finish_row(row, 1 / MB)
         target_ratio(row, PUSH_VS_NGINX)
@@ -1213,8 +1215,8 @@ class Bench:
                     ]
                     for what, ep, row, peak, expect in steps:
                         progress(f"{run}: {what}")
-                        self.measure(row, ep, lambda ep=ep, expect=expect: curl_pull(
-                            ep, path, self.blob_size, x_cache=expect), peak)
+                        self.measure(row, ep, functools.partial(curl_pull, ep, path, self.blob_size, x_cache=expect),
+                                     peak)
                         if expect == "MISS" and not ep.start_error:
                             usages.append(self.cache_dir_after_miss(cache_dir, ok=ep.name not in miss.errors))
                 finally:
@@ -1247,7 +1249,7 @@ class Bench:
         """The cache directory's usage once the miss's fill is committed (waits up to CACHE_COMMIT_WAIT s
         for the temporary file to become the blob when the miss succeeded)."""
         t0 = time.monotonic()
-        usage = dir_usage(cache_dir)
+        usage: dict[str, Any] = dir_usage(cache_dir)
         while ok and (usage["tmp_files"] or usage["blob_bytes"] != self.blob_size) \
                 and time.monotonic() - t0 < CACHE_COMMIT_WAIT:
             time.sleep(0.05)
@@ -1555,8 +1557,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(text_table(bench.rows))
     say("")
     for r in bench.rows:
-        for c, e in r.errors.items():
-            say(f"FAILED: {c} in '{r.scenario}' ({r.metric}): {e}")
+        for c, err in r.errors.items():
+            say(f"FAILED: {c} in '{r.scenario}' ({r.metric}): {err}")
     say(idle_line(bench.idle))
     for n in bench.notes:
         say(f"NOTE: {n}")

@@ -7,7 +7,7 @@ the other for it. The handler imports `Decision` and `GO` from gate.py, which re
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, final
 
 from twisted.internet.defer import Deferred
 
@@ -40,6 +40,7 @@ Peer = Callable[[], str]
 """The client's address, asked for only when a login needs throttling."""
 
 
+@final  # the handler tells a Decision from a Deferred by `type(x) is Decision`
 class Decision:
     """The gate's answer. `error` None means: forward the request."""
 

@@ -63,7 +63,9 @@ from ecr_twisted.registry import errors, routes
 if TYPE_CHECKING:
     from ecr_twisted.access.gate import Gate
 
-__all__ = ["AUTH_MODES", "AuthMode", "BasicAuth", "NoAuth", "PassthroughAuth", "TokenAnswer", "TokenAuth", "WebhookAuth"]
+__all__ = [
+    "AUTH_MODES", "AuthMode", "BasicAuth", "NoAuth", "PassthroughAuth", "TokenAnswer", "TokenAuth", "WebhookAuth",
+]
 
 TokenAnswer = Decision | bytes  # `/token`: a refusal, or the JSON body of a token
 

@@ -277,7 +277,9 @@ def _rule(raw: Any, where: str) -> Rule:
     assert principals is not None and actions is not None
     bad = [p for p in principals if _PRINCIPAL.match(p) is None]
     if bad:
-        raise PolicyError(f"{where}: unknown principal(s) {bad}; use *, anonymous, authenticated, user:NAME, group:NAME")
+        raise PolicyError(
+            f"{where}: unknown principal(s) {bad}; use *, anonymous, authenticated, user:NAME, group:NAME"
+        )
     bad = [a for a in actions if a not in ACTIONS]
     if bad:
         raise PolicyError(f"{where}: unknown action(s) {bad}; use pull, push, delete")

@@ -76,7 +76,9 @@ class TokenIssuer:
             "nbf": iat - 1,
             "exp": iat + self.ttl,
             "jti": secrets.token_urlsafe(12),
-            "access": [{"type": "repository", "name": name, "actions": sorted(set(actions))} for name, actions in access],
+            "access": [
+                {"type": "repository", "name": name, "actions": sorted(set(actions))} for name, actions in access
+            ],
         }
         return jwt.encode(claims, self._key, algorithm="HS256"), self.ttl
 

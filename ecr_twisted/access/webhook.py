@@ -115,7 +115,9 @@ class WebhookAuthorizer:
             d.callback(verdict)
 
 
-def http_post(agent: Any, reactor: Any, url: str, timeout: float, max_body: int = 65536) -> Callable[[bytes], Deferred[tuple[int, bytes]]]:
+def http_post(
+    agent: Any, reactor: Any, url: str, timeout: float, max_body: int = 65536
+) -> Callable[[bytes], Deferred[tuple[int, bytes]]]:
     """A `post` for WebhookAuthorizer over a Twisted Agent, with a deadline and a bounded answer."""
     from twisted.web.client import FileBodyProducer, readBody
     from twisted.web.http_headers import Headers

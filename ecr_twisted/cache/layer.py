@@ -528,7 +528,8 @@ class CacheCollector:
         yield CounterMetricFamily("ecrproxy_cache_evictions", "Blobs evicted to stay under --cache-size",
                                   value=store.evictions)
         yield CounterMetricFamily("ecrproxy_cache_digest_mismatches",
-                                  "Blobs from upstream or on disk that did not match their digest", value=store.mismatches)
+                                  "Blobs from upstream or on disk that did not match their digest",
+                                  value=store.mismatches)
         yield CounterMetricFamily("ecrproxy_cache_stale",
                                   "Manifests served stale because the upstream could not revalidate them",
                                   value=cache.stale)

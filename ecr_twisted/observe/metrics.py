@@ -62,13 +62,16 @@ class Metrics:
             "ecrproxy_access_denied", "Requests refused by the access policy, by action", ["action"], registry=registry
         )
         self.webhook_errors = Counter(
-            "ecrproxy_auth_webhook_errors", "Authorization webhook calls that failed (each one a deny)", registry=registry
+            "ecrproxy_auth_webhook_errors", "Authorization webhook calls that failed (each one a deny)",
+            registry=registry,
         )
         self._requests: dict[tuple[bytes, str, int], Counter] = {}
         self._per_route: dict[str, tuple[Histogram, Counter, Counter]] = {}
         self._upstream: dict[str, Histogram] = {}
 
-    def observe_request(self, method: bytes, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int) -> None:
+    def observe_request(
+        self, method: bytes, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
+    ) -> None:
         key = (method, route, status)
         child = self._requests.get(key)
         if child is None:

@@ -376,7 +376,7 @@ class RegistryProxy:
         plan = ctx.plan
         method = req.method if plan is None or plan.method is None else plan.method
         d = ex.forward(ctx.origin, method, target, fields, ctx.timeout)
-        d.addCallbacks(self._registry_response, self._upstream_failed, (ex, ctx), None, (ex, ctx))
+        d.addCallbacks(self._registry_response, self._upstream_failed, (ex, ctx), {}, (ex, ctx))
         d.addErrback(self._bug, ex)
 
     def _registry_response(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
@@ -467,6 +467,7 @@ class RegistryProxy:
         """The upstream refused our token: refresh it once (shared) and retry once when safe."""
         if not ctx.retried:
             ctx.retried = True
+            assert self.tokens is not None  # not passthrough (checked by the caller): there is a keeper
             refreshed = self.tokens.force_refresh(ctx.token)
             if not ex.has_body:
                 refreshed.addCallback(self._retry, ex, ctx, status)
@@ -504,7 +505,7 @@ class RegistryProxy:
         ctx.sent_at = self.clock.seconds()
         ctx.target = "storage"
         d = ex.forward(origin, req.method, target, fields, self.config.request_timeout)
-        d.addCallbacks(self._storage_response, self._upstream_failed, (ex, ctx), None, (ex, ctx))
+        d.addCallbacks(self._storage_response, self._upstream_failed, (ex, ctx), {}, (ex, ctx))
         d.addErrback(self._bug, ex)
 
     def _storage_response(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import pathlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 
 import pytest
+from pluggy import Result
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
@@ -27,14 +28,17 @@ from ecr_twisted.testing.emulator import EmulatedECR  # noqa: E402
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
     if report.failed and LIVE_PROXIES:
         for p in list(LIVE_PROXIES):
             report.sections.append((f"{p.name} log tail ({p.log_path})", p.log_tail(8000)))
     if report.failed:
-        used = set(getattr(item, "fixturenames", ())) | item.stash.get(DAEMONS_USED, set())
+        daemons_used: set[str] = item.stash.get(DAEMONS_USED, set())
+        used = set(getattr(item, "fixturenames", ())) | daemons_used
         for d in list(LIVE_DAEMONS):
             if d.name in used:
                 report.sections.append((f"{d.name} log tail ({d.log_path})", d.log_tail(8000)))

@@ -551,7 +551,7 @@ def assert_layout_matches(dest: pathlib.Path, tag: str, info: ImageInfo, *, comp
     assert manifest_path.read_bytes() == info.manifest
     assert sha256_file(manifest_path) == info.manifest_digest
     manifest = json.loads(info.manifest)
-    assert [l["digest"] for l in manifest["layers"]] == info.layer_digests
+    assert [layer["digest"] for layer in manifest["layers"]] == info.layer_digests
     for digest in info.blob_digests:
         path = dest / "blobs" / "sha256" / digest.split(":", 1)[1]
         assert path.is_file(), f"blob {digest} missing from the pulled layout"

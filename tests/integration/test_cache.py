@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import os
 import pathlib
@@ -239,7 +240,7 @@ def test_second_pull_makes_no_upstream_blob_requests(
     for digest in info.blob_digests:
         # one client GET, one upstream GET (its 307 to S3 is followed by the proxy, not through here)
         assert relay.count("GET", blob_path(repo, digest), first) == 1, relay.touching(repo, first)
-        wait_for(lambda d=digest: cached_correctly(cache, d), 10, f"{digest} to be in the cache")
+        wait_for(functools.partial(cached_correctly, cache, digest), 10, f"{digest} to be in the cache")
 
     second = relay.mark()
     pull_via(p, repo, info.tag, tmp_path / "pull2")
@@ -759,7 +760,7 @@ def test_writes_the_registry_refuses_change_nothing_in_the_cache(
     with keep_alive(p) as c:  # one process: what it stored, it serves
         for path, headers in ((tag, ACCEPT), (by_digest, ACCEPT), (layer, {})):
             assert c.request(path, headers=headers).status == 200
-        refused = (
+        refused: tuple[tuple[str, str, bytes | None, dict[str, str]], ...] = (
             ("DELETE", tag, None, {}),  # distribution 2.8 deletes by digest only: 400
             ("PUT", tag, b'{"not": "a manifest"}', {"Content-Type": info.media_type}),
             ("DELETE", f"/v2/{other}/manifests/{info.manifest_digest}", None, {}),  # not in that repository

@@ -117,7 +117,7 @@ def platform_layout(layout: pathlib.Path, arch: str, seed: str) -> ImageInfo:
     manifest_digest = put(manifest)
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}', encoding="utf-8")
     index_path = layout / "index.json"
-    index = json.loads(index_path.read_text("utf-8")) if index_path.exists() else {"schemaVersion": 2,
+    index: dict[str, Any] = json.loads(index_path.read_text("utf-8")) if index_path.exists() else {"schemaVersion": 2,
                                                                                   "manifests": []}
     index["manifests"].append({"mediaType": OCI_MANIFEST, "digest": manifest_digest, "size": len(manifest),
                                "annotations": {"org.opencontainers.image.ref.name": arch}})

@@ -19,6 +19,7 @@ import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
+from typing import Any
 
 import botocore.session
 import pytest
@@ -82,7 +83,7 @@ def request(
         conn.close()
 
 
-def ecr_client(ecr: EmulatedECR):  # type: ignore[no-untyped-def]
+def ecr_client(ecr: EmulatedECR) -> Any:  # a botocore client: botocore ships no types
     return botocore.session.get_session().create_client(
         "ecr",
         region_name=ecr.region,

@@ -108,7 +108,8 @@ def test_sigterm_stops_cleanly(ecr: EmulatedECR, proxy_factory: ProxyFactory) ->
     rc = p.stop()
     # twistd shuts down cleanly, then re-raises SIGTERM so the exit status names the signal
     assert rc in (0, -signal.SIGTERM), p.log_tail()
-    assert not port_open(port) and metrics_port is not None and not port_open(metrics_port)
+    assert port is not None and not port_open(port)
+    assert metrics_port is not None and not port_open(metrics_port)
     assert "Server Shut Down" in p.log_text()
 
 

@@ -231,7 +231,7 @@ def test_base_through_fake_upstream(bad_proxy: Proxy) -> None:
     "path",
     [
         f"/v2/trunc/length/blobs/{DIGEST}",
-        f"/v2/trunc/length/manifests/latest",
+        "/v2/trunc/length/manifests/latest",
         f"/v2/trunc/chunked/blobs/{DIGEST}",
         f"/v2/trunc/redirect/blobs/{DIGEST}",  # stream mode follows to a "storage" that truncates
     ],
@@ -279,7 +279,7 @@ def test_stalled_body_is_aborted_by_idle_timeout(bad_proxy: Proxy) -> None:
 
 def test_silent_upstream_gets_504(bad_proxy: Proxy) -> None:
     started = time.monotonic()
-    r = bad_proxy.request(f"/v2/trunc/silent/manifests/latest", timeout=30)
+    r = bad_proxy.request("/v2/trunc/silent/manifests/latest", timeout=30)
     elapsed = time.monotonic() - started
     assert r.status == 504, r.body
     assert r.json()["errors"][0]["code"] == "UNAVAILABLE"

@@ -221,6 +221,7 @@ def test_manifests_tags_and_content_types(proxy: Proxy, ecr: EmulatedECR) -> Non
         f"HEAD /v2/{name}/manifests/docker HTTP/1.1\r\nHost: {proxy.host}\r\nAccept: {MANIFEST_ACCEPT}\r\n\r\n"
         f"GET /v2/ HTTP/1.1\r\nHost: {proxy.host}\r\nConnection: close\r\n\r\n"
     ).encode()
+    assert proxy.port is not None
     raw = raw_exchange(proxy.port, head_then_get)
     first, sep, rest = raw.partition(b"\r\n\r\n")
     assert sep and first.startswith(b"HTTP/1.1 200 ")
@@ -351,6 +352,7 @@ def test_blob_range_request_stream_mode(proxy: Proxy) -> None:
 )
 def test_malformed_requests_are_refused(proxy: Proxy, raw: bytes) -> None:
     before = proxy.metric("ecrproxy_bad_requests_total", status="400") or 0
+    assert proxy.port is not None
     answer = raw_exchange(proxy.port, raw + b"GET /v2/ HTTP/1.1\r\nHost: a\r\n\r\n")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 "), answer[:300]

@@ -76,6 +76,7 @@ def _blob_get_checks_stream(proxy: Proxy, repo: str, info: ImageInfo) -> None:
 
     # HEAD must carry no body on the wire either: read the raw bytes until the proxy closes
     digest = info.layer_digests[-1]
+    assert proxy.port is not None
     raw = raw_exchange(
         proxy.port,
         f"HEAD /v2/{repo}/blobs/{digest} HTTP/1.1\r\nHost: {proxy.host}\r\nConnection: close\r\n\r\n".encode(),
@@ -135,6 +136,7 @@ def test_skopeo_roundtrip_redirect_mode(
             sent = relay.header_values("Location")
             assert location.encode("latin-1") in sent, "the S3 Location was changed by the proxy"
         # the presigned URL works for a client without the proxy's (or any) credentials
+        assert location is not None
         s3 = http_request(location)
         assert s3.status == 200
         assert s3.body == info.blob_path(digest).read_bytes()

@@ -183,6 +183,7 @@ def test_client_tls_cert_and_key_options(
     """
     ca, cert, key = client_tls
     p = proxy_factory(ecr, "--tls-cert", str(cert), "--tls-key", str(key), scheme="https")
+    assert p.port is not None
     assert not _answers_plain_http(p.port), "--tls-cert/--tls-key were ignored: the port serves plain HTTP"
     _check_client_tls(p, ca, plain_image, tmp_path)
 

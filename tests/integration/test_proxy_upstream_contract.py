@@ -38,7 +38,8 @@ class Script:
         return True
 
     def tags(self, sock: socket.socket, method: str, target: str, headers: dict[str, str]) -> bool:
-        link = f'<http://127.0.0.1:{self.upstream_port}/v2/contract/tags/tags/list?last=b3BhcXVl%2Btb2tlbg%3D%3D&n=2>; rel="next"'
+        link = (f'<http://127.0.0.1:{self.upstream_port}/v2/contract/tags/tags/list'
+                f'?last=b3BhcXVl%2Btb2tlbg%3D%3D&n=2>; rel="next"')
         self._send(sock, "200 OK", ["Content-Type: application/json", f"Link: {link}"],
                    b'{"name":"contract/tags","tags":["a","b"]}')
         return True
@@ -161,6 +162,7 @@ def test_plain_text_403_expired_token_refreshes_and_retries(
     assert r.header("Docker-Content-Digest") == DIGEST
     assert script.expired_once_calls == 2
     after = contract_proxy.metric("ecrproxy_token_refresh_total", result="success")
+    assert after is not None
     assert before + 1 <= after <= before + TEST_WORKERS  # single flight holds per serving process
 
 

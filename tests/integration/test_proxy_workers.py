@@ -7,6 +7,8 @@ import pathlib
 import signal
 import subprocess
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from proxy_harness import ProxyFactory, assert_layout_matches, pull_via, push_via
 
@@ -19,7 +21,10 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.stdout.split()]
 
 
-def wait_for(predicate, timeout: float = 15.0, step: float = 0.1):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float = 15.0, step: float = 0.1) -> T:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -334,6 +334,7 @@ def test_none_mode_forwards_anonymous_pulls_with_our_ecr_token() -> None:
     c = call(h, "GET", "/v2/team-a/app/manifests/1.0", client_auth)
     sent = forwarded(h, c)
     assert sent.line == b"GET /v2/team-a/app/manifests/1.0 HTTP/1.1"
+    assert h.keeper.current is not None
     assert sent.fields[b"authorization"] == [h.keeper.current.header]
     assert client_auth not in b"".join(t.value() for _, _, t in h.upstreams.connections)
 
@@ -475,6 +476,7 @@ def test_basic_mode_token_flow_anonymous_pull_and_logged_in_push(htpasswd: str) 
     assert access_of(anon_token) == {"public/base": ["pull"]}
     forwarded(h, call(h, "GET", "/v2/", bearer(anon_token)))
     sent = forwarded(h, call(h, "GET", "/v2/public/base/manifests/1.0", bearer(anon_token)))
+    assert h.keeper.current is not None
     assert sent.fields[b"authorization"] == [h.keeper.current.header]
     # the anonymous token opens nothing else, and what the policy refuses stays refused
     before = len(upstream_requests(h))
@@ -516,6 +518,7 @@ def test_basic_right_password_is_forwarded_with_our_token(htpasswd: str) -> None
     h = make_proxy("basic", htpasswd=htpasswd)
     sent = forwarded(h, call(h, "GET", "/v2/", basic("alice", "alice-pw")))
     assert sent.line == b"GET /v2/ HTTP/1.1"
+    assert h.keeper.current is not None
     assert sent.fields[b"authorization"] == [h.keeper.current.header]
     sent = forwarded(h, call(h, "GET", "/v2/team-a/app/manifests/1.0", basic("alice", "alice-pw")))
     assert sent.fields[b"authorization"] == [h.keeper.current.header]
@@ -572,11 +575,13 @@ def test_basic_failed_logins_are_throttled_per_address(htpasswd: str) -> None:
     # the 6th attempt is not even checked, right password or not
     for auth in (basic("alice", "guess"), basic("alice", "alice-pw")):
         r = assert_refused(h, call(h, "GET", "/v2/", auth), 429, "TOOMANYREQUESTS")
-        assert r.header(b"retry-after") is not None and int(r.header(b"retry-after")) >= 1
+        retry_after = r.header(b"retry-after")
+        assert retry_after is not None and int(retry_after) >= 1
         assert r.header(b"www-authenticate") is None
     assert h.sample("ecrproxy_auth_attempts_total", {"mode": "basic", "result": "failure"}) == 5
     assert h.sample("ecrproxy_auth_attempts_total", {"mode": "basic", "result": "throttled"}) == 2
-    h.reactor.advance(int(r.header(b"retry-after")))
+    assert retry_after is not None  # narrowed in the loop, not after it
+    h.reactor.advance(int(retry_after))
     forwarded(h, call(h, "GET", "/v2/", basic("alice", "alice-pw")))
     assert h.sample("ecrproxy_auth_attempts_total", {"mode": "basic", "result": "success"}) == 1
     # a success adds nothing to the count (nor clears it): the next guess is checked and refused
@@ -630,7 +635,9 @@ def test_tag_limited_pull_applies_to_manifests_by_tag_not_by_digest(htpasswd: st
 
 
 def _mount(h: Harness, source: str, extra: str = "") -> Sent:
-    c = call(h, "POST", f"/v2/team-a/app/blobs/uploads/?mount={DIGEST}&from={source}{extra}", basic("alice", "alice-pw"))
+    c = call(
+        h, "POST", f"/v2/team-a/app/blobs/uploads/?mount={DIGEST}&from={source}{extra}", basic("alice", "alice-pw")
+    )
     sent = upstream_requests(h)[-1]
     answer(h, ok(b"", b"202 Accepted", b"Location: /v2/team-a/app/blobs/uploads/u-1\r\n"))
     assert c.reply().status == 202
@@ -893,6 +900,7 @@ def test_a_bearer_token_is_traded_for_our_ecr_token_upstream(htpasswd: str) -> N
     h = make_proxy("token", htpasswd=htpasswd)
     token = alice_token(h)
     sent = forwarded(h, call(h, "GET", "/v2/team-a/app/manifests/1.0", bearer(token)))
+    assert h.keeper.current is not None
     assert sent.fields[b"authorization"] == [h.keeper.current.header]
     assert token.encode() not in b"".join(t.value() for _, _, t in h.upstreams.connections)
     forwarded(h, call(h, "GET", "/v2/", bearer(token)))
@@ -1013,6 +1021,7 @@ def test_passthrough_forwards_the_clients_own_credentials() -> None:
     for target in ("/v2/", "/v2/team-a/app/manifests/1.0"):
         sent = forwarded(h, call(h, "GET", target, AWS))
         assert sent.fields[b"authorization"] == [AWS]
+    assert h.keeper.current is not None
     assert h.keeper.current.header not in b"".join(t.value() for _, _, t in h.upstreams.connections)
     assert h.fetcher.calls == 0
 
@@ -1062,6 +1071,7 @@ def test_webhook_allow_is_forwarded() -> None:
     assert h.upstreams.connections == [] and not c.answered  # nothing moves before the verdict
     hook.answer(200, {"allow": True})
     sent = forwarded(h, c)
+    assert h.keeper.current is not None
     assert sent.fields[b"authorization"] == [h.keeper.current.header]
     # the verdict is remembered: the same question is not asked twice
     forwarded(h, call(h, "GET", "/v2/team-a/app/manifests/1.0", basic("alice", "alice-pw")))
@@ -1182,6 +1192,7 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
     from ecr_twisted.access.decision import Identity
     from ecr_twisted.access.credentials import Credentials
     from ecr_twisted.access.htpasswd import checkpw
+    from ecr_twisted.access.modes import BasicAuth
 
     clock = Clock()
     pending: list[tuple[Deferred[bool], bytes, bytes]] = []
@@ -1194,14 +1205,21 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
     gate = Gate(AccessConfig("basic"), FixedPolicy(Policy.preset("private")), clock,
                 htpasswd=Htpasswd(htpasswd, clock, check=held_check))
 
+    strategy = gate.strategy
+    assert isinstance(strategy, BasicAuth)
+
     def login(user: str, password: str) -> Any:
-        return gate.strategy.login(Credentials("basic", user, password), lambda: "10.9.9.9")
+        return strategy.login(Credentials("basic", user, password), lambda: "10.9.9.9")
 
     results = [login("alice", f"guess-{i}") for i in range(8)]
     assert len(pending) == 5  # the 6th guess onwards was throttled before any bcrypt ran
-    assert all(isinstance(r, Identity) and r.failed is not None and r.failed.error.status == 429 for r in results[5:])
+    assert all(
+        isinstance(r, Identity) and r.failed is not None and r.failed.error is not None and r.failed.error.status == 429
+        for r in results[5:]
+    )
     refused = login("bob", "bob-pw")
-    assert len(pending) == 5 and refused.failed.error.status == 429  # the address is over its limit, whoever it claims to be
+    # the address is over its limit, whoever it claims to be
+    assert len(pending) == 5 and refused.failed.error.status == 429
     for d, password, hashed in pending:
         d.callback(checkpw(password, hashed))
     clock.advance(60)
@@ -1218,7 +1236,8 @@ def test_parallel_guesses_are_counted_before_bcrypt_and_own_logins_reset_nothing
     assert isinstance(guess, Deferred)
     pending[-1][0].callback(False)
     again = login("alice", "guess-again-2")
-    assert isinstance(again, Identity) and again.failed is not None and again.failed.error.status == 429
+    assert isinstance(again, Identity) and again.failed is not None
+    assert again.failed.error is not None and again.failed.error.status == 429
     assert again.failed.retry_after == 3  # 2 s penalty, rounded up past its start
 
 

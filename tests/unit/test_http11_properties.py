@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
 from hypothesis import HealthCheck, Phase, assume, example, given, settings
 from hypothesis import strategies as st
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.web import http as twhttp
@@ -46,11 +48,12 @@ from ecr_twisted.testing.doubles import Harness
 # HTTP11_PROPERTY_SCALE=20 (say) multiplies the number of examples for a deeper, slower search.
 _SCALE = max(1, int(os.environ.get("HTTP11_PROPERTY_SCALE", "1")))
 # The explain phase is left out: on the relay tests it costs minutes and adds little to a shrunk example.
-_BASE = dict(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-             phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
-FAST = settings(max_examples=150 * _SCALE, **_BASE)
-MEDIUM = settings(max_examples=200 * _SCALE, **_BASE)
-HEAVY = settings(max_examples=70 * _SCALE, **_BASE)
+_BASE = settings(deadline=None, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                 phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink])
+FAST = settings(_BASE, max_examples=150 * _SCALE)
+MEDIUM = settings(_BASE, max_examples=200 * _SCALE)
+HEAVY = settings(_BASE, max_examples=70 * _SCALE)
 
 # ---------------------------------------------------------------------------------------
 # building blocks: RFC 9110/9112 grammar pieces
@@ -171,7 +174,9 @@ def run_reader(reader: BodyReader, stream: bytes, points: list[int], pads: list[
     pads=st.lists(st.integers(0, 3), max_size=3),
     dechunk=st.booleans(),
 )
-def test_chunked_framing_round_trip(body: Chunked, tail: bytes, points: list[int], pads: list[int], dechunk: bool) -> None:
+def test_chunked_framing_round_trip(
+    body: Chunked, tail: bytes, points: list[int], pads: list[int], dechunk: bool
+) -> None:
     encoded = body.encode()
     reader = BodyReader(CHUNKED, dechunk=dechunk)
     consumed = run_reader(reader, encoded + tail, points, pads)
@@ -260,7 +265,8 @@ def valid_requests(draw: st.DrawFn, last: bool = False, allow_10: bool = True, e
     else:
         payload = raw_body = b""
     if version == b"1.1" or draw(st.booleans()):
-        fields.append((draw(st.sampled_from([b"Host", b"host"])), draw(st.sampled_from([b"registry.example.com", b"h", b"[::1]:5000"]))))
+        fields.append((draw(st.sampled_from([b"Host", b"host"])),
+                       draw(st.sampled_from([b"registry.example.com", b"h", b"[::1]:5000"]))))
     for _ in range(draw(st.integers(0, 3))):
         name = draw(st.one_of(st.sampled_from([b"User-Agent", b"Accept", b"X-Note", b"Docker-Content-Digest"]),
                               tokens.map(lambda t: b"X-" + t)))
@@ -315,7 +321,7 @@ class Malformed(Exception):
 
 
 def _dechunk(buf: bytes, pos: int) -> tuple[bytes, int] | None:
-    payload = []
+    payload: list[bytes] = []
     while True:
         eol = buf.find(b"\r\n", pos)
         if eol < 0:
@@ -457,7 +463,9 @@ def responses(out: bytes, methods: list[bytes] = []) -> list[tuple[int, dict[byt
 
 @HEAVY
 @given(reqs=pipelines(), points=cut_points, respect_pause=st.booleans())
-def test_pipelined_requests_reach_upstream_exactly_as_sent(reqs: list[Req], points: list[int], respect_pause: bool) -> None:
+def test_pipelined_requests_reach_upstream_exactly_as_sent(
+    reqs: list[Req], points: list[int], respect_pause: bool
+) -> None:
     h = Harness()
     client, up = drive(h, b"".join(r.wire for r in reqs), points, respect_pause)
     assert [(s.method, s.target) for s in up.seen] == [(r.method, r.target) for r in reqs]
@@ -486,7 +494,8 @@ def _r(*lines: bytes, body: bytes = b"") -> bytes:
 
 
 PATCH = b"PATCH /v2/app/blobs/uploads/u1 HTTP/1.1"
-CL_VALUES = [b"-1", b"+1", b"1.0", b"0x10", b"", b" ", b"1 2", b"5, 5", b"5,5", b"5, 6", b"1" * 20, b"\xd9\xa3", b"5\x0b"]
+CL_VALUES = [b"-1", b"+1", b"1.0", b"0x10", b"", b" ", b"1 2", b"5, 5", b"5,5", b"5, 6", b"1" * 20, b"\xd9\xa3",
+             b"5\x0b"]
 TE_VALUES = [
     b"chunked, gzip", b"gzip, chunked", b"chunked,chunked", b"xchunked", b"chunkedx", b"chunked;q=1",
     b"identity", b"gzip", b"", b'"chunked"', b"chunked chunked", b"\x0bchunked", b"chunked\x0c",
@@ -549,7 +558,8 @@ BAD_HEADS = [
     _r(b"get /v2/ HTTP/1.1", H),
     _r(b"\x16\x03\x01 /v2/ HTTP/1.1", H),
     # methods
-    *[_r(m + b" /v2/ HTTP/1.1", H) for m in (b"BREW", b"CONNECT", b"TRACE", b"PROPFIND", b"Get", b"GET\x00", b"G\xc3\x89T")],
+    *[_r(m + b" /v2/ HTTP/1.1", H)
+      for m in (b"BREW", b"CONNECT", b"TRACE", b"PROPFIND", b"Get", b"GET\x00", b"G\xc3\x89T")],
     # versions
     *[_r(b"GET /v2/ " + v, H) for v in (b"HTTP/0.9", b"HTTP/2", b"HTTP/2.0", b"HTTP/1.2", b"HTTP/1.10", b"HTTP/1",
                                         b"HTTP/3.0", b"HTTP/1.1.1", b"HTTP/01.1", b"HTTPS/1.1", b"HTTP /1.1")],
@@ -706,8 +716,21 @@ class Parsed:
     body: bytes
 
 
+class _RecordingChannel(twhttp.HTTPChannel):
+    """An HTTPChannel on a clock of its own that keeps what `_Recorder` was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[Parsed, bool]] = []
+        self._clock = Clock()
+
+    def callLater(self, period: float, func: Callable[[], object]) -> IDelayedCall:
+        return self._clock.callLater(period, func)
+
+
 class _Recorder(twhttp.Request):
     def process(self) -> None:
+        assert isinstance(self.channel, _RecordingChannel) and self.content is not None
         self.content.seek(0)
         fields = tuple(sorted(
             (name.lower(), tuple(values)) for name, values in self.requestHeaders.getAllRawHeaders()
@@ -721,10 +744,8 @@ class _Recorder(twhttp.Request):
 
 def twisted_parse(wire: bytes, points: list[int]) -> tuple[list[tuple[Parsed, bool]], bool]:
     """Requests Twisted's server delivered (with whether it kept the connection), and whether it refused."""
-    channel = twhttp.HTTPChannel()
+    channel = _RecordingChannel()
     channel.requestFactory = _Recorder
-    channel.callLater = Clock().callLater
-    channel.records = []
     channel.totalHeadersSize = MAX_HEAD * 2  # sizes are not what is compared here
     transport = StringTransport()
     channel.makeConnection(transport)
@@ -802,7 +823,8 @@ NAME_CHOICES = [
     b"Content-Length ", b"Transfer-Encoding ", b"Transfer_Encoding", b"X A", b"X\x01", b" Content-Length", b"",
 ]
 COLON_CHOICES = [b": ", b": ", b":", b":\t", b" : ", b"\x0b: "]
-CL_CHOICES = [b"0", b"1", b"5", b"05", b"007", b"+5", b"-5", b"5, 5", b"5 5", b"0x5", b"", b"1" * 20, b"5\x0b", b"\x0c5"]
+CL_CHOICES = [b"0", b"1", b"5", b"05", b"007", b"+5", b"-5", b"5, 5", b"5 5", b"0x5", b"", b"1" * 20, b"5\x0b",
+              b"\x0c5"]
 TE_CHOICES = [
     b"chunked", b"Chunked", b"chunked, gzip", b"gzip, chunked", b"xchunked", b"chunked ", b" chunked",
     b"\x0bchunked", b"chunked\x0c", b"identity", b'"chunked"', b"chunked;", b"chunked,", b"\tchunked",
@@ -813,9 +835,11 @@ SIZE_FORMS = [
     lambda n: b"%x " % n, lambda n: b"%x\t" % n, lambda n: b" %x" % n, lambda n: b"-%x" % n,
     lambda n: b"+%x" % n, lambda n: b"%017x" % n, lambda n: b"%x" % (n + 1), lambda n: b"%x" % max(0, n - 1),
 ]
-EXT_CHOICES = [b"", b"", b";a", b";a=b", b';a="q;\\"x"', b" ;a", b"; a", b";a\x01", b";\xff", b";a\x7f", b";" + b"e" * 1100]
+EXT_CHOICES = [b"", b"", b";a", b";a=b", b';a="q;\\"x"', b" ;a", b"; a", b";a\x01", b";\xff", b";a\x7f",
+               b";" + b"e" * 1100]
 EOL_CHOICES = [b"\r\n", b"\r\n", b"\r\n", b"\n", b"\r", b"", b"\r\r\n"]
-TRAILER_CHOICES = [b"X-T: v\r\n", b" folded\r\n", b"bad line\r\n", b"X-T: a\nb\r\n", b"Content-Length: 9\r\n", b"X:\x00\r\n"]
+TRAILER_CHOICES = [b"X-T: v\r\n", b" folded\r\n", b"bad line\r\n", b"X-T: a\nb\r\n", b"Content-Length: 9\r\n",
+                   b"X:\x00\r\n"]
 
 
 SLOTS = ("method", "sep1", "target", "sep2", "version", "host", "cl-name", "cl-colon", "cl-value", "cl2",
@@ -831,7 +855,7 @@ def fuzzy_requests(draw: st.DrawFn) -> bytes:
     mutated = set(draw(st.lists(st.sampled_from(SLOTS), max_size=3)))
     method = draw(st.sampled_from(METHOD_CHOICES[:6]))
 
-    def pick(slot: str, xs: list, valid=None):  # type: ignore[no-untyped-def]
+    def pick(slot: str, xs: list[bytes], valid: bytes | None = None) -> bytes:
         if slot in mutated:
             return draw(st.sampled_from(xs))
         return xs[0] if valid is None else valid
@@ -860,7 +884,7 @@ def fuzzy_requests(draw: st.DrawFn) -> bytes:
     if framing in ("te", "both"):
         body = []
         pieces = draw(st.lists(st.sampled_from([data or b"d", b"hello", b"x"]), max_size=3))
-        for i, piece in enumerate(pieces):
+        for piece in pieces:
             here = draw(st.booleans())  # which chunk a mutation lands on
             size = (draw(st.sampled_from(SIZE_FORMS)) if "size" in mutated and here else SIZE_FORMS[0])(len(piece))
             ext = pick("ext", EXT_CHOICES) if here else draw(st.sampled_from([b"", b";a", b";a=b"]))

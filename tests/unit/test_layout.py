@@ -112,7 +112,9 @@ def test_no_module_takes_another_modules_private_names() -> None:
 
 def test_the_runtime_never_imports_the_shipped_test_support() -> None:
     runtime = {name: deps for name, deps in _graph().items() if not name.startswith(f"{PACKAGE}.testing")}
-    leaks = sorted((name, dep) for name, deps in runtime.items() for dep in deps if dep.startswith(f"{PACKAGE}.testing"))
+    leaks = sorted(
+        (name, dep) for name, deps in runtime.items() for dep in deps if dep.startswith(f"{PACKAGE}.testing")
+    )
     assert leaks == []
 
 

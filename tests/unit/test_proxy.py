@@ -1,13 +1,15 @@
 """The handler: header tables, token injection, refresh-and-retry, redirects, error envelopes."""
 
 import json
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, cast
 
 import pytest
-from twisted.logger import globalLogPublisher
+from twisted.logger import ILogObserver, globalLogPublisher
 
 from ecr_twisted.registry import errors
 from ecr_twisted.registry.handler import ProxyConfig, redact_target, rewrite_link, rewrite_location
-from ecr_twisted.http.origin import Origin
 from ecr_twisted.testing.doubles import UPSTREAM, Harness, make_token
 
 DIGEST = b"sha256:" + b"cd" * 32
@@ -17,9 +19,10 @@ BLOB = b"/v2/app/blobs/" + DIGEST
 @pytest.fixture
 def logged():
     events: list[dict] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = cast(ILogObserver, events.append)  # a plain callable is an observer; zope cannot say so
+    globalLogPublisher.addObserver(observer)
     yield events
-    globalLogPublisher.removeObserver(events.append)
+    globalLogPublisher.removeObserver(observer)
 
 
 def split(raw: bytes) -> tuple[bytes, dict[bytes, list[bytes]], bytes]:
@@ -53,6 +56,7 @@ def test_request_headers_are_rewritten_for_ecr() -> None:
     line, fields, _ = split(upstream.value())
     assert line == b"GET /v2/app/manifests/1.2 HTTP/1.1"
     assert fields[b"host"] == [UPSTREAM.netloc]
+    assert h.keeper.current is not None
     assert fields[b"authorization"] == [h.keeper.current.header]
     assert fields[b"accept"][0].startswith(b"application/vnd.oci.image.index.v1+json, ")
     assert fields[b"range"] == [b"bytes=0-10"]
@@ -91,14 +95,18 @@ def test_public_url_from_request_and_trusted_forwarded_headers() -> None:
     proto.dataReceived(b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nHost: reg.local:5000\r\nX-Forwarded-Proto: https\r\n"
                        b"X-Forwarded-Host: evil.example\r\nContent-Length: 0\r\n\r\n")
     up, _ = h.upstreams.last()
-    up.dataReceived(b"HTTP/1.1 202 Accepted\r\nLocation: " + UPSTREAM.base + b"/v2/a/blobs/uploads/u\r\nContent-Length: 0\r\n\r\n")
+    up.dataReceived(
+        b"HTTP/1.1 202 Accepted\r\nLocation: " + UPSTREAM.base + b"/v2/a/blobs/uploads/u\r\nContent-Length: 0\r\n\r\n"
+    )
     assert split(client.value())[1][b"location"] == [b"http://reg.local:5000/v2/a/blobs/uploads/u"]
     h.config.trust_forwarded = True
     proto, client = h.client()
     proto.dataReceived(b"POST /v2/a/blobs/uploads/ HTTP/1.1\r\nHost: reg.local:5000\r\nX-Forwarded-Proto: https\r\n"
                        b"X-Forwarded-Host: registry.example.com\r\nContent-Length: 0\r\n\r\n")
     up, _ = h.upstreams.last()
-    up.dataReceived(b"HTTP/1.1 202 Accepted\r\nLocation: " + UPSTREAM.base + b"/v2/a/blobs/uploads/u\r\nContent-Length: 0\r\n\r\n")
+    up.dataReceived(
+        b"HTTP/1.1 202 Accepted\r\nLocation: " + UPSTREAM.base + b"/v2/a/blobs/uploads/u\r\nContent-Length: 0\r\n\r\n"
+    )
     assert split(client.value())[1][b"location"] == [b"https://registry.example.com/v2/a/blobs/uploads/u"]
 
 
@@ -116,6 +124,7 @@ def test_rewrite_tables() -> None:
 def test_upstream_401_refreshes_once_and_retries_with_the_new_token(logged) -> None:
     h = Harness()
     old = h.keeper.current
+    assert old is not None
     h.fetcher.hold = True
     clients = [h.client() for _ in range(3)]
     for proto, _ in clients:
@@ -168,9 +177,12 @@ def test_a_refused_upload_with_a_body_is_not_retried_but_triggers_a_refresh() ->
 def test_stream_mode_follows_the_s3_redirect_without_authorization() -> None:
     h = Harness()
     proto, client = h.client()
-    proto.dataReceived(b"GET " + BLOB + b" HTTP/1.1\r\nHost: h\r\nRange: bytes=2-5\r\nAuthorization: Basic eDp5\r\n\r\n")
+    proto.dataReceived(
+        b"GET " + BLOB + b" HTTP/1.1\r\nHost: h\r\nRange: bytes=2-5\r\nAuthorization: Basic eDp5\r\n\r\n"
+    )
     conn, _ = h.upstreams.last()
-    s3 = b"https://prod-eu-west-1-starport-layer-bucket.s3.eu-west-1.amazonaws.com/x/y?X-Amz-Signature=abc&X-Amz-Expires=3600"
+    s3 = (b"https://prod-eu-west-1-starport-layer-bucket.s3.eu-west-1.amazonaws.com"
+          b"/x/y?X-Amz-Signature=abc&X-Amz-Expires=3600")
     conn.dataReceived(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: " + s3 + b"\r\nContent-Length: 0\r\n\r\n")
     origin, s3conn, s3transport = h.upstreams.connections[-1]
     assert origin.host == "prod-eu-west-1-starport-layer-bucket.s3.eu-west-1.amazonaws.com"
@@ -280,7 +292,7 @@ def test_a_request_during_the_first_token_fetch_waits_for_it() -> None:
     line, _, body = split(client.value())
     assert line == b"HTTP/1.1 200 OK" and body == b"{}"
     # the wait's timer went with it
-    assert not [c for c in h.reactor.getDelayedCalls() if "imeout" in repr(c.func) and "Deferred" in repr(c.func)]
+    assert not [c for c in h.reactor.calls if "imeout" in repr(c.func) and "Deferred" in repr(c.func)]
 
 
 def test_a_failed_first_fetch_answers_the_waiting_requests_with_503() -> None:
@@ -324,7 +336,7 @@ def test_a_client_that_leaves_while_waiting_costs_nothing_upstream() -> None:
     _starting(h)
     proto, client = h.client()
     proto.dataReceived(b"GET /v2/ HTTP/1.1\r\nHost: h\r\n\r\n")
-    proto.connectionLost(None)
+    proto.connectionLost()
     h.fetcher.answer(make_token(now=h.reactor.seconds()))
     assert h.upstreams.connections == []
     assert h.sample("ecrproxy_requests_in_flight") == 0
@@ -375,7 +387,7 @@ def test_a_5kb_token_is_sent_whole() -> None:
 def test_an_iam_deny_does_not_turn_every_request_into_a_token_fetch() -> None:
     h = Harness()
     h.fetcher.results = [make_token("same", now=h.reactor.seconds()) for _ in range(10)]
-    for i in range(10):
+    for _ in range(10):
         proto, client = h.client()
         proto.dataReceived(b"GET /v2/private/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n")
         while True:
@@ -412,13 +424,15 @@ def _deferreds_made_by_us(monkeypatch: pytest.MonkeyPatch, h: Harness, raw: byte
     made: list[str] = []
     real_init = defer.Deferred.__init__
 
-    def counting_init(self: defer.Deferred, *args: object, **kwargs: object) -> None:
-        frame = sys._getframe(1)
+    def counting_init(
+        self: defer.Deferred[Any], canceller: Callable[[defer.Deferred[Any]], None] | None = None
+    ) -> None:
+        frame: FrameType | None = sys._getframe(1)
         while frame is not None and frame.f_code.co_filename.startswith(twisted_dir):
             frame = frame.f_back
         where = frame.f_code.co_filename.split("/ecr_twisted/")[-1] if frame is not None else "?"
         made.append(f"{where}:{frame.f_code.co_name if frame is not None else '?'}")
-        real_init(self, *args, **kwargs)
+        real_init(self, canceller)
 
     proto, client = h.client()
     monkeypatch.setattr(defer.Deferred, "__init__", counting_init)

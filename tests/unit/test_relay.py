@@ -3,6 +3,7 @@
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.python.failure import Failure
 
+from ecr_twisted.http.exchange import Exchange
 from ecr_twisted.testing.doubles import Harness
 
 BLOB = b"/v2/app/blobs/sha256:" + b"ab" * 32
@@ -106,7 +107,7 @@ def test_client_leaving_before_the_response_cancels_the_upstream_request() -> No
 def test_keep_alive_reuses_the_upstream_connection() -> None:
     h = Harness()
     proto, client = h.client()
-    for i in range(3):
+    for _ in range(3):
         proto.dataReceived(get())
         up, upstream = h.upstreams.last()
         up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -272,8 +273,17 @@ def test_a_bad_chunk_with_the_head_is_handled_once_and_frees_its_upstream() -> N
     h = Harness()
     order: list[str] = []
     handle, finished = h.handler.handle, h.handler.finished
-    h.handler.handle = lambda ex: (order.append("handle"), handle(ex))[1]  # type: ignore[method-assign]
-    h.handler.finished = lambda ex: (order.append("finished"), finished(ex))[1]  # type: ignore[method-assign]
+
+    def recording_handle(ex: Exchange) -> None:
+        order.append("handle")
+        handle(ex)
+
+    def recording_finished(ex: Exchange) -> None:
+        order.append("finished")
+        finished(ex)
+
+    h.handler.handle = recording_handle  # type: ignore[method-assign]
+    h.handler.finished = recording_finished  # type: ignore[method-assign]
     proto, client = h.client()
     proto.dataReceived(b"PATCH /v2/app/blobs/uploads/u1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n"
                        b"5\r\nhello\r\nZZ\r\n")
@@ -282,6 +292,7 @@ def test_a_bad_chunk_with_the_head_is_handled_once_and_frees_its_upstream() -> N
     _, upstream = h.upstreams.last()
     assert upstream.disconnected  # the half-sent upload is cut, not left waiting 900 s
     h.reactor.advance(0)
+    assert h.config.upstream is not None
     assert h.pool._count[h.config.upstream.key] == 0
     assert h.sample("ecrproxy_requests_in_flight") == 0
 
@@ -297,6 +308,7 @@ def test_a_discarded_body_that_stalls_gives_its_pool_place_back() -> None:
     h.reactor.advance(30)
     assert upstream.disconnected
     h.reactor.advance(0)
+    assert h.config.upstream is not None
     assert h.pool._count[h.config.upstream.key] == 0
 
 
@@ -327,6 +339,7 @@ def test_waiters_that_gave_up_leave_the_queue() -> None:
     waiting = [h.client() for _ in range(500)]
     for proto, _ in waiting:
         proto.dataReceived(GET1)
+    assert h.config.upstream is not None
     assert len(h.pool._waiting[h.config.upstream.key]) == 500
     h.reactor.advance(h.config.request_timeout)
     assert all(c.value().startswith(b"HTTP/1.1 504 ") for _, c in waiting)

@@ -4,6 +4,7 @@ import base64
 import datetime
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from ecr_twisted.testing.doubles import FakeTokenFetcher, make_token
@@ -64,7 +65,7 @@ def test_failures_back_off_keep_the_old_token_and_never_kill_the_loop() -> None:
     clock = Clock()
     fetcher = FakeTokenFetcher()
     first = make_token("one", now=0)
-    fetcher.results = [first] + [RuntimeError("throttled")] * 5 + [make_token("two", now=6 * H + 47)]
+    fetcher.results = [first, *[RuntimeError("throttled")] * 5, make_token("two", now=6 * H + 47)]
     k, results = keeper(clock, fetcher)
     k.start()
     clock.advance(6 * H)  # due: fails
@@ -86,7 +87,7 @@ def test_failures_back_off_keep_the_old_token_and_never_kill_the_loop() -> None:
 
 def test_a_raising_fetcher_does_not_stop_the_loop() -> None:
     class Exploding(FakeTokenFetcher):
-        def fetch(self):  # type: ignore[override]
+        def fetch(self) -> Deferred[Token]:
             self.calls += 1
             raise ValueError("bug in the fetcher")
 
@@ -177,7 +178,7 @@ class FakeProcessReactor(Clock):
         self.spawned: list[tuple] = []
         self.signals: list[str] = []
 
-    def spawnProcess(self, proto, executable, args, env=None, **kw):  # type: ignore[no-untyped-def]
+    def spawnProcess(self, proto, executable, args, env=None, **kw):
         reactor = self
 
         class Process:

@@ -39,7 +39,8 @@ class FakePost:
 
 
 def webhook(clock: Clock, ttl: float = 60) -> tuple[WebhookAuthorizer, FakePost, list[str]]:
-    post, errors = FakePost(), []
+    post = FakePost()
+    errors: list[str] = []
     return WebhookAuthorizer(post, clock, ttl=ttl, on_error=errors.append), post, errors
 
 
@@ -58,7 +59,8 @@ def test_verdicts(answer: dict[str, Any], verdict: str) -> None:
 
 
 @pytest.mark.parametrize("outcome", [(500, b'{"allow": true}'), (200, b"not json"), (200, b'{"deny": true}'),
-                                     (200, b'{"allow": "yes"}'), (200, b"[true]"), Failure(ConnectionRefusedError("webhook.local"))])
+                                     (200, b'{"allow": "yes"}'), (200, b"[true]"),
+                                     Failure(ConnectionRefusedError("webhook.local"))])
 def test_unusable_answers_are_unavailable_and_not_cached(outcome: Any) -> None:
     authz, post, errors = webhook(Clock())
     d = authz.decide(ALICE, "pull", "team/app", None)
@@ -98,7 +100,7 @@ def test_concurrent_identical_questions_share_one_post() -> None:
     assert len(post.calls) == 2
     post.calls[0].callback((200, b'{"allow": false}'))
     assert (result_of(first), result_of(second)) == ("deny", "deny")
-    assert not other.called
+    assert isinstance(other, Deferred) and not other.called
 
 
 def test_question_body_and_cache_key_cover_the_secret() -> None:
