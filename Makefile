@@ -2,6 +2,7 @@
 # make test   everything: installs Debian packages and .venv, runs unit and integration tests
 #             (integration twice: one process, then --workers 2)
 # make unit   only the fast unit tests
+# make lint   ruff and mypy (also run by make test)
 # make bench  ecr-twisted against nginx and direct registry access (bench/README.md; ~10 min,
 #             BENCH_ARGS=--quick for ~3 min); not part of make test
 SHELL := /bin/bash
@@ -9,7 +10,7 @@ DEBIAN_TEST := docker-registry skopeo podman curl ca-certificates docker.io cont
 DEBIAN_BENCH := nginx-light wrk curl docker-registry
 BENCH_ARGS ?=
 
-.PHONY: deps demo test unit bench clean
+.PHONY: deps demo test unit lint bench clean
 
 deps:
 	@bash scripts/debian-deps.sh $(DEBIAN_TEST)
@@ -18,13 +19,18 @@ deps:
 demo: deps
 	@bash scripts/demo.sh
 
-test: deps
+test: deps lint
 	.venv/bin/python -m pytest -q tests
 	@echo "== integration tests again, every proxy with --workers 2 =="
 	ECRTEST_WORKERS=2 .venv/bin/python -m pytest -q tests/integration
 
 unit: deps
 	.venv/bin/python -m pytest -q tests/unit
+
+# the linter and the type checker, settings in pyproject.toml (part of make test)
+lint: deps
+	.venv/bin/ruff check .
+	.venv/bin/mypy
 
 bench:
 	@bash scripts/debian-deps.sh $(DEBIAN_BENCH)
