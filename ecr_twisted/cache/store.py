@@ -504,12 +504,15 @@ class BlobStore:
 
     # -- serving: a file is trusted as long as it is the file that was verified
     def open(self, digest: str) -> tuple[int, Stat] | None:
-        """An open descriptor on a stored blob, or None (and forgotten) if another process evicted it."""
+        """An open descriptor on a stored blob, or None (and forgotten) if another process evicted it.
+        Opening is serving: the blob becomes the most recently used."""
         try:
             fd = os.open(self.path_of(digest), os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             self._forget(digest)
             return None
+        if digest in self._lru:
+            self._lru.move_to_end(digest)
         return fd, Stat.of(os.fstat(fd))
 
     def trusted(self, digest: str, stat: Stat) -> bool:

@@ -791,6 +791,20 @@ def test_the_least_recently_used_blob_is_evicted_to_stay_under_cache_size(tmp_pa
     assert len(lines(h)) == 6 and blob_files(h) == [a_digest[7:]]
 
 
+def test_a_hit_makes_a_blob_recently_used(tmp_path: Path) -> None:
+    """Eviction is least recently *used*: a blob served from disk moves to the back of the queue."""
+    h = cached(tmp_path, cache_size=2 * SIZE + SIZE // 2)
+    a, a_digest = blob(seed=1)
+    b, b_digest = blob(seed=2)
+    c, c_digest = blob(seed=3)
+    fill(h, a, a_digest)
+    fill(h, b, b_digest)
+    r = call(h, "GET", f"/v2/app/blobs/{a_digest}").reply()  # a is now more recent than b
+    assert (r.body, r.header(b"x-cache")) == (a, b"HIT")
+    fill(h, c, c_digest)  # room for two: b goes, not a
+    assert sorted(blob_files(h)) == sorted([a_digest[7:], c_digest[7:]])
+
+
 def test_a_blob_bigger_than_the_cache_is_relayed_and_not_stored(tmp_path: Path) -> None:
     h = cached(tmp_path, cache_size=100_000)
     data, digest = blob()
