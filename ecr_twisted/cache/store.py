@@ -256,10 +256,12 @@ class BlobStore:
         max_bytes: int,
         allocate: Callable[[int, int, int], None] | None = os.posix_fallocate,
         compact: bool = True,
+        statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
     ) -> None:
         self.root = root
         self.max_bytes = max_bytes
         self._allocate = allocate  # reserves a blob's space up front, so a full disk shows before any byte
+        self._statvfs = statvfs  # the free space of root's file system (tests fake a small disk)
         self.compact = compact  # rewrite the logs at start: only the first process of a --workers group does
         self._prefix = f"{os.getpid()}-"
         self._blobs = os.path.join(root, "blobs", "sha256")
@@ -448,7 +450,7 @@ class BlobStore:
 
     def _room_for(self, size: int) -> bool:
         try:
-            st = os.statvfs(self._tmp)
+            st = self._statvfs(self._tmp)
         except OSError:
             return False
         return st.f_bavail * st.f_frsize >= size + (64 << 20)

@@ -1331,21 +1331,15 @@ def test_passthrough_never_trusts_a_tag_or_serves_it_stale(tmp_path: Path) -> No
     assert r.status == 503 and r.header(b"warning") is None and body not in r.body
 
 
-def test_without_fallocate_a_blob_the_free_space_cannot_hold_is_streamed_uncached(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_without_fallocate_a_blob_the_free_space_cannot_hold_is_streamed_uncached(tmp_path: Path) -> None:
     h = cached(tmp_path)
     assert h.cache is not None
 
     def unsupported(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
-    class Nearly:
-        f_bavail = 10
-        f_frsize = 4096
-
     h.cache.store._allocate = unsupported
-    monkeypatch.setattr(blobstore.os, "statvfs", lambda path: Nearly())
+    h.cache.store._statvfs = lambda path: os.statvfs_result((4096, 4096, 1 << 20, 10, 10, 1000, 1000, 1000, 0, 255))
     data, digest = blob()
     c = call(h, "GET", f"/v2/app/blobs/{digest}")
     answer(h, REDIRECT)
