@@ -32,12 +32,16 @@ import hashlib
 import os
 import re
 import secrets
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Iterable, NamedTuple
 
 from twisted.logger import Logger
 
-__all__ = ["BlobStore", "Fill", "SharedLog", "Stat", "hash_file", "MAX_MEDIA_TYPE", "MAX_GENERATION"]
+__all__ = [
+    "BlobStore", "Fill", "SharedLog", "Stat", "free_margin", "hash_file",
+    "MAX_MEDIA_TYPE", "MAX_GENERATION", "MIN_FREE",
+]
 
 log = Logger()
 
@@ -45,6 +49,14 @@ _SHA256 = re.compile(r"sha256:([0-9a-f]{64})\Z")
 _HEX64 = re.compile(r"[0-9a-f]{64}\Z")
 MAX_MEDIA_TYPE = 255
 MAX_GENERATION = 1 << 20  # a start compacts the generation file once it has grown this big
+MIN_FREE = 64 << 20  # free space always left on the cache's file system: this, or 1% of it if more
+SPACE_RESCAN_EVERY = 5.0  # seconds: at most this often, a disk short of space makes a worker rescan
+
+
+def free_margin(total: int) -> int:
+    """Bytes the cache leaves free on a file system of `total` bytes: 1% of it, at least 64 MiB,
+    so that its logs, the other workers' transfers and whatever else shares the disk keep room."""
+    return max(total // 100, MIN_FREE)
 
 
 class Stat(NamedTuple):
@@ -248,7 +260,8 @@ class Fill:
 
 
 class BlobStore:
-    """Verified blobs under `root`, at most `max_bytes` of them, least recently used evicted first."""
+    """Verified blobs under `root`, at most `max_bytes` of them and never more than its file system
+    holds beside a margin kept free (`free_margin`), least recently used evicted first."""
 
     def __init__(
         self,
@@ -284,6 +297,7 @@ class BlobStore:
         self.evictions = 0
         self.mismatches = 0
         self.disk_full = 0
+        self._next_space_rescan = 0.0  # when a disk short of space may make us rescan again
         self._load()
 
     # -- start-up: partial files go, the index is rebuilt from the files themselves
@@ -419,10 +433,16 @@ class BlobStore:
         """Start storing `digest`; None when it is stored already, being stored, or cannot be."""
         if not self.cacheable(digest) or digest in self._lru or digest in self._fills:
             return None
+        room: bool | None = None  # the file system has room beside its margin (None: cannot tell)
         if expected_size is not None:
             if expected_size > self.max_bytes:
                 return None
             self._make_room(expected_size)
+            room = self._make_space(expected_size)
+            if room is False:
+                self.disk_full += 1
+                log.warn("cache disk full: {digest} is streamed without caching", digest=digest)
+                return None
         path = os.path.join(self._tmp, self._prefix + secrets.token_hex(8))
         try:
             fill = Fill(self, digest, path, expected_size)
@@ -433,27 +453,19 @@ class BlobStore:
             try:
                 self._allocate(fill._file.fileno(), 0, expected_size)
             except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    self.disk_full += 1
-                    log.warn("cache disk full: {digest} is streamed without caching", digest=digest)
-                elif e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL) or not self._room_for(expected_size):
-                    # no reservation possible: at least never start what the free space cannot hold
-                    if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                        self.disk_full += 1
+                unsupported = e.errno in (errno.EOPNOTSUPP, errno.EINVAL)
+                # unsupported: the free space checked above is all there is; not known: never start
+                if not unsupported or room is None:
+                    if e.errno == errno.ENOSPC or unsupported:
+                        self.disk_full += 1  # ENOSPC: another process took the space since the check
+                        log.warn("cache disk full: {digest} is streamed without caching", digest=digest)
+                    else:
+                        log.warn("cannot cache {digest}: {error}", digest=digest, error=e.strerror)
                     fill._file.close()
                     os.unlink(path)
                     return None
         self._fills[digest] = fill
         return fill
-
-    def _room_for(self, size: int) -> bool:
-        try:
-            st = self._statvfs(self._tmp)
-        except OSError:
-            return False
-        return st.f_bavail * st.f_frsize >= size + (64 << 20)
 
     def put(self, digest: str, data: bytes, media_type: str | None = None) -> bool:
         """Store a small blob held whole (a manifest) with its media type, if `data` is what `digest` says."""
@@ -464,6 +476,10 @@ class BlobStore:
             log.error("manifest {digest} from upstream does not match its digest; not cached", digest=digest)
             return False
         self._make_room(len(data))
+        if self._make_space(len(data)) is False:
+            self.disk_full += 1
+            log.warn("cache disk full: manifest {digest} is not cached", digest=digest)
+            return False
         path = self.path_of(digest)
         tmp = os.path.join(self._tmp, self._prefix + secrets.token_hex(8))
         try:
@@ -550,6 +566,52 @@ class BlobStore:
             # compacted at the next start (only pairs of blobs present are read back)
             self.remove(digest)
 
+    def _space(self) -> tuple[int, int] | None:
+        """(bytes free, bytes in all) of the file system holding the cache, or None if it cannot tell."""
+        try:
+            st = self._statvfs(self._tmp)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+
+    def _make_space(self, incoming: int) -> bool | None:
+        """Evict least recently used blobs until the file system has `incoming` bytes free beside
+        its margin (`free_margin`), whatever --cache-size allows: the disk may be smaller, or shared.
+        False, having evicted nothing, when evicting everything this process knows of would not do
+        (after adopting what other workers stored); None when the free space cannot be known."""
+        space = self._space()
+        if space is None:
+            return None
+        free, total = space
+        need = incoming + free_margin(total)
+        if free >= need:
+            return True
+        if need > total:
+            return False  # more than the file system can ever hold
+        now = time.monotonic()
+        if free + self.size < need and now >= self._next_space_rescan:
+            # other workers' blobs may be what fills the disk: adopt them (least recently used first)
+            self._next_space_rescan = now + SPACE_RESCAN_EVERY
+            try:
+                self.rescan()
+            except OSError as e:
+                log.warn("cannot rescan the cache: {error}", error=e.strerror)
+            space = self._space()
+            if space is None:
+                return None
+            free = space[0]
+        if free + self.size < need:
+            return False  # the space is held by something else: keep what we have
+        while free < need and self._lru:
+            # removed like any eviction: the other workers notice the file gone (open, rescan)
+            self.evictions += 1
+            self.remove(next(iter(self._lru)))
+            space = self._space()
+            if space is None:
+                return None
+            free = space[0]
+        return free >= need
+
     def remove(self, digest: str) -> None:
         """Delete a blob (evicted, or found corrupt on disk: it will be fetched again)."""
         path = self.path_of(digest)
@@ -570,20 +632,21 @@ class BlobStore:
 
     def rescan(self) -> None:
         """Catch up with the directory: blobs other processes stored or evicted, pairs they confirmed."""
-        present: dict[str, int] = {}
+        present: dict[str, tuple[int, int]] = {}
         for name in os.listdir(self._blobs):
             if _HEX64.match(name):
                 try:
-                    present["sha256:" + name] = os.stat(os.path.join(self._blobs, name)).st_size
+                    st = os.stat(os.path.join(self._blobs, name))
                 except FileNotFoundError:
-                    pass
+                    continue
+                present["sha256:" + name] = (st.st_mtime_ns, st.st_size)
         for digest in [d for d in self._lru if d not in present]:
             self._forget(digest)
-        for digest, size in present.items():
-            if digest not in self._lru:
-                self._lru[digest] = size
-                self._lru.move_to_end(digest, last=False)  # news to us, not recently used by us
-                self.size += size
+        # news to us, not recently used by us: first in line for eviction, the oldest file first
+        for _, digest, size in sorted(((m, d, s) for d, (m, s) in present.items() if d not in self._lru), reverse=True):
+            self._lru[digest] = size
+            self._lru.move_to_end(digest, last=False)
+            self.size += size
         self.catch_up()
         # pairs read (here or by a `catch_up` since the last rescan) for blobs we do not hold
         for digest in [d for d in self._known if d not in self._lru and d not in self._fills]:

@@ -16,6 +16,7 @@ import pathlib
 import re
 import shutil
 import socket
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -487,6 +488,65 @@ def test_least_recently_used_blobs_are_evicted_beyond_cache_size(
     assert sum(q.stat().st_size for q in data_files(cache).values()) <= 3 * MIB
     assert counter(p, "ecrproxy_cache_evictions_total") >= 2
     assert 0 < counter(p, "ecrproxy_cache_size_bytes") <= TEST_WORKERS * 3 * MIB
+
+
+@pytest.fixture
+def small_fs(tmp_path: pathlib.Path) -> Iterator[pathlib.Path]:
+    """A real 80 MiB file system (tmpfs): the cache's free-space margin (64 MiB) leaves 16 MiB to blobs.
+    Set up before the proxies (and so torn down after them): nothing holds it open at unmount."""
+    mnt = tmp_path / "small-fs"
+    mnt.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root and mount(8)")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=80m", "tmpfs", str(mnt)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        if subprocess.run(["umount", str(mnt)], capture_output=True, check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+
+
+def free_bytes(path: pathlib.Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_a_cache_size_larger_than_the_disk_keeps_caching_by_evicting(
+    cache_ecr: EmulatedECR, relay: CountingRelay, small_fs: pathlib.Path, proxy_factory: ProxyFactory,
+    tmp_path: pathlib.Path,
+) -> None:
+    repo = "cache/small-disk"
+    blobs = [os.urandom(5 * MIB) for _ in range(18)]  # 90 MiB through an 80 MiB disk, 3 at a time
+    big = os.urandom(20 * MIB)  # more than the disk can hold beside its margin
+    info = image(tmp_path, "small-disk", *blobs, big)
+    push_direct(cache_ecr, info, repo)
+    cache = small_fs / "cache"
+    p = cache_proxy(proxy_factory, cache_ecr, cache, "--cache-size", "10GiB", upstream=relay.url)
+    *digests, big_digest = info.layer_digests
+
+    lowest = free_bytes(small_fs)
+    with keep_alive(p) as c:  # one process does it all
+        for i, (digest, data) in enumerate(zip(digests, blobs)):
+            r = c.request(blob_path(repo, digest))
+            assert r.status == 200 and r.header("X-Cache") == "MISS" and r.body == data
+            # before: once the disk had filled (the 16th blob), nothing new was ever cached again
+            wait_for(functools.partial(cached_correctly, cache, digest), 10, f"blob {i} in the cache")
+            lowest = min(lowest, free_bytes(small_fs))
+        assert set(data_files(cache)) == set(digests[-3:])  # the least recently used went first
+        assert counter(p, "ecrproxy_cache_disk_full_total") == 0
+        assert counter(p, "ecrproxy_cache_evictions_total") == len(digests) - 3
+        assert lowest >= 64 * MIB  # the margin was kept
+
+        r = c.request(blob_path(repo, big_digest))  # streamed, not cached, nothing evicted for it
+        assert r.status == 200 and r.header("X-Cache") == "MISS" and r.body == big
+        assert counter(p, "ecrproxy_cache_disk_full_total") == 1
+        assert set(data_files(cache)) == set(digests[-3:])
+        assert list((cache / "tmp").iterdir()) == []
+        r = c.request(blob_path(repo, digests[-1]))
+        assert r.status == 200 and r.header("X-Cache") == "HIT" and r.body == blobs[-1]
 
 
 # ---------------------------------------------------------------- registry down: stale but served

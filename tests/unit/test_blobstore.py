@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from ecr_twisted.cache.ranges import UNSATISFIABLE, parse_range
-from ecr_twisted.cache.store import BlobStore, SharedLog
+from ecr_twisted.cache.store import MIN_FREE, BlobStore, SharedLog, free_margin
+
+MIB = 1 << 20
 
 
 def digest_of(data: bytes) -> str:
@@ -127,6 +129,105 @@ def test_followers_hear_of_progress_and_the_end(tmp_path: Path) -> None:
     f.write(data[1000:])
     f.finish()
     assert seen == [("filling", 1000), ("filling", 3000), ("done", 3000)]
+
+
+class FakeDisk:
+    """A file system of `capacity` bytes holding the cache directory (and `other` bytes of someone
+    else's): statvfs reports what the files under `root` really take, and fallocate fails with
+    ENOSPC past the capacity, as on a real disk, without mounting anything."""
+
+    def __init__(self, root: Path, capacity: int, other: int = 0) -> None:
+        self.root = root
+        self.capacity = capacity
+        self.other = other
+        self.lowest_free = capacity
+
+    def used(self) -> int:
+        return self.other + sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+
+    def free(self) -> int:
+        return max(0, self.capacity - self.used())
+
+    def statvfs(self, path: str) -> os.statvfs_result:
+        assert path.startswith(str(self.root))
+        free = self.free()
+        return os.statvfs_result((4096, 1, self.capacity, free, free, 1 << 20, 1 << 20, 1 << 20, 0, 255))
+
+    def allocate(self, fd: int, offset: int, length: int) -> None:
+        if offset + length - os.fstat(fd).st_size > self.free():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        os.posix_fallocate(fd, offset, length)
+        self.lowest_free = min(self.lowest_free, self.free())
+
+    def store(self, max_bytes: int = 1 << 40, compact: bool = True) -> BlobStore:
+        return BlobStore(str(self.root), max_bytes, allocate=self.allocate, compact=compact, statvfs=self.statvfs)
+
+
+def test_the_margin_left_free_is_one_percent_of_the_file_system_and_at_least_64_mib() -> None:
+    assert MIN_FREE == 64 * MIB
+    assert free_margin(1 << 30) == 64 * MIB
+    assert free_margin(6400 * MIB) == 64 * MIB
+    assert free_margin(1 << 40) == (1 << 40) // 100
+
+
+def test_a_cache_size_larger_than_the_disk_evicts_to_keep_caching(tmp_path: Path) -> None:
+    # the fault: with --cache-size above the disk, nothing was evicted; once the disk had filled,
+    # every new blob failed its reservation and streamed uncached, forever
+    disk = FakeDisk(tmp_path, 64 * MIB + 13 * MIB)  # 13 MiB usable beside the 64 MiB margin
+    store = disk.store()  # --cache-size 1 TiB
+    digests, uncached = [], []
+    for i in range(22):  # 88 MiB of blobs go through a 77 MiB disk
+        data = bytes([i]) * (4 * MIB)
+        digests.append(digest_of(data))
+        f = store.begin(digests[-1], len(data))
+        if f is None:
+            uncached.append(i)
+            continue
+        f.write(data)
+        assert f.finish()
+    assert uncached == [] and store.disk_full == 0
+    assert disk.free() >= 64 * MIB and disk.lowest_free >= 64 * MIB  # the margin was kept all along
+    assert [d for d in digests if store.has(d)] == digests[-3:]  # three fit, the oldest went first
+    assert store.evictions == 19 and store.size == 12 * MIB
+    assert sorted(p.name for p in (tmp_path / "blobs" / "sha256").iterdir()) == sorted(d[7:] for d in digests[-3:])
+
+
+def test_a_blob_the_disk_cannot_hold_is_streamed_uncached_and_nothing_is_evicted_for_it(tmp_path: Path) -> None:
+    disk = FakeDisk(tmp_path, 64 * MIB + 10 * MIB)
+    store = disk.store()
+    kept = [fill(store, bytes([i]) * (3 * MIB)) for i in range(3)]
+    for size in (11 * MIB, 80 * MIB):  # more than the disk holds beside its margin; more than the disk
+        assert store.begin(digest_of(b"big" + bytes(size)), size) is None
+    assert store.disk_full == 2 and store.evictions == 0 and all(store.has(d) for d in kept)
+    assert list((tmp_path / "tmp").iterdir()) == []
+    assert fill(store, b"small") and store.evictions == 0  # what fits still goes in
+
+
+def test_space_taken_by_something_else_is_not_evicted_for(tmp_path: Path) -> None:
+    disk = FakeDisk(tmp_path, 64 * MIB + 8 * MIB)
+    store = disk.store()
+    a = fill(store, b"a" * (2 * MIB))
+    disk.other = 7 * MIB  # another program fills the disk: evicting a (2 MiB) would not free 4 MiB
+    assert store.begin(digest_of(b"b" * (4 * MIB)), 4 * MIB) is None
+    assert store.disk_full == 1 and store.has(a)
+    disk.other = 3 * MIB  # now evicting a is enough
+    b = fill(store, b"b" * (4 * MIB))
+    assert store.has(b) and not store.has(a) and store.evictions == 1 and disk.free() >= 64 * MIB
+
+
+def test_a_worker_short_of_space_evicts_what_another_worker_stored(tmp_path: Path) -> None:
+    disk = FakeDisk(tmp_path, 64 * MIB + 10 * MIB)
+    one = disk.store()
+    two = disk.store(compact=False)  # a --workers child, started before one stored anything
+    olds = [fill(one, bytes([i]) * (3 * MIB)) for i in range(3)]
+    for age, digest in enumerate(reversed(olds), 1):  # stored a while ago, olds[0] first (mtime order)
+        os.utime(one.path_of(digest), (1e9 - age, 1e9 - age))
+    assert two.size == 0  # not rescanned yet: two does not know of them
+    new = fill(two, b"n" * (3 * MIB))  # two adopts them (rescan) and evicts the oldest
+    assert not os.path.exists(one.path_of(olds[0])) and two.evictions == 1 and disk.free() >= 64 * MIB
+    assert one.open(olds[0]) is None and not one.has(olds[0])  # one notices as it would any eviction
+    one.rescan()
+    assert one.has(new) and one.has(olds[2])
 
 
 @pytest.mark.parametrize(

@@ -1144,6 +1144,39 @@ def test_a_full_disk_relays_the_blob_without_caching(tmp_path: Path) -> None:
     assert metric(h, "disk_full") == 2
 
 
+def small_disk(h: Harness, usable: int) -> None:
+    """Put the cache on a file system with `usable` bytes beside the margin it keeps free (a fake
+    statvfs counting the files under the cache directory; --cache-size stays much larger)."""
+    assert h.cache is not None
+    root = Path(h.cache.store.root)
+    capacity = blobstore.MIN_FREE + usable
+
+    def statvfs(path: str) -> os.statvfs_result:
+        free = capacity - sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        return os.statvfs_result((4096, 1, capacity, free, free, 1000, 1000, 1000, 0, 255))
+
+    h.cache.store._statvfs = statvfs
+
+
+def test_a_disk_smaller_than_the_cache_size_evicts_to_cache_the_next_blob(tmp_path: Path) -> None:
+    h = cached(tmp_path)  # --cache-size 1 GiB
+    small_disk(h, SIZE * 3 // 2)
+    a, a_digest = blob(seed=1)
+    b, b_digest = blob(seed=2)
+    fill(h, a, a_digest)
+    fill(h, b, b_digest)  # the disk holds one: a goes
+    assert blob_files(h) == [b_digest[7:]]
+    assert metric(h, "evictions") == 1 and metric(h, "disk_full") == 0
+    big, big_digest = blob(SIZE * 2, seed=3)  # more than the disk can hold: relayed, b kept
+    c = call(h, "GET", f"/v2/app/blobs/{big_digest}")
+    answer(h, REDIRECT)
+    answer(h, storage_ok(len(big)) + big)
+    r = c.reply()
+    assert (r.status, r.body, r.header(b"x-cache")) == (200, big, b"MISS")
+    assert blob_files(h) == [b_digest[7:]] and tmp_files(h) == []
+    assert metric(h, "evictions") == 1 and metric(h, "disk_full") == 1
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="KNOWN LIMITATION (README, Layer cache): on a file system without fallocate, a disk filled by "
