@@ -525,7 +525,8 @@ class CacheCollector:
         yield hits
         yield misses
         yield served
-        yield CounterMetricFamily("ecrproxy_cache_evictions", "Blobs evicted to stay under --cache-size",
+        yield CounterMetricFamily("ecrproxy_cache_evictions",
+                                  "Blobs evicted to stay under --cache-size and within the disk's free space",
                                   value=store.evictions)
         yield CounterMetricFamily("ecrproxy_cache_digest_mismatches",
                                   "Blobs from upstream or on disk that did not match their digest",
