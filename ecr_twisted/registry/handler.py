@@ -286,7 +286,9 @@ class RegistryProxy:
     def _no_token(self, ex: Exchange, ctx: _Ctx) -> None:
         if self._offline(ex, ctx):
             return
-        self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
+        assert self.tokens is not None  # not passthrough: there is a keeper
+        gone = errors.TOKEN_EXPIRED if self.tokens.expired() else errors.NO_TOKEN
+        self._fail(ex, gone, extra=[(b"Retry-After", b"5")])
 
     def _send_refusal(self, ex: Exchange, decision: Decision) -> None:
         """Answer a refusal of the gate (or of ECR to passthrough credentials) with its challenge."""
