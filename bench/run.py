@@ -528,7 +528,9 @@ def twistd_command(up: Upstream, port: int, workers: int, extra: Sequence[str] =
     argv = [str(TWISTD), "-n", "--pidfile=", "ecrproxy", "--anonymous",
             "--port", f"tcp:{port}:interface=127.0.0.1",
             "--region", up.ecr.region, "--registry-id", up.ecr.registry_id,
-            "--upstream", up.url, "--ecr-endpoint-url", up.ecr.ecr_endpoint_url]
+            "--upstream", up.url, "--ecr-endpoint-url", up.ecr.ecr_endpoint_url,
+            # the emulator's blob storage: moto's S3 on localhost (the registry itself is always allowed)
+            "--storage-hosts", "http://localhost:*"]
     if up.ca_file is not None:
         argv += ["--upstream-ca", up.ca_file]
     if workers > 1:

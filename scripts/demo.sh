@@ -22,7 +22,7 @@ AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_EC2_METADATA_DISABLE
 .venv/bin/twistd -n --pidfile= ecrproxy \
   --port "tcp:$port:interface=127.0.0.1" --metrics-port "tcp:$metrics:interface=127.0.0.1" \
   --anonymous --region "$(field region)" --registry-id "$(field registry_id)" \
-  --cache-dir "$work/cache" --cache-size 1GiB \
+  --cache-dir "$work/cache" --cache-size 1GiB --storage-hosts 'http://localhost:*' \
   --ecr-endpoint-url "$(field ecr_endpoint_url)" --upstream "$(field upstream_url)" >"$work/proxy.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$metrics/readyz" >/dev/null && break; sleep 0.2; done

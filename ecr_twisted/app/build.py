@@ -40,7 +40,7 @@ from ecr_twisted.access.webhook import WebhookAuthorizer, http_post
 from ecr_twisted.access.gate import AccessConfig, AccessMetrics, Gate
 from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyFile
 from ecr_twisted.app.config import ProxySettings
-from ecr_twisted.app.listeners import DescriptionError, ListenerSpec, listener_spec, load_server_tls
+from ecr_twisted.app.listeners import DescriptionError, ListenerSpec, listener_address, listener_spec, load_server_tls
 from ecr_twisted.cache.layer import CacheCollector, LayerCache
 from ecr_twisted.cache.store import BlobStore, hash_file
 from ecr_twisted.ecr.tokens import NoTokens, ProcessTokenFetcher, TokenFetcher, TokenKeeper
@@ -52,6 +52,7 @@ from ecr_twisted.observe.health import ops_site
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
 from ecr_twisted.registry.errors import bad_request_body
+from ecr_twisted.registry.redirects import RedirectRules, parse_patterns
 
 __all__ = [
     "Built",
@@ -65,6 +66,7 @@ __all__ = [
     "build_keeper",
     "build_proxy",
     "proxy_config",
+    "redirect_rules",
 ]
 
 Verify = Callable[[int, int], Deferred[str]]
@@ -183,7 +185,9 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
         registry.register(CacheCollector(cache))
         services.append(_CacheRescan(cache, reactor))
     tokens = None if config.passthrough else keeper
-    handler = RegistryProxy(config, tokens, metrics, reactor, gate, cache)  # type: ignore[arg-type]
+    handler = RegistryProxy(
+        config, tokens, metrics, reactor, gate, cache, redirect_rules(settings)  # type: ignore[arg-type]
+    )
     limits = Limits(idle_timeout=settings.idle_timeout)
     return Proxy(config, registry, metrics, keeper, pool, gate, cache, handler, limits, services)
 
@@ -203,6 +207,17 @@ def proxy_config(settings: ProxySettings) -> ProxyConfig:
         upload_timeout=settings.upload_timeout,
         passthrough=passthrough,
     )
+
+
+def redirect_rules(settings: ProxySettings) -> RedirectRules:
+    """Where blob redirects may lead: --storage-hosts, never the proxy's own listeners."""
+    specs = list(settings.ports) + ([settings.metrics_port] if settings.metrics_port else [])
+    own = []
+    for spec in specs:
+        address = listener_address(_listener("port", spec).description)
+        if address is not None:
+            own.append(address)
+    return RedirectRules(parse_patterns(settings.storage_hosts, settings.region), tuple(own))
 
 
 def build_keeper(

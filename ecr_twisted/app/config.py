@@ -35,6 +35,7 @@ class ProxySettings:
     public_url: str | None = None
     trust_forwarded: bool = False
     blob_mode: str = "stream"
+    storage_hosts: str = "default"  # where blob redirects may lead (registry.redirects.parse_patterns)
     upstream_connections: int = 64
     upstream_timeout: float = 60.0
     upload_timeout: float = 900.0

@@ -22,6 +22,7 @@ __all__ = [
     "DescriptionError",
     "ListenerSpec",
     "check_description",
+    "listener_address",
     "listener_spec",
     "load_server_tls",
     "parse_description",
@@ -133,6 +134,23 @@ def listener_spec(spec: str, tls_cert: str | None = None, tls_key: str | None = 
         if name in values:
             tcp += f":{name}={_escape(values[name])}"
     return ListenerSpec(tcp, cert, key)
+
+
+def listener_address(description: str) -> tuple[str, int] | None:
+    """(interface, port) a `tcp:`/`tcp6:` description listens on, interface "" for all of them;
+    None for other kinds and for port 0 (any free port). Blob redirects to these are refused."""
+    try:
+        described = parse_description(description)
+    except DescriptionError:
+        return None
+    if described.kind not in ("tcp", "tcp6"):
+        return None
+    positional = dict(zip(("port", "interface"), described.args))
+    port = described.kwargs.get("port", positional.get("port", ""))
+    interface = described.kwargs.get("interface", positional.get("interface", ""))
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return interface.strip("[]").lower(), int(port)
 
 
 def check_description(description: str) -> None:

@@ -25,6 +25,7 @@ from ecr_twisted.access.policy import PRESETS, PolicyError, PolicyFile
 from ecr_twisted.app.config import ProxySettings
 from ecr_twisted.app.listeners import DescriptionError, check_description, listener_spec, load_server_tls
 from ecr_twisted.http.origin import Origin
+from ecr_twisted.registry.redirects import parse_patterns
 
 __all__ = ["ENV_PREFIX", "Options", "makeService", "parse_size"]
 
@@ -57,6 +58,8 @@ _PARAMETERS: list[list[Any]] = [
     ["public-url", None, None, "scheme://host[:port] clients use; default: taken from each request."],
     ["blob-mode", None, "stream", "stream: follow ECR's redirects to S3 and pipe blobs; "
      "redirect: pass them to clients."],
+    ["storage-hosts", None, "default", "Where blob redirects may be followed: [http://]host[:port|:*] "
+     "patterns (*.domain allowed), 'default' for the region's https S3 hosts; plus the registry itself."],
     ["metrics-port", None, None, "Endpoint for /metrics, /healthz and /readyz (e.g. tcp:9100)."],
     ["upstream-connections", None, 64, "Most connections kept per upstream host.", int],
     ["upstream-timeout", None, 60.0, "Seconds to wait for an upstream response head.", float],
@@ -167,6 +170,10 @@ class Options(usage.Options):
             _url_option("public-url", self["public-url"])
         if self["blob-mode"] not in ("stream", "redirect"):
             raise usage.UsageError("--blob-mode must be stream or redirect")
+        try:
+            parse_patterns(self["storage-hosts"], self["region"])
+        except ValueError as e:
+            raise usage.UsageError(f"--storage-hosts: {e}") from None
         if not 1 <= self["workers"] <= 64:
             raise usage.UsageError("--workers must be between 1 and 64")
         if self["upstream-connections"] < 1:
@@ -193,6 +200,7 @@ class Options(usage.Options):
             public_url=self["public-url"],
             trust_forwarded=bool(self["trust-forwarded"]),
             blob_mode=self["blob-mode"],
+            storage_hosts=self["storage-hosts"],
             upstream_connections=self["upstream-connections"],
             upstream_timeout=self["upstream-timeout"],
             upload_timeout=self["upload-timeout"],

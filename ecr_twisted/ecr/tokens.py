@@ -226,6 +226,12 @@ class TokenKeeper:
             return token
         return None
 
+    def expired(self) -> bool:
+        """A token was held and has expired (no fresh one could be fetched in time): not the
+        same as holding none yet, and clients and operators are told which."""
+        token = self.current
+        return token is not None and not token.usable(self._clock.seconds())
+
     def wait_for_token(self, timeout: float) -> Deferred[Token | None] | None:
         """A request found no usable token: if a fetch is under way (the first one, at start-up),
         a Deferred that fires with the token it brings, or None when it fails or `timeout`

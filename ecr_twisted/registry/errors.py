@@ -13,7 +13,7 @@ __all__ = [
     "RegistryError", "JSON_FIELDS", "envelope",
     "NOT_FOUND", "UNSUPPORTED", "NAME_INVALID", "BLOB_UNKNOWN", "RANGE_INVALID", "NAME_UNKNOWN", "UNAUTHORIZED",
     "TOO_MANY_REQUESTS", "DENIED", "UPSTREAM_AUTH", "NO_TOKEN", "UPSTREAM_UNREACHABLE", "UPSTREAM_TIMEOUT",
-    "UPSTREAM_BROKEN", "STORAGE_ERROR", "INTERNAL",
+    "UPSTREAM_BROKEN", "STORAGE_ERROR", "STORAGE_REDIRECT_REFUSED", "TOKEN_EXPIRED", "INTERNAL",
 ]
 
 
@@ -37,10 +37,13 @@ UPSTREAM_AUTH = RegistryError(
     "UNAUTHORIZED", "the upstream registry rejected the proxy's ECR credentials", 502
 )
 NO_TOKEN = RegistryError("UNAVAILABLE", "no valid ECR token is held yet; retry shortly", 503)
+TOKEN_EXPIRED = RegistryError("UNAVAILABLE", "the ECR token expired and could not be refreshed; retry shortly", 503)
 UPSTREAM_UNREACHABLE = RegistryError("UNAVAILABLE", "the upstream registry is unreachable", 502)
 UPSTREAM_TIMEOUT = RegistryError("UNAVAILABLE", "the upstream registry did not answer in time", 504)
 UPSTREAM_BROKEN = RegistryError("UNAVAILABLE", "the upstream registry closed the connection", 502)
 STORAGE_ERROR = RegistryError("UNAVAILABLE", "blob storage answered with an error", 502)
+# the upstream redirected a blob somewhere the proxy does not fetch from (registry.redirects)
+STORAGE_REDIRECT_REFUSED = RegistryError("UNAVAILABLE", "blob storage redirect refused", 502)
 INTERNAL = RegistryError("UNKNOWN", "internal proxy error", 500)
 
 JSON_FIELDS = [(b"Content-Type", b"application/json; charset=utf-8")]

@@ -8,7 +8,8 @@ and does it. A request's state (`_Ctx`) is written here only.
 A request: `handle` routes it and asks the gate; `_admitted` asks the cache (blobs and
 manifests) or goes on; `_go_upstream` picks token and origin; `_send` forwards;
 `_registry_response` refreshes a refused token, filters a listing, hands a cache's request's
-answer back to the cache, follows a blob's redirect (`_follow_redirect`), or relays.
+answer back to the cache, follows a blob's redirect (`_follow_redirect`, only where
+`registry.redirects` allows), or relays.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urljoin
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -47,6 +47,7 @@ from ecr_twisted.http.upstream import UpstreamResponse
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry import errors, listings, routes
 from ecr_twisted.registry.errors import RegistryError
+from ecr_twisted.registry.redirects import MAX_REDIRECTS, RedirectRules, Refuse
 
 __all__ = [
     "RegistryProxy", "ProxyConfig", "redact_target", "redact_url", "rewrite_location", "rewrite_link",
@@ -77,7 +78,6 @@ STORAGE_REQUEST_KEEP = frozenset(
     {b"range", b"if-range", b"if-none-match", b"if-match", b"if-modified-since", b"user-agent", b"accept"}
 )
 REDIRECTS = frozenset({301, 302, 303, 307, 308})
-MAX_REDIRECTS = 3
 
 _HOST = re.compile(rb"(?:[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?\Z")
 _SECRET_PARAM = re.compile(
@@ -173,8 +173,12 @@ class RegistryProxy:
         clock: Any,
         gate: Gate,
         cache: LayerCache | None = None,
+        redirects: RedirectRules | None = None,
     ) -> None:
         self.config = config
+        # where blob redirects may lead (--storage-hosts, the proxy's own listeners); by default
+        # only back to the registry itself
+        self.redirects = redirects if redirects is not None else RedirectRules()
         self.tokens = tokens
         self.gate = gate
         self.cache = cache
@@ -286,7 +290,9 @@ class RegistryProxy:
     def _no_token(self, ex: Exchange, ctx: _Ctx) -> None:
         if self._offline(ex, ctx):
             return
-        self._fail(ex, errors.NO_TOKEN, extra=[(b"Retry-After", b"5")])
+        assert self.tokens is not None  # not passthrough: there is a keeper
+        gone = errors.TOKEN_EXPIRED if self.tokens.expired() else errors.NO_TOKEN
+        self._fail(ex, gone, extra=[(b"Retry-After", b"5")])
 
     def _send_refusal(self, ex: Exchange, decision: Decision) -> None:
         """Answer a refusal of the gate (or of ECR to passthrough credentials) with its challenge."""
@@ -413,9 +419,7 @@ class RegistryProxy:
             location = head.get(b"location")
             if location:
                 resp.discard()
-                return self._follow_redirect(
-                    ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1"))
-                )
+                return self._follow_redirect(ex, ctx, location, resp.origin)
         fields = self._response_fields(head, ex, ctx)
         if plan is not None and plan.source is not None:
             fields.append(MISS)
@@ -488,16 +492,21 @@ class RegistryProxy:
         ctx.token = token
         self._send(ex, ctx)
 
-    def _follow_redirect(self, ex: Exchange, ctx: _Ctx, url: str) -> None:
-        """Fetch a redirected blob ourselves, without the registry's Authorization."""
-        try:
-            origin = Origin.from_url(url)
-        except ValueError:
-            return self._fail(ex, errors.STORAGE_ERROR, "redirect to an unusable URL")
-        raw = url.encode("latin-1").split(b"#", 1)[0]
-        scheme_end = raw.index(b"//") + 2
-        slash = raw.find(b"/", scheme_end)
-        target = raw[slash:] if slash >= 0 else b"/"
+    def _follow_redirect(self, ex: Exchange, ctx: _Ctx, location: bytes, base: Origin) -> None:
+        """Fetch a redirected blob ourselves, without the registry's Authorization, if the
+        redirect leads to blob storage; anything else is refused and never fetched."""
+        decision = self.redirects.decide(location, base, ctx.origin, ctx.redirects)
+        if isinstance(decision, Refuse):
+            # once per refusal; the URL without its query (presigned URLs carry signatures)
+            self.log.warn(
+                "blob storage redirect refused ({reason}) for {method} {target}: {url}",
+                reason=decision.reason,
+                method=ex.request.method.decode("ascii"),
+                target=redact_target(ex.request.target),
+                url=decision.shown,
+            )
+            return self._fail(ex, errors.STORAGE_REDIRECT_REFUSED, decision.reason)
+        origin, target = decision.origin, decision.target
         req = ex.request
         fields = [(n, v) for ln, n, v in req.fields if ln in STORAGE_REQUEST_KEEP]
         fields.append((b"Host", origin.netloc))
@@ -512,13 +521,11 @@ class RegistryProxy:
         self.metrics.observe_upstream("storage", self.clock.seconds() - ctx.sent_at)
         head = resp.head
         status = head.status
-        if status in REDIRECTS and ctx.redirects < MAX_REDIRECTS:
+        if status in REDIRECTS:
             location = head.get(b"location")
             if location:
                 resp.discard()
-                return self._follow_redirect(
-                    ex, ctx, urljoin(resp.origin.base.decode() + "/", location.decode("latin-1"))
-                )
+                return self._follow_redirect(ex, ctx, location, resp.origin)
         plan = ctx.plan
         if status == 200 and plan is not None and plan.op is FILL:
             assert type(plan) is Forward and self.cache is not None

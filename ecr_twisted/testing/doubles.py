@@ -211,13 +211,19 @@ class Harness:
         cache_size: int = 1 << 30,
         tag_ttl: float = 60.0,
         stale_if_error: float = 86400.0,
+        storage_hosts: str = "default",
+        metrics_port: str | None = None,
     ) -> None:
         self.reactor = MemoryReactorClock()
         self.reactor.advance(1_000_000)
         self.fetcher = FakeTokenFetcher()
         self.upstreams = MemoryUpstreams(self.reactor)
         wanted = config or ProxyConfig(upstream=UPSTREAM)
-        settings = _settings_for(wanted, cache_dir, cache_size, tag_ttl, stale_if_error)
+        settings = replace(
+            _settings_for(wanted, cache_dir, cache_size, tag_ttl, stale_if_error),
+            storage_hosts=storage_hosts,  # --storage-hosts: the region's S3 names by default
+            metrics_port=metrics_port,  # a listener blob redirects must never lead to
+        )
 
         def make_gate(metrics: Metrics) -> Gate:
             # the test's gate sees the process's metrics, as build_gate's does

@@ -364,6 +364,10 @@ class Proxy:
         return http_request(self.url + path, method, **kw)
 
 
+#: the emulator's blob storage is moto's S3 at http://localhost:PORT (the registry itself is always
+#: allowed): every test proxy may follow blob redirects there, and to nothing else
+TEST_STORAGE_HOSTS = "http://localhost:*"
+
 #: every test proxy runs this many processes (make test runs the suite with 1 and with 2)
 TEST_WORKERS = int(os.environ.get("ECRTEST_WORKERS") or 1)
 
@@ -415,6 +419,7 @@ class ProxyFactory:
         wait: str | None = "ready",
         argv0: Sequence[str] | None = None,
         start: bool = True,
+        storage_hosts: str | None = TEST_STORAGE_HOSTS,
     ) -> Proxy:
         self._n += 1
         name = f"proxy{self._n}"
@@ -434,6 +439,8 @@ class ProxyFactory:
             args += ["--metrics-port", f"tcp:{metrics_port}:interface=127.0.0.1"]
         if blob_mode is not None:
             args += ["--blob-mode", blob_mode]
+        if storage_hosts is not None:
+            args += ["--storage-hosts", storage_hosts]
         drop = list(env_drop)
         if ecr_endpoint_flag:
             args += ["--ecr-endpoint-url", ecr.ecr_endpoint_url]

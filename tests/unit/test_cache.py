@@ -50,7 +50,7 @@ from .test_access import (
 )
 
 SIZE = 600_000  # more than two of the file sender's 256 KiB reads
-STORAGE = b"https://s3.example.com/blob?X-Amz-Signature=abc"
+STORAGE = b"https://prod-eu-west-1-starport-layer-bucket.s3.eu-west-1.amazonaws.com/blob?X-Amz-Signature=abc"
 REDIRECT = b"HTTP/1.1 307 Temporary Redirect\r\nLocation: " + STORAGE + b"\r\nContent-Length: 0\r\n\r\n"
 OCI_MANIFEST = b"application/vnd.oci.image.manifest.v1+json"
 DOCKER_MANIFEST = b"application/vnd.docker.distribution.manifest.v2+json"

@@ -203,7 +203,8 @@ def test_storage_errors_never_leak_the_signed_request() -> None:
     proto, client = h.client()
     proto.dataReceived(b"GET " + BLOB + b" HTTP/1.1\r\nHost: h\r\n\r\n")
     conn, _ = h.upstreams.last()
-    conn.dataReceived(b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://s3.local/b?X-Amz-Signature=SIG\r\n"
+    conn.dataReceived(b"HTTP/1.1 307 Temporary Redirect\r\n"
+                      b"Location: https://b.s3.eu-west-1.amazonaws.com/b?X-Amz-Signature=SIG\r\n"
                       b"Content-Length: 0\r\n\r\n")
     s3conn, _ = h.upstreams.last()
     body = b"<Error><Code>SignatureDoesNotMatch</Code><StringToSign>SIG</StringToSign></Error>"
@@ -211,6 +212,7 @@ def test_storage_errors_never_leak_the_signed_request() -> None:
     line, _, out = split(client.value())
     assert line == b"HTTP/1.1 502 Bad Gateway" and b"SIG" not in client.value()
     assert json.loads(out)["errors"][0]["code"] == "UNAVAILABLE"
+    assert json.loads(out)["errors"][0]["message"] == errors.STORAGE_ERROR.message
 
 
 def test_redirect_mode_passes_the_307_unchanged() -> None:
