@@ -49,7 +49,7 @@ from ecr_twisted.http.server import Limits, RelayFactory
 from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
 from ecr_twisted.http.tls import client_creator_factory
 from ecr_twisted.observe.health import ops_site
-from ecr_twisted.observe.metrics import Metrics
+from ecr_twisted.observe.metrics import Metrics, PoolCollector
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
 from ecr_twisted.registry.errors import bad_request_body
 from ecr_twisted.registry.redirects import RedirectRules, parse_patterns
@@ -176,8 +176,12 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
     metrics = Metrics(registry)
     keeper = build_keeper(settings, reactor, metrics, parts.fetcher)
     tls_for = client_creator_factory(settings.upstream_ca, settings.upstream_insecure)
-    pool = UpstreamPool(reactor, tls_for, max_per_origin=settings.upstream_connections, connector=parts.connector)
+    pool = UpstreamPool(
+        reactor, tls_for, max_per_origin=settings.upstream_connections, connector=parts.connector,
+        wait=settings.upstream_wait,
+    )
     services: list[service.Service] = [_TokenService(keeper, pool)]
+    registry.register(PoolCollector(pool.stats))
     config = proxy_config(settings)
     gate = parts.gate(metrics) if parts.gate is not None else build_gate(settings, reactor, metrics)
     cache = build_cache(settings, reactor, parts.verify, parts.blob_store, worker=worker)

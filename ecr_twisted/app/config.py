@@ -37,6 +37,7 @@ class ProxySettings:
     blob_mode: str = "stream"
     storage_hosts: str = "default"  # where blob redirects may lead (registry.redirects.parse_patterns)
     upstream_connections: int = 64
+    upstream_wait: float = 5.0  # seconds a request waits for a pool place before 503
     upstream_timeout: float = 60.0
     upload_timeout: float = 900.0
     idle_timeout: float = 300.0

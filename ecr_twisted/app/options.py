@@ -61,7 +61,10 @@ _PARAMETERS: list[list[Any]] = [
     ["storage-hosts", None, "default", "Where blob redirects may be followed: [http://]host[:port|:*] "
      "patterns (*.domain allowed), 'default' for the region's https S3 hosts; plus the registry itself."],
     ["metrics-port", None, None, "Endpoint for /metrics, /healthz and /readyz (e.g. tcp:9100)."],
-    ["upstream-connections", None, 64, "Most connections kept per upstream host.", int],
+    ["upstream-connections", None, 64, "Most connections kept per upstream host (a quarter kept for "
+     "short exchanges: API check, manifests, HEADs, listings).", int],
+    ["upstream-wait", None, 5.0, "Seconds a request waits for a free upstream connection before "
+     "503 with Retry-After.", float],
     ["upstream-timeout", None, 60.0, "Seconds to wait for an upstream response head.", float],
     ["upload-timeout", None, 900.0, "Seconds to wait for an upstream answer to upload requests "
      "(commits are slow).", float],
@@ -178,7 +181,7 @@ class Options(usage.Options):
             raise usage.UsageError("--workers must be between 1 and 64")
         if self["upstream-connections"] < 1:
             raise usage.UsageError("--upstream-connections must be at least 1")
-        for name in ("upstream-timeout", "upload-timeout", "idle-timeout"):
+        for name in ("upstream-timeout", "upload-timeout", "idle-timeout", "upstream-wait"):
             if not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
         if not self["port"]:
@@ -202,6 +205,7 @@ class Options(usage.Options):
             blob_mode=self["blob-mode"],
             storage_hosts=self["storage-hosts"],
             upstream_connections=self["upstream-connections"],
+            upstream_wait=self["upstream-wait"],
             upstream_timeout=self["upstream-timeout"],
             upload_timeout=self["upload-timeout"],
             idle_timeout=self["idle-timeout"],

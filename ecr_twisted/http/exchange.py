@@ -40,7 +40,7 @@ from ecr_twisted.http.policy import (
     response_framing,
     send_continue,
 )
-from ecr_twisted.http.upstream import Attempt
+from ecr_twisted.http.upstream import LONG, Attempt
 from ecr_twisted.timers import cancel
 
 if TYPE_CHECKING:
@@ -134,11 +134,13 @@ class Exchange:
         return self.request.framing != NO_BODY
 
     def forward(
-        self, origin: Origin, method: bytes, target: bytes, fields: Fields, timeout: float
+        self, origin: Origin, method: bytes, target: bytes, fields: Fields, timeout: float, pool_class: str = LONG
     ) -> Deferred[UpstreamResponse]:
         """Send the request (and its body, as it arrives) to `origin`; fires with the response head.
 
-        `fields` (no framing fields) is taken over: the framing fields are appended to it."""
+        `fields` (no framing fields) is taken over: the framing fields are appended to it.
+        `pool_class` (`SHORT` or `LONG`) says which of the pool's shares the connection comes from:
+        a request whose body is still arriving is a long transfer, whatever the caller says."""
         if self._gone:
             return fail(UpstreamError("closed", "client left"))
         if self._body_sent:
@@ -148,7 +150,9 @@ class Exchange:
         if framing is not None:
             fields.append(framing)
         head = serialize_head(method + b" " + target + b" HTTP/1.1", fields)
-        attempt = Attempt(self, origin, method, head, timeout)
+        if not self._body_complete:
+            pool_class = LONG  # a slow sender must never hold a place kept for short exchanges
+        attempt = Attempt(self, origin, method, head, timeout, pool_class)
         self._attempt = attempt
         d = attempt.d
         assert d is not None

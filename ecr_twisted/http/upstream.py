@@ -1,9 +1,10 @@
 """The upstream side of the data path: connections to origins, and the pool that keeps them.
 
-`UpstreamPool` keeps up to `max_per_origin` keep-alive connections per origin and queues
-beyond. An `Attempt` is one try at getting a response head for an exchange: a pool place,
-a connection, the request head; it retries once on a fresh connection when a pooled one
-turns out to be closed. `UpstreamConnection` parses the response head, holds the body
+`UpstreamPool` keeps up to `max_per_origin` keep-alive connections per origin, keeps a share
+of them for SHORT exchanges that LONG transfers (blob bodies, uploads) never hold, and queues
+beyond for a bounded time. An `Attempt` is one try at getting a response head for an exchange:
+a pool place, a connection, the request head; it retries once on a fresh connection when a
+pooled one turns out to be closed. `UpstreamConnection` parses the response head, holds the body
 until the handler decides, then relays it to the client, drains it, collects it (small
 JSON), or hands it to a `Sink` (the cache). `UpstreamResponse` is what the handler sees.
 """
@@ -11,7 +12,7 @@ JSON), or hands it to a `Sink` (the cache). `UpstreamResponse` is what the handl
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
 
 from twisted.internet import error as ierror
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
@@ -39,7 +40,19 @@ from ecr_twisted.timers import cancel
 if TYPE_CHECKING:
     from ecr_twisted.http.exchange import Exchange, Sink
 
-__all__ = ["Attempt", "UpstreamConnection", "UpstreamPool", "UpstreamResponse"]
+__all__ = [
+    "CLASSES", "LONG", "SHORT", "Attempt", "PoolStats", "UpstreamConnection", "UpstreamPool", "UpstreamResponse",
+    "default_reserved",
+]
+
+# Pool classes. SHORT: exchanges that need the upstream briefly (API check, manifests, HEADs,
+# listings); LONG: blob bodies and uploads, which last as long as their client wants.
+SHORT = "short"
+LONG = "long"
+CLASSES = (SHORT, LONG)
+# a connection's place in the pool, besides in use for a class
+NEW, IDLE, GONE = "new", "idle", "gone"
+_IN_USE = frozenset(CLASSES)
 
 _U_IDLE, _U_HEAD, _U_HOLD, _U_RELAY, _U_DRAIN, _U_COLLECT, _U_SINK = range(7)
 _DRAIN_TIMEOUT = 30.0  # a discarded body that stalls must not hold a pool place
@@ -66,12 +79,15 @@ class UpstreamConnection(Protocol):
         self._drained = 0
         self.idle_call: IDelayedCall | None = None  # idle-in-pool, drain or collect deadline
         self.connected_ = False
-        self.counted = True  # holds one of the pool's per-origin places until lost
+        self.place = NEW  # the pool's: connecting or in use for a class, idle, gone (UpstreamPool._move)
         self._collect: tuple[Deferred[bytes], list[bytes], int] | None = None
         self._sink: Sink | None = None
 
     def connectionMade(self) -> None:
         self.connected_ = True
+        if self.place == GONE:  # a connect the pool gave up on completed all the same
+            self.transport.abortConnection()
+            return
         self.valve = Valve(self.transport)
         big_reads(self.transport)
         self.send_body = direct_writer(self.transport)
@@ -378,11 +394,16 @@ class UpstreamConnection(Protocol):
 class Attempt:
     """One try at getting a response head for an exchange from one origin."""
 
-    __slots__ = ("exchange", "origin", "method", "head", "timeout", "d", "acquiring", "conn", "timer", "retried")
+    __slots__ = (
+        "exchange", "origin", "method", "head", "timeout", "d", "acquiring", "conn", "timer", "retried", "pool_class",
+    )
 
-    def __init__(self, exchange: Exchange, origin: Origin, method: bytes, head: bytes, timeout: float) -> None:
+    def __init__(
+        self, exchange: Exchange, origin: Origin, method: bytes, head: bytes, timeout: float, pool_class: str = LONG
+    ) -> None:
         self.exchange = exchange
         self.origin = origin
+        self.pool_class = pool_class
         self.method = method
         self.head = head
         self.timeout = timeout
@@ -396,7 +417,7 @@ class Attempt:
         # the deadline covers waiting for a pool place and connecting, not only the response head
         if self.timer is None:
             self.timer = self.exchange.conn.reactor.callLater(self.timeout, self.timed_out)
-        acquiring = self.acquiring = self.exchange.conn.pool.acquire(self.origin)
+        acquiring = self.acquiring = self.exchange.conn.pool.acquire(self.origin, self.pool_class)
         acquiring.addCallbacks(self.connected, self.connect_failed)
 
     def connected(self, conn: UpstreamConnection) -> None:
@@ -415,10 +436,8 @@ class Attempt:
         self.acquiring = None
         if self.d is None or reason.check(CancelledError):
             return  # timed out or cancelled: whoever gave up answers the exchange
-        if reason.check(ierror.TimeoutError):
-            self.failed(UpstreamError("timeout", "connect timed out"))
-        else:
-            self.failed(UpstreamError("unreachable", reason.getErrorMessage()))
+        err = reason.value
+        self.failed(err if isinstance(err, UpstreamError) else UpstreamError("unreachable", reason.getErrorMessage()))
 
     def timed_out(self) -> None:
         self.timer = None
@@ -543,8 +562,52 @@ class _OneConnection(Factory):
         return self._protocol
 
 
+class PoolStats(NamedTuple):
+    """What the pool holds, read at scrape time."""
+
+    in_use: dict[str, int]  # per class: connections connecting or serving a request
+    waiting: dict[str, int]  # per class: requests queued for a place
+    refused: dict[str, int]  # per class: requests refused because no place freed within the wait (ever)
+    idle: int  # connections kept alive for the next request
+
+
+class _Host:
+    """One origin's connections and queues. The counters change only in `UpstreamPool._move`."""
+
+    __slots__ = ("open", "idle", "using", "queues")
+
+    def __init__(self) -> None:
+        self.open = 0  # connections holding a place: connecting, in use or idle
+        self.idle: dict[UpstreamConnection, None] = {}  # insertion ordered: the newest is reused first
+        self.using = {SHORT: 0, LONG: 0}
+        self.queues: dict[str, deque[_Waiter]] = {SHORT: deque(), LONG: deque()}
+
+
+class _Waiter:
+    """One `acquire` not answered at once: queued, or waiting for the connect made for it."""
+
+    __slots__ = ("origin", "cls", "d", "live", "timer", "connecting")
+
+    def __init__(self, origin: Origin, cls: str, canceller: Callable[[Deferred[UpstreamConnection]], None]) -> None:
+        self.origin = origin
+        self.cls = cls
+        self.live = True  # no answer yet: fired only by UpstreamPool._answer, at most once
+        self.timer: IDelayedCall | None = None  # the bound on waiting in the queue
+        self.connecting: Deferred[Any] | None = None  # the connect made for this request, while under way
+        self.d: Deferred[UpstreamConnection] = Deferred(canceller)
+
+
 class UpstreamPool:
-    """Keep-alive connections per origin, at most `max_per_origin` of them, queueing beyond."""
+    """Keep-alive connections per origin: at most `max_per_origin`, of which long transfers may
+    hold at most `max_per_origin - reserved` (the rest is kept for short exchanges); a request
+    that finds no place waits at most `wait` seconds, then fails with `UpstreamError("busy")`.
+
+    Correct by construction: a connection holds a place from the start of its connect until it
+    is lost, and its state (`UpstreamConnection.place`) changes only in `_move`, which alone
+    changes the counts. A request's Deferred is fired only by `_answer`, once. Cancelling it
+    takes it out of the queue or stops the connect made for it; a connect that completes for a
+    request that left goes idle (to the next request) instead.
+    """
 
     def __init__(
         self,
@@ -554,55 +617,222 @@ class UpstreamPool:
         connect_timeout: float = 10.0,
         idle_timeout: float = 50.0,
         connector: Callable[[Origin, UpstreamConnection], Deferred[Any]] | None = None,
+        reserved: int | None = None,
+        wait: float = 5.0,
     ) -> None:
         self.reactor = reactor
         self._open = connector or self._open_socket
         self.tls_for = tls_for
         self.max_per_origin = max_per_origin
+        self.reserved = default_reserved(max_per_origin) if reserved is None else reserved
+        if not 0 <= self.reserved < max_per_origin:
+            raise ValueError("reserved must be at least 0 and less than max_per_origin")
+        self.cap = {SHORT: max_per_origin, LONG: max_per_origin - self.reserved}
+        self.wait = wait
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self._idle: dict[tuple, list[UpstreamConnection]] = {}
-        self._count: dict[tuple, int] = {}
-        self._waiting: dict[tuple, deque[list[Any]]] = {}  # [origin, Deferred] per waiter
+        self._hosts: dict[tuple, _Host] = {}
+        self._refused = {SHORT: 0, LONG: 0}
 
-    def acquire(self, origin: Origin) -> Deferred[UpstreamConnection]:
-        """A connection to `origin`: an idle one, a new one, or the next one freed (cancellable)."""
-        key = origin.key
-        idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
+    # -- what the data path calls
+    def acquire(self, origin: Origin, cls: str = LONG) -> Deferred[UpstreamConnection]:
+        """A connection to `origin` for a request of class `cls` (SHORT or LONG): an idle one, a new
+        one, or the next one freed within `wait` seconds. Cancel it to give up."""
+        host = self._host(origin.key)
+        if not host.queues[cls] and self._room(host, cls):
+            conn = self._take_idle(host, cls)
+            if conn is not None:
+                return succeed(conn)
+        w = _Waiter(origin, cls, lambda d: self._leave(w))
+        if host.queues[cls] or not self._room(host, cls):
+            w.timer = self.reactor.callLater(self.wait, self._expired, w)
+            host.queues[cls].append(w)
+        else:
+            self._connect(w, host)
+        return w.d
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """`conn` finished its request cleanly: to the longest waiter that may take it, or idle."""
+        if conn.place not in _IN_USE or not conn.connected_:
+            return
+        host = self._hosts[conn.origin.key]
+        self._move(conn, host, IDLE)
+        self._wake(host)
+
+    def lost(self, conn: UpstreamConnection) -> None:
+        """`conn` closed (called by the connection): its place is free."""
+        cancel(conn.idle_call)
+        conn.idle_call = None
+        host = self._hosts.get(conn.origin.key)
+        if host is not None and self._move(conn, host, GONE):
+            self._wake(host)
+
+    def stats(self) -> PoolStats:
+        in_use = {SHORT: 0, LONG: 0}
+        waiting = {SHORT: 0, LONG: 0}
+        idle = 0
+        for host in self._hosts.values():
+            idle += len(host.idle)
+            for cls in CLASSES:
+                in_use[cls] += host.using[cls]
+                waiting[cls] += len(host.queues[cls])
+        return PoolStats(in_use, waiting, dict(self._refused), idle)
+
+    def counts(self, origin: Origin) -> tuple[int, int, int, int]:
+        """(connections held, idle, in use for short, in use for long) for `origin`."""
+        host = self._hosts.get(origin.key)
+        if host is None:
+            return (0, 0, 0, 0)
+        return (host.open, len(host.idle), host.using[SHORT], host.using[LONG])
+
+    def waiting(self, origin: Origin, cls: str) -> int:
+        """Requests of class `cls` queued for a connection to `origin`."""
+        host = self._hosts.get(origin.key)
+        return len(host.queues[cls]) if host is not None else 0
+
+    def close(self) -> None:
+        """Close the idle connections (at shutdown)."""
+        for host in list(self._hosts.values()):
+            for conn in list(host.idle):
+                conn.abort()
+
+    # -- places
+    def _host(self, key: tuple) -> _Host:
+        host = self._hosts.get(key)
+        if host is None:
+            host = self._hosts[key] = _Host()
+        return host
+
+    def _room(self, host: _Host, cls: str) -> bool:
+        """A request of class `cls` may have a connection now."""
+        return host.using[cls] < self.cap[cls] and (bool(host.idle) or host.open < self.max_per_origin)
+
+    def _move(self, conn: UpstreamConnection, host: _Host, to: str) -> bool:
+        """The one place where a connection changes state and the counts with it. A gone connection
+        stays gone; returns whether anything changed."""
+        was = conn.place
+        if was == to or was == GONE:
+            return False
+        if was == NEW:
+            host.open += 1
+        elif was == IDLE:
+            del host.idle[conn]
             cancel(conn.idle_call)
             conn.idle_call = None
-            if conn.connected_:
-                conn.reused = True
-                return succeed(conn)
-        if self._count.get(key, 0) < self.max_per_origin:
-            return self._connect(origin)
-        queue = self._waiting.setdefault(key, deque())
-        entry: list[Any] = [origin, None]
+        else:
+            host.using[was] -= 1
+        if to == GONE:
+            host.open -= 1
+        elif to == IDLE:
+            host.idle[conn] = None
+            conn.idle_call = self.reactor.callLater(self.idle_timeout, conn.abort)
+        else:
+            host.using[to] += 1
+        conn.place = to
+        return True
 
-        def leave(d: Deferred[UpstreamConnection]) -> None:
-            try:
-                queue.remove(entry)
-            except ValueError:
-                pass
+    def _take_idle(self, host: _Host, cls: str) -> UpstreamConnection | None:
+        while host.idle:
+            conn = next(reversed(host.idle))
+            if not conn.connected_:  # closing: its connectionLost is on the way
+                self._move(conn, host, GONE)
+                continue
+            self._move(conn, host, cls)
+            conn.reused = True
+            return conn
+        return None
 
-        d: Deferred[UpstreamConnection] = Deferred(leave)
-        entry[1] = d
-        queue.append(entry)
-        return d
+    def _connect(self, w: _Waiter, host: _Host) -> None:
+        """Start a new connection for `w`: it holds a place of `w`'s class from now on."""
+        conn = UpstreamConnection(self, w.origin)
+        self._move(conn, host, w.cls)
+        try:
+            connecting = self._open(w.origin, conn)
+        except Exception:
+            connecting = fail()
+        w.connecting = connecting
+        connecting.addCallbacks(self._connected, self._connect_failed, (w, conn), {}, (w, conn))
 
-    def _connect(self, origin: Origin) -> Deferred[UpstreamConnection]:
-        key = origin.key
-        self._count[key] = self._count.get(key, 0) + 1
-        conn = UpstreamConnection(self, origin)
+    def _connected(self, _: Any, w: _Waiter, conn: UpstreamConnection) -> None:
+        w.connecting = None
+        host = self._hosts[conn.origin.key]
+        if conn.place == GONE or not conn.connected_:  # lost before its connect was reported
+            self._move(conn, host, GONE)
+            self._answer(w, Failure(UpstreamError("closed", "upstream closed on connect")))
+            self._wake(host)
+        elif w.live:
+            self._answer(w, conn)
+        else:  # the request left: the connection is the pool's, for the next request
+            self._move(conn, host, IDLE)
+            self._wake(host)
 
-        def failed(reason: Failure) -> Failure:
-            self._count[key] -= 1
-            self._wake(key)
-            return reason
+    def _connect_failed(self, reason: Failure, w: _Waiter, conn: UpstreamConnection) -> None:
+        w.connecting = None
+        host = self._hosts[conn.origin.key]
+        self._move(conn, host, GONE)
+        if conn.connected_:  # a connector that connected all the same: never leave it open unowned
+            conn.abort()
+        err = reason.value
+        if reason.check(ierror.TimeoutError):
+            err = UpstreamError("timeout", "connect timed out")
+        elif not isinstance(err, UpstreamError):
+            err = UpstreamError("unreachable", reason.getErrorMessage())
+        self._answer(w, Failure(err))
+        self._wake(host)
 
-        return self._open(origin, conn).addCallback(lambda _: conn).addErrback(failed)
+    def _wake(self, host: _Host) -> None:
+        """Places may have come free: serve the queues, short exchanges first."""
+        for cls in CLASSES:
+            queue = host.queues[cls]
+            while queue and self._room(host, cls):
+                w = queue.popleft()
+                cancel(w.timer)
+                w.timer = None
+                if not w.live:
+                    continue
+                conn = self._take_idle(host, cls)
+                if conn is not None:
+                    self._answer(w, conn)
+                else:
+                    self._connect(w, host)
+
+    def _answer(self, w: _Waiter, result: UpstreamConnection | Failure) -> None:
+        """The one place a request's Deferred fires; a connection nobody takes goes back."""
+        if not w.live:
+            if isinstance(result, UpstreamConnection):
+                self.release(result)
+            return
+        w.live = False
+        if isinstance(result, Failure):
+            w.d.errback(result)
+        else:
+            w.d.callback(result)
+
+    def _leave(self, w: _Waiter) -> None:
+        """The request's Deferred was cancelled: out of the queue, or stop its connect."""
+        w.live = False
+        cancel(w.timer)
+        w.timer = None
+        host = self._hosts[w.origin.key]
+        queue = host.queues[w.cls]
+        try:
+            queue.remove(w)
+        except ValueError:
+            pass
+        connecting, w.connecting = w.connecting, None
+        if connecting is not None:
+            connecting.cancel()  # fails it (its place comes back), or it already completed and goes idle
+
+    def _expired(self, w: _Waiter) -> None:
+        """No place came free in time: refuse rather than wait as long as the upstream timeout."""
+        w.timer = None
+        host = self._hosts[w.origin.key]
+        try:
+            host.queues[w.cls].remove(w)
+        except ValueError:
+            return
+        self._refused[w.cls] += 1
+        self._answer(w, Failure(UpstreamError("busy", f"no free upstream connection within {self.wait:g}s")))
 
     def _open_socket(self, origin: Origin, conn: UpstreamConnection) -> Deferred[Any]:
         endpoint: Any = HostnameEndpoint(self.reactor, origin.host, origin.port, timeout=self.connect_timeout)
@@ -612,46 +842,7 @@ class UpstreamPool:
             endpoint = wrapClientTLS(self.tls_for(origin), endpoint)
         return endpoint.connect(_OneConnection(conn))
 
-    def release(self, conn: UpstreamConnection) -> None:
-        """`conn` is free for another request: to the longest waiter, or idle until `idle_timeout`."""
-        if not conn.connected_:
-            return
-        key = conn.origin.key
-        waiting = self._waiting.get(key)
-        while waiting:
-            _, d = waiting.popleft()
-            if not d.called:
-                conn.reused = True
-                d.callback(conn)
-                return
-        conn.idle_call = self.reactor.callLater(self.idle_timeout, conn.abort)
-        self._idle.setdefault(key, []).append(conn)
 
-    def lost(self, conn: UpstreamConnection) -> None:
-        """`conn` closed (called by the connection): free its place, wake a waiter."""
-        key = conn.origin.key
-        idle = self._idle.get(key)
-        if idle and conn in idle:
-            idle.remove(conn)
-        cancel(conn.idle_call)
-        conn.idle_call = None
-        if not conn.counted:
-            return
-        conn.counted = False
-        self._count[key] = self._count.get(key, 1) - 1
-        self._wake(key)
-
-    def _wake(self, key: tuple) -> None:
-        waiting = self._waiting.get(key)
-        while waiting and self._count.get(key, 0) < self.max_per_origin:
-            origin, d = waiting.popleft()
-            if not d.called:
-                self._connect(origin).chainDeferred(d)
-
-    def close(self) -> None:
-        """Close the idle connections (at shutdown)."""
-        for conns in list(self._idle.values()):
-            for conn in list(conns):
-                conn.abort()
-
-
+def default_reserved(max_per_origin: int) -> int:
+    """Places per origin kept for short exchanges: a quarter, at least one when there are two."""
+    return max(1, max_per_origin // 4) if max_per_origin > 1 else 0

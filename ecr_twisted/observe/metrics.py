@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["Metrics", "merge_expositions"]
+if TYPE_CHECKING:
+    from ecr_twisted.http.upstream import PoolStats
+
+__all__ = ["Metrics", "PoolCollector", "merge_expositions"]
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -101,6 +104,40 @@ class Metrics:
         self.token_refresh.labels(result).inc()
         if expires_at is not None:
             self.token_expiry.set(expires_at)
+
+
+class PoolCollector:
+    """The upstream pool's places, read at scrape time: nothing on the request path touches Prometheus."""
+
+    def __init__(self, stats: Callable[[], "PoolStats"]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.stats()
+        in_use = GaugeMetricFamily(
+            "ecrproxy_upstream_connections_in_use",
+            "Upstream connections connecting or serving a request, by pool class (short: API check, manifests, "
+            "HEADs, listings; long: blob bodies, uploads)",
+            labels=["class"],
+        )
+        waiting = GaugeMetricFamily(
+            "ecrproxy_upstream_waiting", "Requests queued for an upstream connection, by pool class", labels=["class"]
+        )
+        refused = CounterMetricFamily(
+            "ecrproxy_upstream_refused",
+            "Requests answered 503 because no upstream connection came free within --upstream-wait, by pool class",
+            labels=["class"],
+        )
+        for cls in sorted(s.in_use):
+            in_use.add_metric([cls], s.in_use[cls])
+            waiting.add_metric([cls], s.waiting[cls])
+            refused.add_metric([cls], s.refused[cls])
+        yield in_use
+        yield waiting
+        yield refused
+        yield GaugeMetricFamily(
+            "ecrproxy_upstream_connections_idle", "Upstream connections kept alive for the next request", value=s.idle
+        )
 
 
 _KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})

@@ -13,7 +13,7 @@ __all__ = [
     "RegistryError", "JSON_FIELDS", "envelope",
     "NOT_FOUND", "UNSUPPORTED", "NAME_INVALID", "BLOB_UNKNOWN", "RANGE_INVALID", "NAME_UNKNOWN", "UNAUTHORIZED",
     "TOO_MANY_REQUESTS", "DENIED", "UPSTREAM_AUTH", "NO_TOKEN", "UPSTREAM_UNREACHABLE", "UPSTREAM_TIMEOUT",
-    "UPSTREAM_BROKEN", "STORAGE_ERROR", "STORAGE_REDIRECT_REFUSED", "TOKEN_EXPIRED", "INTERNAL",
+    "UPSTREAM_BUSY", "UPSTREAM_BROKEN", "STORAGE_ERROR", "STORAGE_REDIRECT_REFUSED", "TOKEN_EXPIRED", "INTERNAL",
 ]
 
 
@@ -40,6 +40,9 @@ NO_TOKEN = RegistryError("UNAVAILABLE", "no valid ECR token is held yet; retry s
 TOKEN_EXPIRED = RegistryError("UNAVAILABLE", "the ECR token expired and could not be refreshed; retry shortly", 503)
 UPSTREAM_UNREACHABLE = RegistryError("UNAVAILABLE", "the upstream registry is unreachable", 502)
 UPSTREAM_TIMEOUT = RegistryError("UNAVAILABLE", "the upstream registry did not answer in time", 504)
+UPSTREAM_BUSY = RegistryError(
+    "UNAVAILABLE", "every upstream connection is busy; retry shortly", 503
+)
 UPSTREAM_BROKEN = RegistryError("UNAVAILABLE", "the upstream registry closed the connection", 502)
 STORAGE_ERROR = RegistryError("UNAVAILABLE", "blob storage answered with an error", 502)
 # the upstream redirected a blob somewhere the proxy does not fetch from (registry.redirects)

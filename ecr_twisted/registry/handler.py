@@ -43,7 +43,7 @@ from ecr_twisted.ecr.tokens import Token, TokenKeeper
 from ecr_twisted.http.http11 import Head
 from ecr_twisted.http.exchange import Exchange, Fields
 from ecr_twisted.http.origin import Origin, UpstreamError
-from ecr_twisted.http.upstream import UpstreamResponse
+from ecr_twisted.http.upstream import LONG, SHORT, UpstreamResponse
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry import errors, listings, routes
 from ecr_twisted.registry.errors import RegistryError
@@ -52,7 +52,7 @@ from ecr_twisted.registry.redirects import MAX_REDIRECTS, RedirectRules, Refuse
 __all__ = [
     "RegistryProxy", "ProxyConfig", "redact_target", "redact_url", "rewrite_location", "rewrite_link",
     "HOP_BY_HOP", "REQUEST_DROP", "RESPONSE_DROP", "STORAGE_REQUEST_KEEP", "MAX_REDIRECTS", "MAX_LISTING",
-    "MAX_HIDDEN_PAGES",
+    "MAX_HIDDEN_PAGES", "BUSY_RETRY_AFTER", "pool_class",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -109,6 +109,7 @@ class ProxyConfig:
 
 
 _CACHEABLE = frozenset({routes.BLOB, routes.MANIFEST})
+BUSY_RETRY_AFTER = b"1"  # seconds a client refused for want of an upstream connection is asked to wait
 MAX_LISTING = 8 << 20  # tags/list and _catalog bodies the policy filters are read whole: bounded
 MAX_HIDDEN_PAGES = 16  # listing pages in a row with nothing to show fetched before the listing ends there
 _SOURCE_FIELD = {None: "", "cache": " cache=cache", "upstream": " cache=upstream"}  # the access log's cache=
@@ -144,6 +145,15 @@ def _rewriter(upstream: Origin, public: bytes) -> tuple[tuple[bytes, ...], bytes
     if upstream.port == default:
         bases.append(upstream.base + b":%d" % default)
     return tuple(bases), public
+
+
+def pool_class(kind: str, method: bytes) -> str:
+    """Which share of the upstream pool a request uses: blob bodies and uploads are LONG (they last as
+    long as their client takes); everything else needs the upstream briefly and is SHORT, so slow
+    transfers can never starve the API check, manifests, HEADs and listings."""
+    if kind == routes.UPLOAD or (kind == routes.BLOB and method == b"GET"):
+        return LONG
+    return SHORT
 
 
 def rewrite_location(value: bytes, bases: tuple[bytes, ...], public: bytes) -> bytes:
@@ -381,7 +391,7 @@ class RegistryProxy:
         target = ctx.decision.target or req.target
         plan = ctx.plan
         method = req.method if plan is None or plan.method is None else plan.method
-        d = ex.forward(ctx.origin, method, target, fields, ctx.timeout)
+        d = ex.forward(ctx.origin, method, target, fields, ctx.timeout, pool_class(ctx.kind, method))
         d.addCallbacks(self._registry_response, self._upstream_failed, (ex, ctx), {}, (ex, ctx))
         d.addErrback(self._bug, ex)
 
@@ -513,7 +523,9 @@ class RegistryProxy:
         ctx.redirects += 1
         ctx.sent_at = self.clock.seconds()
         ctx.target = "storage"
-        d = ex.forward(origin, req.method, target, fields, self.config.request_timeout)
+        d = ex.forward(
+            origin, req.method, target, fields, self.config.request_timeout, pool_class(ctx.kind, req.method)
+        )
         d.addCallbacks(self._storage_response, self._upstream_failed, (ex, ctx), {}, (ex, ctx))
         d.addErrback(self._bug, ex)
 
@@ -569,6 +581,8 @@ class RegistryProxy:
             ex.error = f"{ctx.target} {err}"
         if err.kind == "timeout":
             return self._fail(ex, errors.UPSTREAM_TIMEOUT)
+        if err.kind == "busy":
+            return self._fail(ex, errors.UPSTREAM_BUSY, extra=[(b"Retry-After", BUSY_RETRY_AFTER)])
         if err.kind == "unreachable":
             return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
         self._fail(ex, errors.UPSTREAM_BROKEN)

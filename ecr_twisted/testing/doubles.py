@@ -14,7 +14,7 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.error import ConnectionAborted, ConnectionDone
+from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -135,23 +135,56 @@ class MemoryUpstreams:
 
     `connections` lists (origin, protocol, transport) in connection order; a test reads
     what the proxy sent with `transport.value()` and answers with `protocol.dataReceived`.
-    Set `refuse` to make the next connects fail.
+    Set `refuse` to make the next connects fail. Set `hold` to leave the next connects under
+    way (in `pending`) until the test ends each with `complete()` or `fail()`; cancelling one
+    takes it out of `pending`, as cancelling a real endpoint's connect stops it, or, with
+    `too_late_to_cancel`, completes it (the connection was made as the cancel came).
     """
 
     def __init__(self, reactor: Any = None) -> None:
         self.reactor = reactor
         self.connections: list[tuple[Origin, UpstreamConnection, ClosingTransport]] = []
         self.refuse: BaseException | None = None
+        self.hold = False
+        self.too_late_to_cancel = False
+        self.pending: list[tuple[Origin, UpstreamConnection, Deferred[Any]]] = []
 
     def __call__(self, origin: Origin, conn: UpstreamConnection) -> Deferred[Any]:
         if self.refuse is not None:
             d: Deferred[Any] = Deferred()
             d.errback(Failure(self.refuse))
             return d
+        if self.hold:
+            entry: tuple[Origin, UpstreamConnection, Deferred[Any]]
+
+            def stop(_: Deferred[Any]) -> None:
+                if self.too_late_to_cancel:
+                    self.complete(self.pending.index(entry))
+                else:
+                    self.pending.remove(entry)
+
+            entry = (origin, conn, Deferred(stop))
+            self.pending.append(entry)
+            return entry[2]
+        self._connect(origin, conn)
+        return succeed(conn)
+
+    def _connect(self, origin: Origin, conn: UpstreamConnection) -> None:
         transport = ClosingTransport(self.reactor, conn, peerAddress=IPv4Address("TCP", "10.0.0.1", origin.port))
         conn.makeConnection(transport)
         self.connections.append((origin, conn, transport))
-        return succeed(conn)
+
+    def complete(self, index: int = 0) -> UpstreamConnection:
+        """The held connect `index` (oldest first) succeeds."""
+        origin, conn, d = self.pending.pop(index)
+        self._connect(origin, conn)
+        d.callback(conn)
+        return conn
+
+    def fail(self, index: int = 0, reason: BaseException | None = None) -> None:
+        """The held connect `index` (oldest first) fails (connection refused by default)."""
+        _, _, d = self.pending.pop(index)
+        d.errback(Failure(reason or ConnectionRefusedError()))
 
     def last(self) -> tuple[UpstreamConnection, StringTransport]:
         _, conn, transport = self.connections[-1]

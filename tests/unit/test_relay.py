@@ -1,5 +1,7 @@
 """The data path on in-memory transports: framing, backpressure both ways, failure handling."""
 
+import json
+
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.python.failure import Failure
 
@@ -249,7 +251,7 @@ def test_expect_continue_is_answered_by_the_proxy() -> None:
     assert upstream.value().endswith(b"\r\n\r\nabc")
 
 
-def test_waiting_for_a_pool_place_is_bounded_by_the_timeout() -> None:
+def test_waiting_for_a_pool_place_is_bounded_by_the_pools_wait() -> None:
     h = Harness()
     busy = [h.client() for _ in range(h.pool.max_per_origin)]
     for proto, _ in busy:
@@ -258,10 +260,15 @@ def test_waiting_for_a_pool_place_is_bounded_by_the_timeout() -> None:
     proto, client = h.client()
     proto.dataReceived(get())  # no place left: waits
     assert len(h.upstreams.connections) == h.pool.max_per_origin
-    h.reactor.advance(h.config.request_timeout - 1)
+    assert h.pool.wait < h.config.request_timeout
+    h.reactor.advance(h.pool.wait - 0.01)
     assert client.value() == b""
-    h.reactor.advance(1)
-    assert client.value().startswith(b"HTTP/1.1 504 ")
+    h.reactor.advance(0.01)  # a few seconds, not the upstream timeout: 503, come back soon
+    head, _, body = client.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1" in head
+    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    assert h.sample("ecrproxy_upstream_refused_total", {"class": "short"}) == 1
+    assert h.sample("ecrproxy_upstream_errors_total", {"kind": "busy"}) == 1
 
 
 # --- regressions found in review -------------------------------------------------------
@@ -293,7 +300,7 @@ def test_a_bad_chunk_with_the_head_is_handled_once_and_frees_its_upstream() -> N
     assert upstream.disconnected  # the half-sent upload is cut, not left waiting 900 s
     h.reactor.advance(0)
     assert h.config.upstream is not None
-    assert h.pool._count[h.config.upstream.key] == 0
+    assert h.pool.counts(h.config.upstream)[0] == 0
     assert h.sample("ecrproxy_requests_in_flight") == 0
 
 
@@ -309,7 +316,7 @@ def test_a_discarded_body_that_stalls_gives_its_pool_place_back() -> None:
     assert upstream.disconnected
     h.reactor.advance(0)
     assert h.config.upstream is not None
-    assert h.pool._count[h.config.upstream.key] == 0
+    assert h.pool.counts(h.config.upstream)[0] == 0
 
 
 def test_malformed_chunks_from_upstream_abort_the_client_mid_relay() -> None:
@@ -335,18 +342,19 @@ def test_waiters_that_gave_up_leave_the_queue() -> None:
     h = Harness()
     busy = [h.client() for _ in range(h.pool.max_per_origin)]
     for proto, _ in busy:
-        proto.dataReceived(b"PUT /v2/a/blobs/uploads/u?digest=d HTTP/1.1\r\nHost: h\r\nContent-Length: 0\r\n\r\n")
+        proto.dataReceived(GET1)
     waiting = [h.client() for _ in range(500)]
     for proto, _ in waiting:
         proto.dataReceived(GET1)
-    assert h.config.upstream is not None
-    assert len(h.pool._waiting[h.config.upstream.key]) == 500
-    h.reactor.advance(h.config.request_timeout)
-    assert all(c.value().startswith(b"HTTP/1.1 504 ") for _, c in waiting)
-    assert len(h.pool._waiting[h.config.upstream.key]) == 0
+    assert h.pool.stats().waiting == {"short": 500, "long": 0}
+    h.reactor.advance(h.pool.wait)
+    assert all(c.value().startswith(b"HTTP/1.1 503 ") for _, c in waiting)
+    assert h.pool.stats().waiting == {"short": 0, "long": 0}
     conn = h.upstreams.connections[0][1]
-    conn.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
-    assert h.pool._idle[h.config.upstream.key] == [conn]
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert h.config.upstream is not None
+    assert h.pool.counts(h.config.upstream) == (4, 1, 3, 0)
+    assert len(h.upstreams.connections) == 4
 
 
 def test_a_close_delimited_body_cut_by_an_error_is_a_truncation() -> None:

@@ -60,6 +60,7 @@ def test_access_must_be_chosen() -> None:
         (["--metrics-port", "bogus:x"], "--metrics-port"),
         (["--upstream-connections", "0"], "--upstream-connections"),
         (["--upload-timeout", "-1"], "--upload-timeout"),
+        (["--upstream-wait", "0"], "--upstream-wait"),
     ],
 )
 def test_bad_values_name_their_option(args: list[str], named: str) -> None:
