@@ -18,6 +18,7 @@ from twisted.python.failure import Failure
 
 from ecr_twisted.http.exchange import Exchange, Handler
 from ecr_twisted.http.http11 import (
+    METHODS,
     NO_BODY,
     BadMessage,
     BodyReader,
@@ -62,6 +63,7 @@ _C_HEAD, _C_BODY, _C_WAIT, _C_LINGER, _C_CLOSED = range(5)
 _LINGER_TIMEOUT = 2.0
 _MAX_LINGER = 1 << 20
 _METHOD_START = frozenset(bytes([c]) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_ALLOW = b", ".join(sorted(METHODS))
 
 
 class ClientConnection(Protocol):
@@ -203,17 +205,14 @@ class ClientConnection(Protocol):
         self._state = _C_CLOSED
         self.on_error(e)
         content_type, body = self.error_body(e)
-        self.transport.write(
-            serialize_head(
-                status_line(e.status, b"Error"),
-                [
-                    (b"Content-Type", content_type),
-                    (b"Content-Length", b"%d" % len(body)),
-                    (b"Connection", b"close"),
-                ],
-            )
-            + body
-        )
+        fields = [
+            (b"Content-Type", content_type),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Connection", b"close"),
+        ]
+        if e.status == 405:  # an unknown method (RFC 9110 15.5.6: a 405 says what is allowed)
+            fields.append((b"Allow", _ALLOW))
+        self.transport.write(serialize_head(status_line(e.status, b"Error"), fields) + body)
         self.transport.loseConnection()
 
     def exchange_done(self, ex: Exchange, keep: bool, abort: bool = False) -> None:
