@@ -184,7 +184,13 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
         services.append(_CacheRescan(cache, reactor))
     tokens = None if config.passthrough else keeper
     handler = RegistryProxy(config, tokens, metrics, reactor, gate, cache)  # type: ignore[arg-type]
-    limits = Limits(idle_timeout=settings.idle_timeout)
+    limits = Limits(
+        head_timeout=settings.head_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        idle_timeout=settings.idle_timeout,
+        min_rate=settings.min_body_rate,
+        rate_window=settings.min_body_rate_window,
+    )
     return Proxy(config, registry, metrics, keeper, pool, gate, cache, handler, limits, services)
 
 

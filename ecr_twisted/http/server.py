@@ -46,17 +46,28 @@ def plain_error_body(e: BadMessage) -> tuple[bytes, bytes]:
 
 
 class Limits:
-    """Timeouts and sizes of the data path, in seconds."""
+    """Timeouts and rates of the data path (seconds, bytes per second); README "Options" names each.
+
+    `head_timeout`: a request head, from its first byte (the first request's from the connection);
+    `keepalive_timeout`: a kept-alive connection waiting for the next request's first byte;
+    `idle_timeout`: a body transfer making no progress at all; `min_rate` (0: off) over each
+    `rate_window`: a body transfer moving fewer bytes than that, uploads and downloads alike.
+    Waiting for an upstream to answer a request sent whole is none of these (the handler's
+    upstream timeouts cover it)."""
 
     def __init__(
         self,
         head_timeout: float = 30.0,
         keepalive_timeout: float = 120.0,
         idle_timeout: float = 300.0,
+        min_rate: int = 1024,
+        rate_window: float = 60.0,
     ) -> None:
         self.head_timeout = head_timeout
         self.keepalive_timeout = keepalive_timeout
         self.idle_timeout = idle_timeout
+        self.min_rate = min_rate
+        self.rate_window = rate_window
 
 
 _C_HEAD, _C_BODY, _C_WAIT, _C_LINGER, _C_CLOSED = range(5)
@@ -89,6 +100,7 @@ class ClientConnection(Protocol):
         self._exchange: Exchange | None = None
         self._parsing = False
         self._timer: IDelayedCall | None = None
+        self._between = False  # kept alive, waiting for the next request's first byte
 
     def connectionMade(self) -> None:
         self.valve = Valve(self.transport)
@@ -113,6 +125,11 @@ class ClientConnection(Protocol):
         if state == _C_BODY:
             self._body_data(data, 0)
         elif state == _C_HEAD:
+            if self._between:
+                # the next request has begun: its head gets head_timeout, as the first one did
+                self._between = False
+                if self._timer is not None:
+                    self._timer.reset(self.limits.head_timeout)
             self._buf = self._buf + data if self._buf else data
             self._next_heads()
         elif state == _C_WAIT:
@@ -245,7 +262,11 @@ class ClientConnection(Protocol):
             self.transport.loseConnection()
             return
         self._state = _C_HEAD
-        self._timer = self.reactor.callLater(self.limits.keepalive_timeout, self._timeout)
+        if self._buf:  # a pipelined head has begun already
+            self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
+        else:
+            self._between = True
+            self._timer = self.reactor.callLater(self.limits.keepalive_timeout, self._timeout)
         self.transport.resumeProducing()
         if self._buf:
             self._next_heads()

@@ -63,3 +63,154 @@ def test_an_unsupported_transfer_coding_is_400() -> None:
     status, _, err = error_of(client)
     assert (status, err["code"]) == (400, "BAD_REQUEST")
     assert client.disconnecting and h.upstreams.connections == []
+
+
+# -- timers: a head in 30 s, each one; between requests the keep-alive wait; bodies at a minimum rate
+
+BLOB = b"/v2/app/blobs/sha256:" + b"ab" * 32
+
+
+def answered_once(h: Harness, proto: object, client: StringTransport) -> None:
+    """One request answered on a kept-alive connection."""
+    proto.dataReceived(GET)  # type: ignore[attr-defined]
+    h.upstreams.last()[0].dataReceived(OK)
+    assert client.value().endswith(b"\r\n\r\nok") and not client.disconnecting
+
+
+def test_the_first_head_has_the_head_timeout_from_the_connection() -> None:
+    h = Harness()
+    limits = h.factory.limits
+    assert (limits.head_timeout, limits.keepalive_timeout) == (30.0, 120.0)
+    proto, client = h.client()
+    h.reactor.advance(limits.head_timeout - 1)
+    proto.dataReceived(GET[:10])
+    h.reactor.advance(1)
+    assert client.value().startswith(b"HTTP/1.1 408 ") and client.disconnecting
+    proto, client = h.client()
+    h.reactor.advance(limits.head_timeout)
+    assert client.value() == b"" and client.disconnecting  # nothing asked, nothing said
+
+
+def test_a_later_head_gets_the_head_timeout_not_the_keep_alive_wait() -> None:
+    h = Harness()
+    limits = h.factory.limits
+    proto, client = h.client()
+    answered_once(h, proto, client)
+    h.reactor.advance(limits.keepalive_timeout - 1)  # idle between requests: allowed
+    assert not client.disconnecting
+    proto.dataReceived(GET[:10])  # the next head starts: from now on it has head_timeout
+    h.reactor.advance(limits.head_timeout - 1)
+    assert not client.disconnecting
+    h.reactor.advance(1)
+    assert client.value().split(b"\r\n\r\nok", 1)[1].startswith(b"HTTP/1.1 408 ") and client.disconnecting
+
+
+def test_a_second_head_sent_slowly_right_away_gets_30_s_not_120() -> None:
+    h = Harness()
+    proto, client = h.client()
+    answered_once(h, proto, client)
+    proto.dataReceived(b"G")
+    h.reactor.advance(h.factory.limits.head_timeout)
+    assert client.disconnecting
+
+
+def test_an_idle_kept_alive_connection_closes_after_the_keep_alive_wait() -> None:
+    h = Harness()
+    proto, client = h.client()
+    answered_once(h, proto, client)
+    h.reactor.advance(h.factory.limits.keepalive_timeout - 1)
+    assert not client.disconnecting
+    h.reactor.advance(1)
+    assert client.disconnecting and client.value().endswith(b"\r\n\r\nok")  # closed without a word
+
+
+def test_an_upload_trickling_below_the_minimum_rate_is_cut() -> None:
+    h = Harness()
+    limits = h.factory.limits
+    assert (limits.min_rate, limits.rate_window) == (1024, 60.0)
+    proto, client = h.client()
+    proto.dataReceived(b"PATCH /v2/app/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
+    _, upstream = h.upstreams.last()
+    for _ in range(5):  # 100 bytes every 10 s: progress, but far below 1 KiB/s
+        proto.dataReceived(b"x" * 100)
+        h.reactor.advance(10)
+    assert not client.disconnected
+    h.reactor.advance(limits.rate_window)
+    assert client.disconnected and upstream.disconnected
+
+
+def test_an_upload_at_the_minimum_rate_goes_on() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"PATCH /v2/app/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nContent-Length: 300000\r\n\r\n")
+    _, upstream = h.upstreams.last()
+    for _ in range(250):  # 1,200 bytes a second for 250 s
+        proto.dataReceived(b"x" * 1200)
+        h.reactor.advance(1)
+    assert not client.disconnected and not upstream.disconnected
+    assert upstream.value().endswith(b"x" * 300000)
+
+
+def test_a_download_read_below_the_minimum_rate_is_cut() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET.replace(b"/v2/app/manifests/1", BLOB))
+    conn, upstream = h.upstreams.last()
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 10000000\r\n\r\n" + b"y" * 65536)
+    assert client.producer is not None
+    client.producer.pauseProducing()  # the client stops reading (64 KiB in the first minute: enough)
+    h.reactor.advance(h.factory.limits.rate_window)
+    assert not client.disconnected
+    h.reactor.advance(h.factory.limits.rate_window)  # nothing in the second
+    assert client.disconnected and upstream.disconnected
+
+
+def test_waiting_for_the_upstream_to_commit_an_upload_is_not_slowness() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"PUT /v2/app/blobs/uploads/u?digest=sha256:x HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n"
+                       b"12345")
+    conn, upstream = h.upstreams.last()
+    h.reactor.advance(h.config.upload_timeout - 1)  # ECR may take minutes to commit a big layer
+    assert not client.disconnected and not upstream.disconnected
+    conn.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n")
+    assert client.value().startswith(b"HTTP/1.1 201 ")
+
+
+def test_the_minimum_rate_can_be_turned_off_leaving_the_idle_timeout() -> None:
+    h = Harness()
+    limits = h.factory.limits
+    limits.min_rate, limits.idle_timeout = 0, 100.0
+    proto, client = h.client()
+    proto.dataReceived(b"PATCH /v2/app/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nContent-Length: 1000000\r\n\r\n")
+    for _ in range(5):  # a byte every 99 s is progress
+        proto.dataReceived(b"x")
+        h.reactor.advance(limits.idle_timeout - 1)
+    assert not client.disconnected
+    for _ in range(3):  # none at all: cut, uploads too (checked once per idle_timeout)
+        h.reactor.advance(limits.idle_timeout)
+    assert client.disconnected
+
+
+def test_the_timers_are_options() -> None:
+    import pytest
+    from twisted.internet.testing import MemoryReactorClock
+    from twisted.python.usage import UsageError
+
+    from ecr_twisted.app.build import build
+    from ecr_twisted.app.options import Options
+
+    def limits_of(args: list[str], env: dict[str, str] | None = None) -> object:
+        o = Options(environ=env or {})
+        o.parseOptions(["--anonymous", "--region", "eu-west-1", *args])
+        return build(o.settings, MemoryReactorClock()).proxy.limits
+
+    got = limits_of(["--head-timeout", "10", "--keepalive-timeout", "5", "--min-body-rate", "0",
+                     "--min-body-rate-window", "20", "--idle-timeout", "7"])
+    assert vars(got) == {"head_timeout": 10.0, "keepalive_timeout": 5.0, "min_rate": 0, "rate_window": 20.0,
+                         "idle_timeout": 7.0}
+    assert vars(limits_of([], {"ECRPROXY_MIN_BODY_RATE": "4096"}))["min_rate"] == 4096
+    for bad in (["--head-timeout", "0"], ["--keepalive-timeout", "-1"], ["--min-body-rate", "-5"],
+                ["--min-body-rate-window", "0"]):
+        with pytest.raises(UsageError, match=bad[0]):
+            limits_of(bad)
