@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ecr_twisted.http.exchange import Exchange, Handler
 from ecr_twisted.http.http11 import (
@@ -77,8 +78,13 @@ _METHOD_START = frozenset(bytes([c]) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _ALLOW = b", ".join(sorted(METHODS))
 
 
+@implementer(IHalfCloseableProtocol)
 class ClientConnection(Protocol):
-    """Server side of one client connection: parses heads, frames request bodies, one request at a time."""
+    """Server side of one client connection: parses heads, frames request bodies, one request at a time.
+
+    A client may shut down its sending side once its requests are out (TCP half-close, RFC 9112
+    9.6): what it sent whole is still answered, then the connection closes. (Twisted's TLS layer
+    has no half-close: there a client's FIN ends the connection.)"""
 
     transport: Transport  # type: ignore[assignment]  # set by makeConnection before any use
     send_body: Callable[[bytes], None]  # response body bytes, set once connected
@@ -101,6 +107,7 @@ class ClientConnection(Protocol):
         self._parsing = False
         self._timer: IDelayedCall | None = None
         self._between = False  # kept alive, waiting for the next request's first byte
+        self._read_closed = False  # the client sent its FIN: nothing more will come
 
     def connectionMade(self) -> None:
         self.valve = Valve(self.transport)
@@ -190,6 +197,12 @@ class ClientConnection(Protocol):
                     self._body_data(rest, 0)
         finally:
             self._parsing = False
+        if self._read_closed:
+            if self._state == _C_HEAD:
+                self._end_of_requests()
+            elif self._state == _C_BODY:  # a pipelined request whose body was cut by the half-close
+                self._state = _C_CLOSED
+                self.transport.abortConnection()
 
     def _body_data(self, data: bytes, off: int) -> None:
         reader = self._reader
@@ -217,6 +230,34 @@ class ClientConnection(Protocol):
                 self._buf = data[end:]
                 self.transport.pauseProducing()
             ex.client_body_done()
+
+    def readConnectionLost(self) -> None:
+        """The client shut down its sending side (IHalfCloseableProtocol)."""
+        if self._read_closed:
+            return
+        self._read_closed = True
+        state = self._state
+        if state == _C_BODY:
+            # a request body that can never be whole: cut it, and whatever carries it upstream
+            self._state = _C_CLOSED
+            self.transport.abortConnection()
+        elif state == _C_LINGER:
+            self._state = _C_CLOSED
+            self.transport.loseConnection()
+        elif state == _C_HEAD:
+            self._end_of_requests()
+        # _C_WAIT: a whole request is being answered; exchange_done closes after it (and any pipelined)
+
+    def writeConnectionLost(self) -> None:
+        """Our side is shut down (lingering after an early answer); the client's close or the timer ends it."""
+
+    def _end_of_requests(self) -> None:
+        """No request can come any more: close, refusing a head the client began and never ended."""
+        if self._buf:
+            self._reject(BadMessage("connection closed in the middle of a request head"))
+        else:
+            self._state = _C_CLOSED
+            self.transport.loseConnection()
 
     def _reject(self, e: BadMessage) -> None:
         self._state = _C_CLOSED
@@ -262,6 +303,12 @@ class ClientConnection(Protocol):
             self.transport.loseConnection()
             return
         self._state = _C_HEAD
+        if self._read_closed:
+            if self._buf:
+                self._next_heads()  # pipelined requests sent before the half-close; it closes after them
+            else:
+                self._end_of_requests()
+            return
         if self._buf:  # a pipelined head has begun already
             self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
         else:

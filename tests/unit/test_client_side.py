@@ -214,3 +214,70 @@ def test_the_timers_are_options() -> None:
                 ["--min-body-rate-window", "0"]):
         with pytest.raises(UsageError, match=bad[0]):
             limits_of(bad)
+
+
+# -- half-close: a client that shuts down its sending side after a whole request still gets its answer
+
+
+def test_the_client_connection_takes_half_closes() -> None:
+    from twisted.internet.interfaces import IHalfCloseableProtocol
+
+    h = Harness()
+    proto, _ = h.client()
+    # without this Twisted's TCP transport calls connectionLost on the client's FIN
+    assert IHalfCloseableProtocol.providedBy(proto)
+
+
+def test_a_request_then_a_half_close_is_answered_then_closed() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    proto.readConnectionLost()
+    conn, upstream = h.upstreams.last()
+    assert not upstream.disconnecting  # the request goes on
+    conn.dataReceived(OK)
+    assert client.value().startswith(b"HTTP/1.1 200 ") and client.value().endswith(b"\r\n\r\nok")
+    assert client.disconnecting and not client.disconnected  # closed after the answer, not aborted
+
+
+def test_pipelined_requests_then_a_half_close_are_all_answered() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET + GET.replace(b"/1 ", b"/2 "))
+    proto.readConnectionLost()
+    conn, upstream = h.upstreams.last()
+    conn.dataReceived(OK)
+    assert not client.disconnecting
+    conn.dataReceived(OK)
+    assert client.value().count(b"HTTP/1.1 200 OK") == 2 and client.disconnecting
+    assert b"GET /v2/app/manifests/2 " in upstream.value()
+
+
+def test_a_half_close_between_requests_or_mid_head_ends_the_connection() -> None:
+    h = Harness()
+    proto, client = h.client()
+    answered_once(h, proto, client)
+    proto.readConnectionLost()
+    assert client.disconnecting
+    proto, client = h.client()
+    proto.dataReceived(GET[:20])
+    proto.readConnectionLost()
+    assert client.value().startswith(b"HTTP/1.1 400 ") and client.disconnecting
+
+
+def test_a_half_close_mid_body_cuts_the_request() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(b"PATCH /v2/app/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    proto.readConnectionLost()  # the body can never be whole
+    assert client.disconnected
+
+
+def test_a_pipelined_request_cut_by_the_half_close_is_not_sent_whole() -> None:
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(GET + b"PATCH /v2/app/blobs/uploads/u HTTP/1.1\r\nHost: h\r\nContent-Length: 100\r\n\r\nabc")
+    proto.readConnectionLost()
+    conn, _ = h.upstreams.last()
+    conn.dataReceived(OK)
+    assert client.value().count(b"HTTP/1.1 200 OK") == 1 and client.disconnected
