@@ -55,6 +55,7 @@ class ProxySettings:
     auth_webhook_ttl: float = 60.0
     auth_webhook_timeout: float = 5.0
     workers: int = 1
+    max_connections: int | None = None  # per process; None: derived from the open-file limit
     cache_dir: str | None = None
     cache_bytes: int = 50 << 30
     tag_ttl: float = 60.0

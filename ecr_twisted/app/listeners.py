@@ -25,6 +25,7 @@ __all__ = [
     "listener_spec",
     "load_server_tls",
     "parse_description",
+    "with_backlog",
 ]
 
 
@@ -133,6 +134,17 @@ def listener_spec(spec: str, tls_cert: str | None = None, tls_key: str | None = 
         if name in values:
             tcp += f":{name}={_escape(values[name])}"
     return ListenerSpec(tcp, cert, key)
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """`description` asking for a listen backlog of `backlog` if it is a tcp:, tcp6: or unix:
+    listener that names none (Twisted's default is 50: a burst of connections beyond it is
+    dropped by the kernel, and the clients retry a second later)."""
+    described = parse_description(description)
+    # the backlog is the third positional parameter of all three (port/address, interface/mode, backlog)
+    if described.kind in ("tcp", "tcp6", "unix") and "backlog" not in described.kwargs and len(described.args) < 3:
+        return f"{description}:backlog={backlog}"
+    return description
 
 
 def check_description(description: str) -> None:

@@ -85,6 +85,8 @@ _PARAMETERS: list[list[Any]] = [
     ["auth-webhook", None, None, "--auth webhook: URL the proxy POSTs each access question to."],
     ["auth-webhook-ttl", None, 60.0, "--auth webhook: seconds an answer is remembered.", float],
     ["auth-webhook-timeout", None, 5.0, "--auth webhook: seconds to wait for an answer (then deny).", float],
+    ["max-connections", None, None, "Most client connections per process; past it new ones get 503 "
+     "(default: what the open-file limit leaves after upstream connections and cache files).", int],
     ["workers", None, 1, "Processes serving the listeners (this one and N-1 children); tcp:/unix: listeners.", int],
     ["cache-dir", None, None, "Keep pulled blobs and manifests here and serve them from disk (off without it)."],
     ["cache-size", None, "50GiB", "Most the cache may hold (e.g. 50GiB, 512MiB, 10G); least "
@@ -176,6 +178,8 @@ class Options(usage.Options):
             raise usage.UsageError("--blob-mode must be stream or redirect")
         if not 1 <= self["workers"] <= 64:
             raise usage.UsageError("--workers must be between 1 and 64")
+        if self["max-connections"] is not None and self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
         if self["upstream-connections"] < 1:
             raise usage.UsageError("--upstream-connections must be at least 1")
         for name in (
@@ -225,6 +229,7 @@ class Options(usage.Options):
             auth_webhook_ttl=self["auth-webhook-ttl"],
             auth_webhook_timeout=self["auth-webhook-timeout"],
             workers=self["workers"],
+            max_connections=self["max-connections"],
             cache_dir=self["cache-dir"],
             cache_bytes=cache_bytes,
             tag_ttl=self["tag-ttl"],
