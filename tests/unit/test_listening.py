@@ -221,3 +221,22 @@ def test_bind_listener_asks_for_the_kernels_backlog(monkeypatch: pytest.MonkeyPa
     for spec, expected in (("tcp:0:interface=127.0.0.1", 4096), ("tcp:0:interface=127.0.0.1:backlog=7", 7)):
         supervisor.bind_listener(spec).close()
         assert asked.pop() == expected
+
+
+def test_max_connections_is_an_option() -> None:
+    from twisted.python.usage import UsageError
+
+    from ecr_twisted.app.build import build
+    from ecr_twisted.app.options import Options
+
+    def parse(*args: str) -> Options:
+        o = Options(environ={})
+        o.parseOptions(["--anonymous", "--region", "eu-west-1", *args])
+        return o
+
+    built = build(parse("--max-connections", "50").settings, MemoryReactorClock())
+    assert built.registry.get_sample_value("ecrproxy_client_connections_max") == 50
+    assert built.registry.get_sample_value("ecrproxy_client_connections") == 0
+    assert parse().settings.max_connections is None  # derived when the process starts
+    with pytest.raises(UsageError, match="--max-connections"):
+        parse("--max-connections", "0")
