@@ -154,9 +154,16 @@ def test_connections_past_the_cap_get_a_fast_503_and_room_comes_back(
 ) -> None:
     p = proxy_factory(ecr, "--max-connections", "20")
     assert p.port is not None
-    idle = _open_idle(p.port, 20 * TEST_WORKERS)
+    idle: list[socket.socket] = []
     try:
-        time.sleep(0.5)  # accepted by now (each process takes 20)
+        # the kernel spreads connections over the --workers processes unevenly: add idle ones until
+        # every process holds its 20 (those past a full process's cap are turned away)
+        def full() -> bool:
+            idle.extend(_open_idle(p.port or 0, 10))
+            time.sleep(0.1)
+            return (p.metric("ecrproxy_client_connections") or 0) >= 20 * TEST_WORKERS
+
+        wait_for(full, 10, "every process to hold 20 connections", interval=0)
         start = time.monotonic()
         with socket.create_connection(("127.0.0.1", p.port), timeout=5) as s:
             s.sendall(_request())
@@ -232,13 +239,14 @@ def test_out_of_descriptors_accepting_pauses_quietly_and_resumes(
     p = _limited_proxy(ecr, proxy_factory, 256, "--max-connections", "5000")
     assert p.port is not None
     log_before = p.log_path.stat().st_size
-    idle = _open_idle(p.port, 400)
+    idle = _open_idle(p.port, 350 * TEST_WORKERS)  # more than every process can hold
     try:
         time.sleep(1.0)
         pids = _process_tree(p.pid)
         cpu_before, wall_before = _cpu_seconds(pids), time.monotonic()
-        for _ in range(5):  # clients keep trying: each waits in the backlog, none makes the proxy spin
-            _probe(p.url + "/v2/", timeout=1)
+        for _ in range(5):  # clients keep trying: each waits in a backlog, none makes the proxy spin
+            _probe(p.url + "/v2/", timeout=0.5)
+        time.sleep(max(0.0, 3 - (time.monotonic() - wall_before)))
         busy = (_cpu_seconds(pids) - cpu_before) / (time.monotonic() - wall_before)
         assert busy < 0.25, f"the proxy used {busy:.0%} of a CPU while out of descriptors"
         assert p.alive()
