@@ -3,9 +3,10 @@
 Three things Twisted's own ports do not do:
 
 - A cap on client connections (`ConnectionGuard.limit`, per process): past it a new connection
-  is accepted and at once answered `503` with `Retry-After` (plain listeners, a few at a time)
-  or closed (TLS listeners, or when too many are being answered already), so clients learn
-  fast and the descriptors the proxy needs for upstream connections and cache files are left.
+  is answered `503` with `Retry-After` once its request head is in (plain listeners; a few wait
+  at a time, the longest-waiting silent one gives way to the next) or closed at once (TLS
+  listeners), so clients learn fast and the descriptors the proxy needs for upstream
+  connections and cache files are left.
 - Out of descriptors (`EMFILE`, `ENFILE`, ...) a listener stops accepting until a client
   connection of the process closes, or a short pause has passed; Twisted's `Port` closes every
   waiting connection and logs each one, which under load is a log flood at full CPU. Here each
@@ -15,8 +16,9 @@ Three things Twisted's own ports do not do:
 `GuardedListening` wraps a reactor so that `endpoints.serverFromString` and
 `reactor.adoptStreamPort` make guarded ports. The ports' accept loop follows Twisted's
 `tcp.Port.doRead` (Twisted 26.10): its documented `transport` override point is how each
-connection is counted and `_fromListeningDescriptor` is how the reactor adopts sockets; both
-are the only Twisted internals used here.
+connection is counted, `_fromListeningDescriptor` is how the reactor adopts sockets, and a
+silent turned-away connection is closed with its transport's `connectionLost`, as the reactor
+does on a socket error. Those are the only Twisted internals used here.
 """
 
 from __future__ import annotations
@@ -184,11 +186,6 @@ class ConnectionGuard:
         self._logged[kind] = now
         self._unlogged[kind] = 0
         log.warn(message, count=count, open=self.open, limit=self.limit)
-
-    def stop(self) -> None:
-        cancel(self._retry)
-        self._retry = None
-        self._paused = []
 
 
 class _TurnAway(Protocol):
