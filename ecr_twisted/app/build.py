@@ -20,7 +20,7 @@ import shutil
 import socket
 import tempfile
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from prometheus_client import CollectorRegistry
 from twisted.application import service, strports
@@ -28,7 +28,7 @@ from twisted.application.internet import StreamServerEndpointService, TimerServi
 from twisted.internet import threads
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import UNIXServerEndpoint
-from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.usage import UsageError
@@ -40,10 +40,25 @@ from ecr_twisted.access.webhook import WebhookAuthorizer, http_post
 from ecr_twisted.access.gate import AccessConfig, AccessMetrics, Gate
 from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyFile
 from ecr_twisted.app.config import ProxySettings
-from ecr_twisted.app.listeners import DescriptionError, ListenerSpec, listener_address, listener_spec, load_server_tls
+from ecr_twisted.app.listeners import (
+    DescriptionError,
+    ListenerSpec,
+    listener_address,
+    listener_spec,
+    load_server_tls,
+    with_backlog,
+)
 from ecr_twisted.cache.layer import CacheCollector, LayerCache
 from ecr_twisted.cache.store import BlobStore, hash_file
 from ecr_twisted.ecr.tokens import NoTokens, ProcessTokenFetcher, TokenFetcher, TokenKeeper
+from ecr_twisted.http.http11 import serialize_head, status_line
+from ecr_twisted.http.listening import (
+    ConnectionGuard,
+    GuardedListening,
+    default_max_connections,
+    open_file_limit,
+    somaxconn,
+)
 from ecr_twisted.http.origin import Origin
 from ecr_twisted.http.server import Limits, RelayFactory
 from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
@@ -65,11 +80,14 @@ __all__ = [
     "build_gate",
     "build_keeper",
     "build_proxy",
+    "client_guard",
     "proxy_config",
     "redirect_rules",
 ]
 
 Verify = Callable[[int, int], Deferred[str]]
+
+log = Logger()
 
 
 @dataclass(frozen=True)
@@ -155,19 +173,56 @@ def build(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), child: 
     listeners = [_listener("port", spec, settings.tls_cert, settings.tls_key) for spec in settings.ports]
     tls = _TLSFiles()
     factories = [tls.wrap(spec, proxy.relay(reactor, spec.tls)) for spec in listeners]
+    # every registry listener's connections count against one cap; the ops listener has none
+    # (cast: a GuardedListening is a reactor as far as endpoints go; the rest it passes on)
+    listening = cast(IReactorCore, GuardedListening(reactor, client_guard(settings, reactor, proxy.metrics)))
+    backlog = somaxconn()
     others = None
     if child is not None:
-        _serve_inherited(reactor, top, proxy, child, factories)
+        _serve_inherited(reactor, listening, top, proxy, child, factories)
     elif settings.workers == 1:
         for spec, factory in zip(listeners, factories):
-            strports.service(spec.description, factory, reactor).setServiceParent(top)
+            strports.service(with_backlog(spec.description, backlog), factory, listening).setServiceParent(top)
     else:
-        others = _start_workers(reactor, top, settings, listeners, factories, argv)
+        others = _start_workers(reactor, listening, top, settings, listeners, factories, argv)
     if child is None and settings.metrics_port:
         spec = _listener("metrics-port", settings.metrics_port)
         site = ops_site(proxy.registry, proxy.keeper.ready, others)
-        strports.service(spec.description, tls.wrap(spec, site), reactor).setServiceParent(top)
+        ops_guard = client_guard(settings, reactor, proxy.metrics, capped=False)
+        ops = cast(IReactorCore, GuardedListening(reactor, ops_guard))
+        strports.service(with_backlog(spec.description, backlog), tls.wrap(spec, site), ops).setServiceParent(top)
     return Built(top, proxy, listeners, factories, settings, argv)
+
+
+def client_guard(settings: ProxySettings, reactor: Any, metrics: Metrics, *, capped: bool = True) -> ConnectionGuard:
+    """What a process's listeners do when clients or descriptors run out (`http.listening`):
+    `--max-connections`, or as many as the open-file limit leaves room for, then `503`."""
+    limit = None
+    if capped:
+        open_files = open_file_limit()
+        limit = settings.max_connections or default_max_connections(
+            open_files, settings.upstream_connections, settings.cache_dir is not None
+        )
+        log.info(
+            "at most {limit} client connections per process (open-file limit {open_files}; --max-connections)",
+            limit=limit, open_files=open_files,
+        )
+        metrics.connections_max.set(limit)
+    content_type, body = bad_request_body(503, "the proxy has too many client connections; retry shortly")
+    busy = serialize_head(status_line(503), [
+        (b"Content-Type", content_type),
+        (b"Content-Length", b"%d" % len(body)),
+        (b"Retry-After", b"1"),
+        (b"Connection", b"close"),
+    ]) + body
+    guard = ConnectionGuard(
+        reactor, limit, busy_response=busy,
+        on_refused=lambda how: metrics.connections_refused.labels(how).inc(),
+        on_accept_error=lambda name: metrics.accept_errors.labels(name).inc(),
+    )
+    if capped:
+        metrics.connections.set_function(lambda: guard.open)
+    return guard
 
 
 def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *, worker: bool = False) -> Proxy:
@@ -192,7 +247,13 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
     handler = RegistryProxy(
         config, tokens, metrics, reactor, gate, cache, redirect_rules(settings)  # type: ignore[arg-type]
     )
-    limits = Limits(idle_timeout=settings.idle_timeout)
+    limits = Limits(
+        head_timeout=settings.head_timeout,
+        keepalive_timeout=settings.keepalive_timeout,
+        idle_timeout=settings.idle_timeout,
+        min_rate=settings.min_body_rate,
+        rate_window=settings.min_body_rate_window,
+    )
     return Proxy(config, registry, metrics, keeper, pool, gate, cache, handler, limits, services)
 
 
@@ -393,6 +454,7 @@ def _temporary_token_key(reactor: Any) -> str:
 
 def _start_workers(
     reactor: Any,
+    listening: Any,  # a GuardedListening
     top: service.MultiService,
     settings: ProxySettings,
     listeners: list[ListenerSpec],
@@ -408,7 +470,7 @@ def _start_workers(
     except ListenerError as e:
         raise UsageError(f"--port {e}") from None
     for sock, factory in zip(sockets, factories):
-        AdoptedPort(reactor, sock, factory).setServiceParent(top)
+        AdoptedPort(listening, sock, factory).setServiceParent(top)
     socket_dir = tempfile.mkdtemp(prefix="ecrproxy-workers-")
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, socket_dir, True)
     children = WorkerProcesses(reactor, settings.workers, list(argv), [s.fileno() for s in sockets], socket_dir)
@@ -417,11 +479,12 @@ def _start_workers(
 
 
 def _serve_inherited(
-    reactor: Any, top: service.MultiService, proxy: Proxy, child: ChildSockets, factories: list[Any]
+    reactor: Any, listening: Any, top: service.MultiService, proxy: Proxy, child: ChildSockets,
+    factories: list[Any],
 ) -> None:
     from ecr_twisted.app.supervisor import AdoptedPort
 
-    ports = [AdoptedPort(reactor, socket.socket(fileno=fd), factory) for fd, factory in zip(child.fds, factories)]
+    ports = [AdoptedPort(listening, socket.socket(fileno=fd), factory) for fd, factory in zip(child.fds, factories)]
 
     def listen(_: Any) -> None:
         # a child that answered before holding a token would turn its share of requests

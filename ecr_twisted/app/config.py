@@ -41,6 +41,10 @@ class ProxySettings:
     upstream_timeout: float = 60.0
     upload_timeout: float = 900.0
     idle_timeout: float = 300.0
+    head_timeout: float = 30.0
+    keepalive_timeout: float = 120.0
+    min_body_rate: int = 1024  # bytes per second, 0: none
+    min_body_rate_window: float = 60.0
     htpasswd: str | None = None
     policy: str = "open"  # a preset name (access.policy.PRESETS) or a TOML file
     namespace_pattern: str | None = None
@@ -53,6 +57,7 @@ class ProxySettings:
     auth_webhook_ttl: float = 60.0
     auth_webhook_timeout: float = 5.0
     workers: int = 1
+    max_connections: int | None = None  # per process; None: derived from the open-file limit
     cache_dir: str | None = None
     cache_bytes: int = 50 << 30
     tag_ttl: float = 60.0

@@ -26,6 +26,7 @@ __all__ = [
     "listener_spec",
     "load_server_tls",
     "parse_description",
+    "with_backlog",
 ]
 
 
@@ -151,6 +152,17 @@ def listener_address(description: str) -> tuple[str, int] | None:
     if not port.isdigit() or not 0 < int(port) < 65536:
         return None
     return interface.strip("[]").lower(), int(port)
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """`description` asking for a listen backlog of `backlog` if it is a tcp:, tcp6: or unix:
+    listener that names none (Twisted's default is 50: a burst of connections beyond it is
+    dropped by the kernel, and the clients retry a second later)."""
+    described = parse_description(description)
+    # the backlog is the third positional parameter of all three (port/address, interface/mode, backlog)
+    if described.kind in ("tcp", "tcp6", "unix") and "backlog" not in described.kwargs and len(described.args) < 3:
+        return f"{description}:backlog={backlog}"
+    return description
 
 
 def check_description(description: str) -> None:

@@ -69,6 +69,13 @@ _PARAMETERS: list[list[Any]] = [
     ["upload-timeout", None, 900.0, "Seconds to wait for an upstream answer to upload requests "
      "(commits are slow).", float],
     ["idle-timeout", None, 300.0, "Seconds a transfer may make no progress before it is aborted.", float],
+    ["head-timeout", None, 30.0, "Seconds a client may take to send a request head, from its first byte "
+     "(the first one's: from the connection).", float],
+    ["keepalive-timeout", None, 120.0, "Seconds a kept-alive client connection may wait for its next request.",
+     float],
+    ["min-body-rate", None, 1024, "Bytes per second a request or response body must average over "
+     "--min-body-rate-window, else both sides are cut (0: no minimum).", int],
+    ["min-body-rate-window", None, 60.0, "Seconds over which --min-body-rate is averaged.", float],
     ["auth", None, None, "Who clients are: none, basic, token, passthrough or webhook "
      "(an explicit choice is required)."],
     ["htpasswd", None, None, "Users for --auth basic/token: an htpasswd file of bcrypt "
@@ -84,6 +91,8 @@ _PARAMETERS: list[list[Any]] = [
     ["auth-webhook", None, None, "--auth webhook: URL the proxy POSTs each access question to."],
     ["auth-webhook-ttl", None, 60.0, "--auth webhook: seconds an answer is remembered.", float],
     ["auth-webhook-timeout", None, 5.0, "--auth webhook: seconds to wait for an answer (then deny).", float],
+    ["max-connections", None, None, "Most client connections per process; past it new ones get 503 "
+     "(default: what the open-file limit leaves after upstream connections and cache files).", int],
     ["workers", None, 1, "Processes serving the listeners (this one and N-1 children); tcp:/unix: listeners.", int],
     ["cache-dir", None, None, "Keep pulled blobs and manifests here and serve them from disk (off without it)."],
     ["cache-size", None, "50GiB", "Most the cache may hold (e.g. 50GiB, 512MiB, 10G); least "
@@ -179,11 +188,18 @@ class Options(usage.Options):
             raise usage.UsageError(f"--storage-hosts: {e}") from None
         if not 1 <= self["workers"] <= 64:
             raise usage.UsageError("--workers must be between 1 and 64")
+        if self["max-connections"] is not None and self["max-connections"] < 1:
+            raise usage.UsageError("--max-connections must be at least 1")
         if self["upstream-connections"] < 1:
             raise usage.UsageError("--upstream-connections must be at least 1")
-        for name in ("upstream-timeout", "upload-timeout", "idle-timeout", "upstream-wait"):
+        for name in (
+            "upstream-timeout", "upload-timeout", "idle-timeout", "upstream-wait", "head-timeout",
+            "keepalive-timeout", "min-body-rate-window",
+        ):
             if not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
+        if self["min-body-rate"] < 0:
+            raise usage.UsageError("--min-body-rate must be 0 (no minimum) or a number of bytes per second")
         if not self["port"]:
             self["port"] = ["5000"]
         self._listener_options()
@@ -209,6 +225,10 @@ class Options(usage.Options):
             upstream_timeout=self["upstream-timeout"],
             upload_timeout=self["upload-timeout"],
             idle_timeout=self["idle-timeout"],
+            head_timeout=self["head-timeout"],
+            keepalive_timeout=self["keepalive-timeout"],
+            min_body_rate=self["min-body-rate"],
+            min_body_rate_window=self["min-body-rate-window"],
             htpasswd=self["htpasswd"],
             policy=auth["policy"],
             namespace_pattern=self["namespace-pattern"],
@@ -221,6 +241,7 @@ class Options(usage.Options):
             auth_webhook_ttl=self["auth-webhook-ttl"],
             auth_webhook_timeout=self["auth-webhook-timeout"],
             workers=self["workers"],
+            max_connections=self["max-connections"],
             cache_dir=self["cache-dir"],
             cache_bytes=cache_bytes,
             tag_ttl=self["tag-ttl"],

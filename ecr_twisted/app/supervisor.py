@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 
 from ecr_twisted.app.listeners import DescriptionError, parse_description
 from ecr_twisted.http.http11 import CHUNKED, UNTIL_CLOSE, BadMessage, BodyReader, parse_response_head, split_head
+from ecr_twisted.http.listening import somaxconn
 from ecr_twisted.timers import cancel
 
 __all__ = [
@@ -44,13 +45,14 @@ class ListenerError(ValueError):
 
 
 def bind_listener(spec: str) -> socket.socket:
-    """Bind a listening socket for `spec`: a port number, or tcp:/tcp6:/unix: endpoint strings."""
+    """Bind a listening socket for `spec`: a port number, or tcp:/tcp6:/unix: endpoint strings. The
+    backlog is the description's, else the kernel's most (`somaxconn`)."""
     try:
         described = parse_description(spec)
     except DescriptionError as e:
         raise ListenerError(str(e)) from None
     kind, positional, kw = described.kind, described.args, described.kwargs
-    backlog = int(kw.get("backlog", 1024))
+    backlog = int(kw.get("backlog", somaxconn()))
     if kind in ("tcp", "tcp6", "ssl"):  # ssl: the factory is TLS-wrapped by the caller
         port = int(kw.get("port", positional[0] if positional else "0"))
         family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET

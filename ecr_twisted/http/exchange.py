@@ -88,7 +88,7 @@ class Exchange:
         "conn", "request", "started", "status", "upstream_status", "bytes_in", "bytes_out",
         "error", "ctx", "_dechunk", "_pending", "_body_complete", "_body_sent", "_upstream",
         "_attempt", "_relaying", "_responded", "_done", "_gone", "_keep", "_watch", "_moved",
-        "_expect_continue", "_is_head", "_pending_size", "_sender",
+        "_expect_continue", "_is_head", "_pending_size", "_sender", "_still", "_window", "_window_moved",
     )
 
     def __init__(self, conn: "ClientConnection", request: Head, started: float) -> None:
@@ -114,7 +114,10 @@ class Exchange:
         self._gone = False
         self._keep = request.keep_alive()
         self._watch: IDelayedCall | None = None
-        self._moved = -1
+        self._moved = -1  # bytes moved both ways at the last watchdog tick
+        self._still = 0.0  # seconds without any progress, in ticks
+        self._window = 0.0  # seconds of the current minimum-rate window, in ticks
+        self._window_moved = 0  # bytes moved when that window began
         self._is_head = request.method == b"HEAD"
         self._sender: FileSender | None = None
         self._expect_continue = expects_continue(request)
@@ -397,24 +400,53 @@ class Exchange:
         if attempt is not None:
             attempt.cancel(err)
 
-    # -- idle watchdog: one timer per exchange, no per-chunk work beyond the byte counters
+    # -- watchdog: one timer per exchange, no per-chunk work beyond the byte counters.
+    # It ticks every idle_timeout, or every rate_window when that is shorter and a minimum
+    # rate is set, and cuts a body transfer that made no progress for idle_timeout or moved
+    # fewer than min_rate bytes a second over a window (both directions count: a body is
+    # only as fast as its slower side).
     def _arm_watch(self) -> None:
         if self._watch is None and not self._done:
-            self._moved = self.bytes_in + self.bytes_out
-            self._watch = self.conn.reactor.callLater(self.conn.limits.idle_timeout, self._check_idle)
+            self._moved = self._window_moved = self.bytes_in + self.bytes_out
+            self._still = self._window = 0.0
+            self._watch = self.conn.reactor.callLater(self._tick(), self._check_progress)
+
+    def _tick(self) -> float:
+        limits = self.conn.limits
+        if limits.min_rate > 0:
+            return min(limits.idle_timeout, limits.rate_window)
+        return limits.idle_timeout
 
     def _disarm_watch(self) -> None:
         cancel(self._watch)
         self._watch = None
 
-    def _check_idle(self) -> None:
+    def _check_progress(self) -> None:
         self._watch = None
+        limits = self.conn.limits
+        tick = self._tick()
         moved = self.bytes_in + self.bytes_out
-        waiting_for_head = self._attempt is not None and self._attempt.d is not None
-        if moved != self._moved or waiting_for_head:
-            self._arm_watch()
-            return
-        self.error = "idle timeout"
+        progressed = moved != self._moved
+        self._moved = moved
+        if self._body_complete and self._attempt is not None and self._attempt.d is not None:
+            # the request went out whole and the upstream is at work on it (an upload commit can
+            # take minutes): its response head has its own timeout, and windows start afresh
+            self._still = self._window = 0.0
+            self._window_moved = moved
+        else:
+            self._still = 0.0 if progressed else self._still + tick
+            self._window += tick
+            if self._still >= limits.idle_timeout:
+                return self._give_up("idle timeout")
+            if limits.min_rate > 0 and self._window >= limits.rate_window:
+                if moved - self._window_moved < limits.min_rate * self._window:
+                    return self._give_up(f"body slower than {limits.min_rate} bytes/s over {self._window:g} s")
+                self._window = 0.0
+                self._window_moved = moved
+        self._watch = self.conn.reactor.callLater(tick, self._check_progress)
+
+    def _give_up(self, reason: str) -> None:
+        self.error = reason
         self._close_sender()
         self._cut_upstreams()
         self._abort_client()

@@ -134,7 +134,8 @@ def _framing(head: Head, is_request: bool) -> None:
         # no strip(): bytes.strip() also eats \x0b and \x0c, which would let
         # "Transfer-Encoding: \x0bchunked" through (the field regex already trims SP/HTAB)
         if len(codings) != 1 or codings[0].lower() != b"chunked":
-            raise BadMessage("only Transfer-Encoding: chunked is accepted", 501)
+            # a client error, not ours: 501 is a 5xx, which alerts count against the proxy
+            raise BadMessage("only Transfer-Encoding: chunked is accepted")
         if head.version == b"1.0":
             raise BadMessage("Transfer-Encoding in an HTTP/1.0 message")
         head.framing = CHUNKED
@@ -152,12 +153,19 @@ def split_head(buf: bytes, scanned: int = 0) -> tuple[bytes, int] | None:
     """Find the end of a head in `buf`: (head bytes without the blank line, bytes used).
 
     `scanned` is how much of `buf` an earlier call already searched, so a head that
-    arrives a byte at a time costs linear, not quadratic, time.
+    arrives a byte at a time costs linear, not quadratic, time. A line ending in a bare LF
+    is refused as soon as it arrives: such a head never ends in CRLF CRLF, and waiting for
+    it would only turn a malformed message into a timeout.
     """
     end = buf.find(b"\r\n\r\n", max(0, scanned - 3))
     if end < 0:
         if len(buf) > MAX_HEAD:
             raise BadMessage("message head too large", 431)
+        lf = buf.find(b"\n", scanned)
+        while lf >= 0:
+            if lf == 0 or buf[lf - 1] != 13:
+                raise BadMessage("bare LF in message head")
+            lf = buf.find(b"\n", lf + 1)
         return None
     if end > MAX_HEAD:
         raise BadMessage("message head too large", 431)
@@ -172,7 +180,7 @@ def parse_request_head(raw: bytes) -> Head:
     head = Head()
     head.method, head.target, head.version = m.group(1), m.group(2), m.group(3)
     if head.method not in METHODS:
-        raise BadMessage("method not supported", 501)
+        raise BadMessage("method not supported", 405)  # with Allow: METHODS (server.ClientConnection)
     _parse_fields(lines[1:], head)
     hosts = head.get_all(b"host")
     if len(hosts) > 1 or (head.version == b"1.1" and not hosts):

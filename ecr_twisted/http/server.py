@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ecr_twisted.http.exchange import Exchange, Handler
 from ecr_twisted.http.http11 import (
+    METHODS,
     NO_BODY,
     BadMessage,
     BodyReader,
@@ -45,27 +47,44 @@ def plain_error_body(e: BadMessage) -> tuple[bytes, bytes]:
 
 
 class Limits:
-    """Timeouts and sizes of the data path, in seconds."""
+    """Timeouts and rates of the data path (seconds, bytes per second); README "Options" names each.
+
+    `head_timeout`: a request head, from its first byte (the first request's from the connection);
+    `keepalive_timeout`: a kept-alive connection waiting for the next request's first byte;
+    `idle_timeout`: a body transfer making no progress at all; `min_rate` (0: off) over each
+    `rate_window`: a body transfer moving fewer bytes than that, uploads and downloads alike.
+    Waiting for an upstream to answer a request sent whole is none of these (the handler's
+    upstream timeouts cover it)."""
 
     def __init__(
         self,
         head_timeout: float = 30.0,
         keepalive_timeout: float = 120.0,
         idle_timeout: float = 300.0,
+        min_rate: int = 1024,
+        rate_window: float = 60.0,
     ) -> None:
         self.head_timeout = head_timeout
         self.keepalive_timeout = keepalive_timeout
         self.idle_timeout = idle_timeout
+        self.min_rate = min_rate
+        self.rate_window = rate_window
 
 
 _C_HEAD, _C_BODY, _C_WAIT, _C_LINGER, _C_CLOSED = range(5)
 _LINGER_TIMEOUT = 2.0
 _MAX_LINGER = 1 << 20
 _METHOD_START = frozenset(bytes([c]) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_ALLOW = b", ".join(sorted(METHODS))
 
 
+@implementer(IHalfCloseableProtocol)
 class ClientConnection(Protocol):
-    """Server side of one client connection: parses heads, frames request bodies, one request at a time."""
+    """Server side of one client connection: parses heads, frames request bodies, one request at a time.
+
+    A client may shut down its sending side once its requests are out (TCP half-close, RFC 9112
+    9.6): what it sent whole is still answered, then the connection closes. (Twisted's TLS layer
+    has no half-close: there a client's FIN ends the connection.)"""
 
     transport: Transport  # type: ignore[assignment]  # set by makeConnection before any use
     send_body: Callable[[bytes], None]  # response body bytes, set once connected
@@ -87,6 +106,8 @@ class ClientConnection(Protocol):
         self._exchange: Exchange | None = None
         self._parsing = False
         self._timer: IDelayedCall | None = None
+        self._between = False  # kept alive, waiting for the next request's first byte
+        self._read_closed = False  # the client sent its FIN: nothing more will come
 
     def connectionMade(self) -> None:
         self.valve = Valve(self.transport)
@@ -111,6 +132,11 @@ class ClientConnection(Protocol):
         if state == _C_BODY:
             self._body_data(data, 0)
         elif state == _C_HEAD:
+            if self._between:
+                # the next request has begun: its head gets head_timeout, as the first one did
+                self._between = False
+                if self._timer is not None:
+                    self._timer.reset(self.limits.head_timeout)
             self._buf = self._buf + data if self._buf else data
             self._next_heads()
         elif state == _C_WAIT:
@@ -171,6 +197,12 @@ class ClientConnection(Protocol):
                     self._body_data(rest, 0)
         finally:
             self._parsing = False
+        if self._read_closed:
+            if self._state == _C_HEAD:
+                self._end_of_requests()
+            elif self._state == _C_BODY:  # a pipelined request whose body was cut by the half-close
+                self._state = _C_CLOSED
+                self.transport.abortConnection()
 
     def _body_data(self, data: bytes, off: int) -> None:
         reader = self._reader
@@ -199,21 +231,46 @@ class ClientConnection(Protocol):
                 self.transport.pauseProducing()
             ex.client_body_done()
 
+    def readConnectionLost(self) -> None:
+        """The client shut down its sending side (IHalfCloseableProtocol)."""
+        if self._read_closed:
+            return
+        self._read_closed = True
+        state = self._state
+        if state == _C_BODY:
+            # a request body that can never be whole: cut it, and whatever carries it upstream
+            self._state = _C_CLOSED
+            self.transport.abortConnection()
+        elif state == _C_LINGER:
+            self._state = _C_CLOSED
+            self.transport.loseConnection()
+        elif state == _C_HEAD:
+            self._end_of_requests()
+        # _C_WAIT: a whole request is being answered; exchange_done closes after it (and any pipelined)
+
+    def writeConnectionLost(self) -> None:
+        """Our side is shut down (lingering after an early answer); the client's close or the timer ends it."""
+
+    def _end_of_requests(self) -> None:
+        """No request can come any more: close, refusing a head the client began and never ended."""
+        if self._buf:
+            self._reject(BadMessage("connection closed in the middle of a request head"))
+        else:
+            self._state = _C_CLOSED
+            self.transport.loseConnection()
+
     def _reject(self, e: BadMessage) -> None:
         self._state = _C_CLOSED
         self.on_error(e)
         content_type, body = self.error_body(e)
-        self.transport.write(
-            serialize_head(
-                status_line(e.status, b"Error"),
-                [
-                    (b"Content-Type", content_type),
-                    (b"Content-Length", b"%d" % len(body)),
-                    (b"Connection", b"close"),
-                ],
-            )
-            + body
-        )
+        fields = [
+            (b"Content-Type", content_type),
+            (b"Content-Length", b"%d" % len(body)),
+            (b"Connection", b"close"),
+        ]
+        if e.status == 405:  # an unknown method (RFC 9110 15.5.6: a 405 says what is allowed)
+            fields.append((b"Allow", _ALLOW))
+        self.transport.write(serialize_head(status_line(e.status, b"Error"), fields) + body)
         self.transport.loseConnection()
 
     def exchange_done(self, ex: Exchange, keep: bool, abort: bool = False) -> None:
@@ -246,7 +303,17 @@ class ClientConnection(Protocol):
             self.transport.loseConnection()
             return
         self._state = _C_HEAD
-        self._timer = self.reactor.callLater(self.limits.keepalive_timeout, self._timeout)
+        if self._read_closed:
+            if self._buf:
+                self._next_heads()  # pipelined requests sent before the half-close; it closes after them
+            else:
+                self._end_of_requests()
+            return
+        if self._buf:  # a pipelined head has begun already
+            self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
+        else:
+            self._between = True
+            self._timer = self.reactor.callLater(self.limits.keepalive_timeout, self._timeout)
         self.transport.resumeProducing()
         if self._buf:
             self._next_heads()

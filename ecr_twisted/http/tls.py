@@ -15,7 +15,10 @@ from zope.interface import implementer
 
 from ecr_twisted.http.origin import Origin
 
-__all__ = ["HTTP11", "PlatformPlusCA", "client_creator_factory", "select_protocol", "serve_http11", "server_options"]
+__all__ = [
+    "HTTP11", "PlatformPlusCA", "TLS12_SUITES", "client_creator_factory", "select_protocol", "serve_http11",
+    "server_options",
+]
 
 
 def _read_pem_chain(path: str) -> list[ssl.Certificate]:
@@ -55,8 +58,23 @@ def serve_http11(options: Any) -> Any:
     return options
 
 
+# Mozilla's "intermediate" server profile (ssl-config.mozilla.org, guidelines 5.7) for TLS 1.2:
+# ECDHE key exchange (forward secrecy) with AEAD ciphers only, in its order. Its DHE suites are
+# left out: they need DH parameters the proxy does not take. TLS 1.3 suites are OpenSSL's own
+# (all three are AEAD with forward secrecy); this list does not touch them.
+TLS12_SUITES = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-CHACHA20-POLY1305",
+    "ECDHE-RSA-CHACHA20-POLY1305",
+)
+
+
 def server_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
-    """Server TLS from PEM files (certificate first, then any intermediates); TLS 1.2 minimum."""
+    """Server TLS from PEM files (certificate first, then any intermediates): TLS 1.2 minimum,
+    TLS 1.2 with `TLS12_SUITES` only."""
     chain = _read_pem_chain(cert_file)
     with open(key_file, "rb") as f:
         key = ssl.KeyPair.load(f.read(), crypto.FILETYPE_PEM)
@@ -66,6 +84,9 @@ def server_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
         extraCertChain=[c.original for c in chain[1:]],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
+    # set on the context itself, which CertificateOptions builds once and keeps: Twisted's own
+    # acceptableCiphers would also pass TLS 1.3 names through set_cipher_list
+    options.getContext().set_cipher_list(":".join(TLS12_SUITES).encode("ascii"))
     return serve_http11(options)
 
 

@@ -68,6 +68,20 @@ class Metrics:
             "ecrproxy_auth_webhook_errors", "Authorization webhook calls that failed (each one a deny)",
             registry=registry,
         )
+        self.connections = Gauge(
+            "ecrproxy_client_connections", "Open client connections (registry listeners)", registry=registry
+        )
+        self.connections_max = Gauge(
+            "ecrproxy_client_connections_max", "Most client connections taken (--max-connections)", registry=registry
+        )
+        self.connections_refused = Counter(
+            "ecrproxy_client_connections_refused", "Client connections refused past --max-connections, by how "
+            "(503: answered, closed: closed at once)", ["how"], registry=registry,
+        )
+        self.accept_errors = Counter(
+            "ecrproxy_accept_errors", "accept() failures for want of descriptors or memory, by errno (EMFILE, ...)",
+            ["error"], registry=registry,
+        )
         self._requests: dict[tuple[bytes, str, int], Counter] = {}
         self._per_route: dict[str, tuple[Histogram, Counter, Counter]] = {}
         self._upstream: dict[str, Histogram] = {}

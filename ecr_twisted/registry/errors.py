@@ -63,5 +63,5 @@ def envelope(err: RegistryError, detail: str | None = None) -> bytes:
 def bad_request_body(status: int, reason: str) -> tuple[bytes, bytes]:
     """(Content-Type, body) for a request the HTTP parser refused: the data path knows nothing of
     registries, so the composition root hands it this."""
-    code = "UNSUPPORTED" if status in (501, 505) else "BAD_REQUEST"
+    code = "UNSUPPORTED" if status in (405, 501, 505) else "UNAVAILABLE" if status == 503 else "BAD_REQUEST"
     return JSON_FIELDS[0][1], envelope(RegistryError(code, reason, status))

@@ -347,8 +347,9 @@ def test_blob_range_request_stream_mode(proxy: Proxy) -> None:
         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",  # ambiguous framing (smuggling)
         b"GET /v2/ HTTP/1.1\r\nHost: a\r\nX-A: b\r\n folded\r\n\r\n",  # obs-fold
         b"GET /v2/ HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        b"PATCH /v2/proto/x/blobs/uploads/u HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
     ],
-    ids=["tls-hello", "cl-and-te", "obs-fold", "two-content-lengths"],
+    ids=["tls-hello", "cl-and-te", "obs-fold", "two-content-lengths", "gzip-coding"],
 )
 def test_malformed_requests_are_refused(proxy: Proxy, raw: bytes) -> None:
     before = proxy.metric("ecrproxy_bad_requests_total", status="400") or 0

@@ -209,3 +209,40 @@ def test_client_tls_ssl_endpoint(
         ecr, port_spec=f"ssl:{port}:interface=127.0.0.1:privateKey={key}:certKey={cert}", port=port, scheme="https"
     )
     _check_client_tls(p, ca, plain_image, tmp_path)
+
+
+def test_client_tls_suites_are_the_intermediate_profile(
+    ecr: EmulatedECR, client_tls: tuple[pathlib.Path, pathlib.Path, pathlib.Path], proxy_factory: ProxyFactory,
+) -> None:
+    """Each TLS 1.2 suite Python's OpenSSL knows, offered alone: the proxy takes exactly the README's
+    ("intermediate": ECDHE with AES-GCM or CHACHA20-POLY1305; the test certificate is ECDSA); TLS 1.3 works."""
+    _, cert, key = client_tls
+    p = proxy_factory(ecr, "--tls-cert", str(cert), "--tls-key", str(key), scheme="https")
+    assert p.port is not None
+    probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    probe.set_ciphers("ALL:COMPLEMENTOFALL:@SECLEVEL=0")
+    suites = sorted({c["name"] for c in probe.get_ciphers() if not c["name"].startswith("TLS_")})
+    assert len(suites) > 30
+    accepted = set()
+    for suite in suites:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers(suite + ":@SECLEVEL=0")
+        try:
+            with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s, ctx.wrap_socket(s) as t:
+                cipher = t.cipher()
+                assert cipher is not None and cipher[0] == suite and t.version() == "TLSv1.2"
+                accepted.add(suite)
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+    assert accepted == {"ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-ECDSA-AES256-GCM-SHA384",
+                        "ECDHE-ECDSA-CHACHA20-POLY1305"}
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s, ctx.wrap_socket(s) as t:
+        assert t.version() == "TLSv1.3"
+        t.sendall(b"GET /v2/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert t.recv(64).startswith(b"HTTP/1.1 200")
+    assert p.alive()

@@ -573,6 +573,7 @@ def test_an_upstream_that_dies_mid_body_aborts_the_clients_and_leaves_nothing(tm
 
 def test_a_stalled_fill_is_cut(tmp_path: Path) -> None:
     h = cached(tmp_path)
+    h.factory.limits.min_rate = 0  # 1,000 bytes a minute is too slow for a client (tests/unit/test_client_side.py)
     data, digest = blob()
     c = call(h, "GET", f"/v2/app/blobs/{digest}")
     answer(h, REDIRECT)
