@@ -225,6 +225,8 @@ class Exchange:
             up.request_complete = True
             if up.connected_:
                 up.transport.unregisterProducer()
+        if self._attempt is not None:
+            self._attempt.body_done()
         if self._responded and self._relaying is None:
             self._finish()
 

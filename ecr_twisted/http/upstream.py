@@ -430,7 +430,16 @@ class Attempt:
         conn.request_complete = ex.request_read
         conn.start(self, self.head)
         if ex.has_body:
+            if not ex.request_read:
+                # the body may take longer than the whole deadline (a 52 GB layer): while it moves, the
+                # body-rate watchdog guards it; the wait for the answer starts when it is all sent
+                self._stop_timer()
             ex.attach_upstream(conn)
+
+    def body_done(self) -> None:
+        """The whole request body has been read from the client: the deadline for the answer runs again."""
+        if self.timer is None and self.d is not None and self.conn is not None:
+            self.timer = self.exchange.conn.reactor.callLater(self.timeout, self.timed_out)
 
     def connect_failed(self, reason: Failure) -> None:
         self.acquiring = None

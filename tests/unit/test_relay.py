@@ -224,6 +224,28 @@ def test_uploads_get_the_long_timeout() -> None:
     assert client.value().startswith(b"HTTP/1.1 201 ")
 
 
+def test_the_upload_timeout_runs_from_the_end_of_the_body_not_from_its_start() -> None:
+    """A 52 GB layer at 50 MB/s takes longer than --upload-timeout to send: while the body moves at
+    a healthy rate (the body-rate watchdog guards it), the deadline for the answer has not begun."""
+    h = Harness()
+    timeout = h.config.upload_timeout
+    chunk = b"x" * 1_000_000
+    n = int(timeout * 1.5 // 10) + 1  # a chunk every 10 s for 1.5 x the upload timeout
+    proto, client = h.client()
+    proto.dataReceived(b"PATCH /v2/app/blobs/uploads/u1 HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n"
+                       % (len(chunk) * n))
+    up, upstream = h.upstreams.last()
+    for _ in range(n):
+        proto.dataReceived(chunk)
+        h.reactor.advance(10)
+    assert client.value() == b"" and not upstream.disconnected, "cut while the body was still moving"
+    assert len(upstream.value()) > len(chunk) * n
+    h.reactor.advance(timeout - 11)  # the whole body is sent: now the registry has the upload timeout to answer
+    assert client.value() == b""
+    h.reactor.advance(12)
+    assert client.value().startswith(b"HTTP/1.1 504 ")
+
+
 def test_a_stalled_transfer_is_aborted_by_the_idle_watchdog() -> None:
     h = Harness()
     h.factory.limits.min_rate = 0  # 4 bytes in 299 s would be too slow (tests/unit/test_client_side.py)
