@@ -247,6 +247,12 @@ class Exchange:
         return self._dechunk
 
     @property
+    def upstream_pending(self) -> bool:
+        """A request waits for an upstream connection (a pool place or a connect): nothing went upstream yet."""
+        attempt = self._attempt
+        return attempt is not None and attempt.conn is None and attempt.acquiring is not None
+
+    @property
     def request_read(self) -> bool:
         """The whole request body has been read from the client (true at once without a body)."""
         return self._body_complete

@@ -246,7 +246,15 @@ class ClientConnection(Protocol):
             self.transport.loseConnection()
         elif state == _C_HEAD:
             self._end_of_requests()
-        # _C_WAIT: a whole request is being answered; exchange_done closes after it (and any pipelined)
+        elif state == _C_WAIT and self._exchange is not None and self._exchange.upstream_pending:
+            # A FIN while the request still waits for an upstream place (queued or connecting): the
+            # same bytes as a client that left, and after a burst of those (wrk's end, a CI runner
+            # killed) the pool must not spend its places answering nobody. Nothing went upstream
+            # yet, so nothing is lost; a client that half-closes gets its answer once the request
+            # is under way upstream (see README, half-close).
+            self._state = _C_CLOSED
+            self.transport.abortConnection()
+        # otherwise _C_WAIT: a whole request is being answered; exchange_done closes after it (and any pipelined)
 
     def writeConnectionLost(self) -> None:
         """Our side is shut down (lingering after an early answer); the client's close or the timer ends it."""

@@ -730,7 +730,7 @@ class FakeUpstream:
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(32)
+        self._listener.listen(1024)  # a registry takes bursts; a small backlog would drop SYNs (1-3 s retries)
         self.port = int(self._listener.getsockname()[1])
         self._closed = False
         threading.Thread(target=self._accept, name="fake-upstream", daemon=True).start()

@@ -7,7 +7,7 @@ import json
 
 from twisted.internet.testing import StringTransport
 
-from ecr_twisted.testing.doubles import Harness
+from ecr_twisted.testing.doubles import UPSTREAM, Harness
 
 GET = b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -238,6 +238,21 @@ def test_a_request_then_a_half_close_is_answered_then_closed() -> None:
     conn.dataReceived(OK)
     assert client.value().startswith(b"HTTP/1.1 200 ") and client.value().endswith(b"\r\n\r\nok")
     assert client.disconnecting and not client.disconnected  # closed after the answer, not aborted
+
+
+def test_a_fin_while_the_request_waits_for_an_upstream_place_is_a_departure() -> None:
+    """The FIN of a client that left looks like a half-close; while its request has not gone upstream
+    (queued for a pool place) it is taken as a departure, so bursts of departed clients cost no upstream."""
+    h = Harness()
+    h.upstreams.hold = True  # the connect stays under way: the request has not gone upstream
+    proto, client = h.client()
+    proto.dataReceived(GET)
+    assert client.value() == b""
+    proto.readConnectionLost()
+    assert client.disconnected  # aborted: nothing was sent upstream, nothing is lost
+    proto.connectionLost()  # as the reactor reports the abort
+    assert h.upstreams.pending == []  # its connect was stopped
+    assert h.pool.counts(UPSTREAM) == (0, 0, 0, 0)
 
 
 def test_pipelined_requests_then_a_half_close_are_all_answered() -> None:
