@@ -25,6 +25,7 @@ from proxy_harness import (
     pull_via,
     push_direct,
     push_via,
+    wait_for,
 )
 
 from ecr_twisted.testing.emulator import EmulatedECR, random_password
@@ -98,7 +99,13 @@ def test_rotation_without_restart(
     ecr.set_token(new, new_expiry)
     passwords.append(new)
 
-    # a real client first: skopeo's push starts with GET /v2/, which meets the 401 and the refresh
+    # a real client first: skopeo's push starts with GET /v2/, which meets the 401 and the refresh.
+    # With --workers N each process refreshes on its own first 401, and an upload body that already
+    # went upstream cannot be replayed (README, Tokens): a push whose PATCH lands on a process that has
+    # not met the 401 yet fails once. So with N > 1, bodyless requests meet every process first.
+    if WORKERS > 1:
+        wait_for(lambda: p.request("/v2/").status == 200 and _refreshes(p)[0] >= ok0 + WORKERS, 30,
+                 "every worker to refresh its token")
     extra = make_oci_layout(tmp_path / "extra", [os.urandom(70_000)], "r2")
     push_via(p, extra, REPO)
     for _ in range(3):
