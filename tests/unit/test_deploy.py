@@ -191,3 +191,121 @@ def test_every_alert_rule_is_unit_tested() -> None:
     tested = (PROMETHEUS / "alerts_test.yaml").read_text()
     for rule in alert_rules():
         assert f"alertname: {rule['alert']}" in tested, rule["alert"]
+
+
+# --- Kubernetes manifests ---
+
+KUBERNETES = DEPLOY / "kubernetes"
+
+
+def load_yaml(path: Path) -> list[dict]:
+    import yaml
+
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def render_kustomization() -> list[dict]:
+    """What `kubectl kustomize deploy/kubernetes` makes of the features kustomization.yaml uses:
+    its resources in order, with `labels` added to each object's metadata and `images` applied."""
+    (kustomization,) = load_yaml(KUBERNETES / "kustomization.yaml")
+    assert set(kustomization) <= {"apiVersion", "kind", "labels", "resources", "images"}, "render() knows no more"
+    objects = [obj for name in kustomization["resources"] for obj in load_yaml(KUBERNETES / name)]
+    for obj in objects:
+        for entry in kustomization.get("labels", []):
+            assert not entry.get("includeSelectors") and not entry.get("includeTemplates")
+            obj["metadata"].setdefault("labels", {}).update(entry["pairs"])
+        pod = obj.get("spec", {}).get("template", {}).get("spec", {})
+        for container in pod.get("containers", []):
+            for image in kustomization.get("images", []):
+                if container["image"] == image["name"]:
+                    container["image"] = f"{image.get('newName', image['name'])}:{image['newTag']}"
+    return objects
+
+
+def by_kind(objects: list[dict]) -> dict[str, dict]:
+    kinds = {obj["kind"]: obj for obj in objects}
+    assert len(kinds) == len(objects), "one object of each kind"
+    return kinds
+
+
+def test_the_kustomization_renders_to_valid_kubernetes_objects() -> None:
+    import kubernetes_validate
+
+    objects = render_kustomization()
+    assert sorted(obj["kind"] for obj in objects) == sorted([
+        "ServiceAccount", "ConfigMap", "Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"])
+    version = kubernetes_validate.latest_version()
+    for obj in objects:
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{obj['kind']}: {str(e).splitlines()[0]}")
+        assert obj["metadata"]["labels"]["app.kubernetes.io/name"] == "ecr-twisted"
+    in_kustomization = {name for name in load_yaml(KUBERNETES / "kustomization.yaml")[0]["resources"]}
+    on_disk = {p.name for p in KUBERNETES.glob("*.yaml")} - {"kustomization.yaml"}
+    assert on_disk - in_kustomization == {"servicemonitor.yaml"}  # optional: needs the Prometheus Operator
+
+
+def test_the_deployment_is_probed_drained_and_locked_down() -> None:
+    kinds = by_kind(render_kustomization())
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 5000, "metrics": 9100}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "metrics"}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "metrics"}
+    # the proxy drains up to 30 s after SIGTERM (after the preStop pause): SIGKILL must come later
+    env = kinds["ConfigMap"]["data"]
+    pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert pod["terminationGracePeriodSeconds"] == 45 >= pre_stop + int(env["ECRPROXY_DRAIN_TIMEOUT"]) + 5
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
+    assert "USER 10001:10001" in (ROOT / "Dockerfile").read_text()
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+    assert "memory" in container["resources"]["requests"] and "memory" in container["resources"]["limits"]
+    # writable places on a read-only root: emptyDirs for /tmp and the optional cache
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]]
+    cache_dir = "/var/cache/ecrproxy"
+    assert "emptyDir" in volumes[mounts[cache_dir]]
+    assert f"# ECRPROXY_CACHE_DIR: {cache_dir}" in (KUBERNETES / "configmap.yaml").read_text()
+    # options from the ConfigMap, the htpasswd and the token key from a Secret, credentials by IRSA
+    assert container["envFrom"] == [{"configMapRef": {"name": kinds["ConfigMap"]["metadata"]["name"]}}]
+    auth_dir = next(path for path, name in mounts.items() if "secret" in volumes[name])
+    assert env["ECRPROXY_HTPASSWD"] == f"{auth_dir}/htpasswd" and env["ECRPROXY_TOKEN_KEY"] == f"{auth_dir}/token.key"
+    assert env["ECRPROXY_METRICS_PORT"] == str(ports["metrics"]) and env["ECRPROXY_PORT"] == str(ports["http"])
+    assert all(key.startswith("ECRPROXY_") for key in env)
+    account = kinds["ServiceAccount"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"]
+    assert account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].startswith("arn:aws:iam::")
+
+
+def test_the_configmap_names_only_real_options() -> None:
+    from ecr_twisted.app.options import ENV_PREFIX, Options
+
+    options = Options(environ={})
+    known = {ENV_PREFIX + name.upper().replace("-", "_") for name in options.keys()}
+    # --drain-timeout comes with the drain work of issue #12; unknown ECRPROXY_* variables are ignored
+    env = set(by_kind(render_kustomization())["ConfigMap"]["data"]) - {"ECRPROXY_DRAIN_TIMEOUT"}
+    assert env <= known, env - known
+
+
+def test_service_pdb_hpa_and_servicemonitor_select_the_deployment() -> None:
+    kinds = by_kind(render_kustomization())
+    deployment = kinds["Deployment"]
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    service = kinds["Service"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    assert {p["name"]: p["targetPort"] for p in service["spec"]["ports"]} == {"http": "http", "metrics": "metrics"}
+    assert kinds["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    assert kinds["PodDisruptionBudget"]["spec"]["minAvailable"] < kinds["HorizontalPodAutoscaler"]["spec"][
+        "minReplicas"]
+    target = kinds["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    (monitor,) = load_yaml(KUBERNETES / "servicemonitor.yaml")
+    assert (monitor["apiVersion"], monitor["kind"]) == ("monitoring.coreos.com/v1", "ServiceMonitor")
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
