@@ -309,3 +309,40 @@ def test_service_pdb_hpa_and_servicemonitor_select_the_deployment() -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+
+# --- systemd unit ---
+
+UNIT = DEPLOY / "systemd" / "ecr-twisted.service"
+
+
+def unit_settings() -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in UNIT.read_text().splitlines():
+        if line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_the_systemd_unit_stops_after_the_drain_and_runs_the_proxy() -> None:
+    s = unit_settings()
+    assert s["KillSignal"] == ["SIGTERM"] and s["TimeoutStopSec"] == ["45"] and s["KillMode"] == ["mixed"]
+    assert s["ExecStart"] == ["/opt/ecrproxy/bin/twistd --nodaemon --pidfile= ecrproxy"]
+    assert s["User"] == ["ecrproxy"] and s["NoNewPrivileges"] == ["yes"] and s["ProtectSystem"] == ["strict"]
+
+
+def test_systemd_analyze_accepts_the_unit_and_rates_it_well_hardened(tmp_path: Path) -> None:
+    import re
+    import shutil
+
+    # verify wants ExecStart's program to exist: the same unit, pointed at a program that does
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/ecrproxy/bin/twistd", str(shutil.which("true"))))
+    verify = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0 and verify.stdout + verify.stderr == "", verify.stdout + verify.stderr
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", str(unit)], capture_output=True,
+                              text=True, timeout=60)
+    exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
+    assert exposure is not None, security.stdout + security.stderr
+    assert float(exposure.group(1)) <= 2.5  # "OK" in systemd's scale (10 = unprotected)
