@@ -88,9 +88,10 @@ def test_the_probe_is_executable_and_the_image_uses_it() -> None:
 
 # --- the metric names a real proxy exposes ---
 
-def exposed_metrics(tmp_path: Path) -> set[str]:
-    """Every sample name a scrape of a proxy with a layer cache can show (labelled families that have
-    seen no traffic yet show only their # TYPE line: their sample names follow from the type)."""
+def exposed_metrics(tmp_path: Path) -> dict[str, set[str]]:
+    """Every sample name a scrape of a proxy with a layer cache can show, with its label names
+    (labelled families that have seen no traffic yet show only their # TYPE line: their sample names
+    follow from the type, their label names from the metric objects behind them)."""
     from prometheus_client import generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -99,14 +100,19 @@ def exposed_metrics(tmp_path: Path) -> set[str]:
     h = Harness(cache_dir=str(tmp_path / "cache"))
     try:
         scrape = generate_latest(h.registry).decode()
+        declared = {getattr(c, "_name", None): set(getattr(c, "_labelnames", ()))
+                    for c in list(h.registry._collector_to_names)}
     finally:
         h.close()
     suffixes = {"counter": ["_total", "_created"], "histogram": ["_bucket", "_sum", "_count", "_created"],
                 "summary": ["_sum", "_count", "_created", ""], "gauge": [""], "info": ["_info"]}
-    names: set[str] = set()
+    names: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(scrape):
-        names.update(family.name + suffix for suffix in suffixes.get(family.type, [""]))
-        names.update(sample.name for sample in family.samples)
+        labels = set(declared.get(family.name, set()))
+        labels |= {label for sample in family.samples for label in sample.labels}
+        for name in [family.name + suffix for suffix in suffixes.get(family.type, [""])] + [
+                sample.name for sample in family.samples]:
+            names[name] = labels | ({"le"} if name.endswith("_bucket") else set())
     return names
 
 
@@ -140,11 +146,48 @@ def test_promql_metrics_finds_metric_names_only() -> None:
     assert promql_metrics('sum(rate(q_total{instance=~"$instance"}[$__rate_interval]))') == {"q_total"}
 
 
+TARGET_LABELS = {"instance", "job"}  # added by Prometheus to every scraped series
+
+
+def promql_labels(expr: str) -> set[str]:
+    """Label names an expression matches on, groups by, or a Grafana legend shows."""
+    import re
+
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    names = {m.group(1) for matchers in re.findall(r"\{([^}]*)\}", e)
+             for m in re.finditer(r"([A-Za-z_][A-Za-z0-9_]*)\s*(?:=~|!~|!=|=)", matchers)}
+    for group in re.findall(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)", e):
+        names |= {name.strip() for name in group.split(",") if name.strip()}
+    return names
+
+
+def check_expression(expr: str, metrics: dict[str, set[str]], legend: str = "") -> set[str]:
+    """The metric names `expr` uses, after checking that each exists and each label name it (or its
+    legend) uses is one of theirs; AssertionError otherwise."""
+    import re
+
+    names = promql_metrics(expr)
+    assert names, f"no metric in {expr!r}"
+    assert names <= set(metrics), f"not exposed: {sorted(names - set(metrics))} in {expr!r}"
+    known = TARGET_LABELS.union(*(metrics[name] for name in names))
+    labels = promql_labels(expr) | set(re.findall(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}", legend))
+    assert labels <= known, f"unknown labels {sorted(labels - known)} in {expr!r}"
+    return names
+
+
+def test_promql_labels_finds_matchers_groupings_and_nothing_in_strings() -> None:
+    assert promql_labels('sum by (route, le) (rate(x{route=~"a|b", status!="2.."}[5m])) / on(instance) y') == {
+        "route", "le", "status", "instance"}
+
+
 @pytest.fixture(scope="module")
-def metrics(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
+def metrics(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     names = exposed_metrics(tmp_path_factory.mktemp("scrape"))
     assert {"ecrproxy_token_expiry_timestamp_seconds", "ecrproxy_token_refresh_total",
-            "ecrproxy_request_duration_seconds_bucket", "ecrproxy_cache_disk_full_total"} <= names
+            "ecrproxy_request_duration_seconds_bucket", "ecrproxy_cache_disk_full_total"} <= set(names)
+    assert names["ecrproxy_requests_total"] == {"method", "route", "status"}
+    assert names["ecrproxy_cache_hits_total"] == {"kind"}
+    assert names["ecrproxy_request_duration_seconds_bucket"] == {"route", "le"}
     return names
 
 
@@ -174,13 +217,15 @@ def alert_rules() -> list[dict[str, object]]:
     return [rule for group in doc["groups"] for rule in group["rules"]]
 
 
-def test_the_alert_rules_use_only_exposed_metrics(metrics: set[str]) -> None:
-    used = set()
+def test_the_alert_rules_use_only_exposed_metrics_and_labels(metrics: dict[str, set[str]]) -> None:
+    import re
+
+    used: set[str] = set()
     for rule in alert_rules():
-        names = promql_metrics(str(rule["expr"]))
-        assert names, rule
-        assert names <= metrics, (rule["alert"], names - metrics)
-        used |= names
+        used |= check_expression(str(rule["expr"]), metrics)
+        annotations = " ".join(map(str, dict(rule.get("annotations", {})).values()))  # type: ignore[call-overload]
+        labels = set(re.findall(r"\$labels\.([A-Za-z_][A-Za-z0-9_]*)", annotations))
+        assert labels <= TARGET_LABELS | promql_labels(str(rule["expr"])), (rule["alert"], labels)
     wanted = {"ecrproxy_token_expiry_timestamp_seconds", "ecrproxy_token_refresh_total",
               "ecrproxy_upstream_errors_total", "ecrproxy_requests_total", "ecrproxy_cache_disk_full_total",
               "ecrproxy_request_duration_seconds_bucket"}
@@ -346,3 +391,37 @@ def test_systemd_analyze_accepts_the_unit_and_rates_it_well_hardened(tmp_path: P
     exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
     assert exposure is not None, security.stdout + security.stderr
     assert float(exposure.group(1)) <= 2.5  # "OK" in systemd's scale (10 = unprotected)
+
+
+# --- Grafana dashboard ---
+
+DASHBOARD = DEPLOY / "grafana" / "ecr-twisted.json"
+
+
+def test_the_dashboard_parses_and_its_panels_use_only_exposed_metrics(metrics: dict[str, set[str]]) -> None:
+    import json
+    import re
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "ecr-twisted" and dashboard["title"]
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids)) and len(panels) >= 10
+    used: set[str] = set()
+    for panel in panels:
+        assert panel["targets"], panel["title"]
+        assert panel["datasource"]["uid"] == "${datasource}"
+        for target in panel["targets"]:
+            try:
+                used |= check_expression(target["expr"], metrics, target.get("legendFormat", ""))
+            except AssertionError as e:
+                raise AssertionError(f"panel {panel['title']!r}: {e}") from None
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["query"] == "prometheus"
+    (metric,) = re.findall(r"label_values\((\w+), instance\)", variables["instance"]["query"]["query"])
+    assert metric in metrics
+    # the families an operator looks at first all show (a fixed list: metrics added later need not)
+    assert {"ecrproxy_requests_total", "ecrproxy_request_duration_seconds_bucket", "ecrproxy_upstream_errors_total",
+            "ecrproxy_upstream_response_seconds_bucket", "ecrproxy_token_expiry_timestamp_seconds",
+            "ecrproxy_token_refresh_total", "ecrproxy_cache_hits_total", "ecrproxy_cache_size_bytes",
+            "ecrproxy_cache_disk_full_total", "ecrproxy_client_connections", "ecrproxy_upstream_refused_total"} <= used
