@@ -13,6 +13,9 @@ RUN python -m venv /opt/ecrproxy \
 
 FROM python:3.12-slim-bookworm
 COPY --from=build /opt/ecrproxy /opt/ecrproxy
+# the probe for HEALTHCHECK, Kubernetes exec probes and systemd (mode 0755 in git): reads
+# ECRPROXY_METRICS_PORT when it runs
+COPY deploy/docker/ecrproxy-healthcheck /opt/ecrproxy/bin/ecrproxy-healthcheck
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin ecrproxy
 USER 10001:10001
 ENV PATH=/opt/ecrproxy/bin:$PATH \
@@ -20,5 +23,9 @@ ENV PATH=/opt/ecrproxy/bin:$PATH \
     ECRPROXY_PORT=5000 \
     ECRPROXY_METRICS_PORT=9100
 EXPOSE 5000 9100
-HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:9100/healthz', timeout=2)" || exit 1
+# Follows ECRPROXY_METRICS_PORT as set at run time (docker run -e ECRPROXY_METRICS_PORT=9200 ...).
+# HEALTHCHECK is a Docker-format instruction: OCI-format images drop it, so build with
+# `podman build --format docker` / `buildah bud --format docker` to keep it; Kubernetes ignores it and
+# uses the Deployment's probes (deploy/kubernetes/).
+HEALTHCHECK --interval=30s --timeout=3s --start-period=10s CMD ["ecrproxy-healthcheck", "/healthz"]
 ENTRYPOINT ["twistd", "--nodaemon", "--pidfile=", "ecrproxy"]
