@@ -80,6 +80,7 @@ __all__ = [
     "build_gate",
     "build_keeper",
     "build_proxy",
+    "describe",
     "client_guard",
     "proxy_config",
     "redirect_rules",
@@ -161,12 +162,52 @@ def build(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), child: 
     """Everything one process runs: the proxy, its listeners (bound by `reactor` when the tree
     starts), the ops listener and, with `--workers`, the children. `child`: build a worker
     child's tree instead, serving inherited sockets once it holds a token."""
-    top = service.MultiService()
     argv = settings.argv
     if settings.issues_tokens and settings.token_key is None:
-        # one key for this start, shared with --workers children through their arguments
-        settings = replace(settings, token_key=_temporary_token_key(reactor))
-        argv += ("--token-key", str(settings.token_key))
+        # one key for this start, shared with --workers children through their arguments;
+        # its directory goes at shutdown, or now if the start fails
+        keydir = tempfile.mkdtemp(prefix="ecrproxy-key-")
+        try:
+            settings = replace(settings, token_key=_temporary_token_key(keydir))
+            built = _build(settings, argv + ("--token-key", str(settings.token_key)), reactor, parts, child)
+        except BaseException:
+            shutil.rmtree(keydir, True)
+            raise
+        reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, keydir, True)
+        return built
+    return _build(settings, argv, reactor, parts, child)
+
+
+def describe(settings: ProxySettings) -> str:
+    """The startup line: what this process serves, and how. File paths, never secrets."""
+    import ecr_twisted
+
+    fields = [
+        ("auth", settings.auth),
+        ("policy", settings.policy if settings.auth != "webhook" else "webhook"),
+        ("htpasswd", settings.htpasswd),
+        ("webhook", settings.auth_webhook),
+        ("read-only", "yes" if settings.read_only else None),
+        ("region", settings.region),
+        ("registry-id", settings.registry_id),
+        ("upstream", settings.upstream or "token's proxyEndpoint"),
+        ("blob-mode", settings.blob_mode),
+        ("cache", f"{settings.cache_dir} ({settings.cache_bytes} bytes)" if settings.cache_dir else "off"),
+        ("ports", ",".join(settings.ports)),
+        ("tls", f"{settings.tls_cert} {settings.tls_key}" if settings.tls_cert else None),
+        ("metrics-port", settings.metrics_port),
+        ("public-url", settings.public_url),
+        ("workers", str(settings.workers)),
+    ]
+    return f"ecr-twisted {ecr_twisted.__version__}: " + " ".join(f"{k}={v}" for k, v in fields if v is not None)
+
+
+def _build(
+    settings: ProxySettings, argv: tuple[str, ...], reactor: Any, parts: Parts, child: ChildSockets | None
+) -> Built:
+    if child is None:
+        log.info("{line}", line=describe(settings))
+    top = service.MultiService()
     proxy = build_proxy(settings, reactor, parts, worker=child is not None)
     for svc in proxy.services:
         svc.setServiceParent(top)
@@ -444,9 +485,7 @@ def _token_key(settings: ProxySettings) -> bytes:
         raise UsageError(f"--token-key: {e}") from None
 
 
-def _temporary_token_key(reactor: Any) -> str:
-    keydir = tempfile.mkdtemp(prefix="ecrproxy-key-")
-    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, keydir, True)
+def _temporary_token_key(keydir: str) -> str:
     path = os.path.join(keydir, "token.key")
     load_or_create_key(path)
     return path
