@@ -441,7 +441,48 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         from twisted.internet import reactor
     if options.unknown_env:
         _log.warn("unknown variables ignored: {names}", names=", ".join(options.unknown_env))
-    return build(options.settings, reactor).top
+    try:
+        built = build(options.settings, reactor)
+    except usage.UsageError as e:  # a directory or socket build could not make: before the pidfile
+        print(f"twistd ecrproxy: {e}", file=sys.stderr)
+        sys.exit(1)
+    top = _OneLineFailures(reactor)
+    for child in list(built.top):  # the same tree, under a top that reports bind failures in one line
+        child.disownServiceParent()
+        child.setServiceParent(top)
+    return top
+
+
+class ListenFailed(Exception):
+    """A listener could not be bound when twistd started the service tree (already logged)."""
+
+
+class _OneLineFailures(service.MultiService):
+    """The tree twistd runs: a port that cannot be bound (in use, no permission) is one log
+    line and exit status 1, not a traceback; what the start made is cleaned up."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+
+    def privilegedStartService(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            _log.critical("cannot start: {error}", error=e)
+            # the reactor will not run: its shutdown triggers (temporary directories) run now
+            self.reactor.fireSystemEvent("shutdown")
+            previous = sys.excepthook
+
+            def quiet(kind: Any, value: BaseException, tb: Any) -> None:
+                if not isinstance(value, ListenFailed):
+                    previous(kind, value, tb)
+
+            sys.excepthook = quiet
+            # raised through twistd, which removes its pidfile; the exit status is 1
+            raise ListenFailed(str(e)) from None
 
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b?|b?)\s*\Z", re.IGNORECASE)
