@@ -17,8 +17,10 @@ import functools
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, cast
 
@@ -45,7 +47,6 @@ from ecr_twisted.app.listeners import (
     ListenerSpec,
     listener_address,
     listener_spec,
-    load_server_tls,
     with_backlog,
 )
 from ecr_twisted.cache.layer import CacheCollector, LayerCache
@@ -62,7 +63,7 @@ from ecr_twisted.http.listening import (
 from ecr_twisted.http.origin import Origin
 from ecr_twisted.http.server import Limits, RelayFactory
 from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
-from ecr_twisted.http.tls import client_creator_factory
+from ecr_twisted.http.tls import ReloadingServerTLS, client_creator_factory
 from ecr_twisted.observe.health import ops_site
 from ecr_twisted.observe.metrics import Metrics, PoolCollector
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
@@ -212,7 +213,7 @@ def _build(
     for svc in proxy.services:
         svc.setServiceParent(top)
     listeners = [_listener("port", spec, settings.tls_cert, settings.tls_key) for spec in settings.ports]
-    tls = _TLSFiles()
+    tls = _TLSFiles(reactor)
     factories = [tls.wrap(spec, proxy.relay(reactor, spec.tls)) for spec in listeners]
     # every registry listener's connections count against one cap; the ops listener has none
     # (cast: a GuardedListening is a reactor as far as endpoints go; the rest it passes on)
@@ -232,6 +233,7 @@ def _build(
         ops_guard = client_guard(settings, reactor, proxy.metrics, capped=False)
         ops = cast(IReactorCore, GuardedListening(reactor, ops_guard))
         strports.service(with_backlog(spec.description, backlog), tls.wrap(spec, site), ops).setServiceParent(top)
+    _Reloader(reactor, tls.pairs, proxy.gate).setServiceParent(top)
     return Built(top, proxy, listeners, factories, settings, argv)
 
 
@@ -454,10 +456,16 @@ class _CacheRescan(TimerService):
 
 
 class _TLSFiles:
-    """Loads each certificate and key pair once, however many listeners use it."""
+    """Loads each certificate and key pair once, however many listeners use it; each pair
+    follows its files (`ReloadingServerTLS`)."""
 
-    def __init__(self) -> None:
-        self._loaded: dict[tuple[str, str], Any] = {}
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._loaded: dict[tuple[str, str], ReloadingServerTLS] = {}
+
+    @property
+    def pairs(self) -> list[ReloadingServerTLS]:
+        return list(self._loaded.values())
 
     def wrap(self, spec: ListenerSpec, factory: Any) -> Any:
         if spec.cert is None or spec.key is None:
@@ -465,10 +473,45 @@ class _TLSFiles:
         pair = (spec.cert, spec.key)
         if pair not in self._loaded:
             try:
-                self._loaded[pair] = load_server_tls(*pair)
-            except DescriptionError as e:
-                raise UsageError(f"--port {spec.description}: {e}") from None
+                self._loaded[pair] = ReloadingServerTLS(*pair, self.reactor)
+            except Exception as e:
+                raise UsageError(f"--port {spec.description}: cannot load {spec.cert} / {spec.key}: {e}") from None
         return TLSMemoryBIOFactory(self._loaded[pair], False, factory)
+
+
+class _Reloader(service.Service):
+    """SIGHUP: re-read at once everything that follows its files (TLS pairs, htpasswd, policy
+    file), rather than when the next connection or request looks; each logs what changed."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, tls: list[ReloadingServerTLS], gate: Gate) -> None:
+        self.reactor = reactor
+        self.tls = tls
+        self.gate = gate
+        self._previous: Any = None
+
+    def reload(self) -> None:
+        self.log.info("SIGHUP: re-reading TLS files, htpasswd and policy")
+        changed = [pair.cert_file for pair in self.tls if pair.check()]
+        htpasswd = getattr(self.gate, "htpasswd", None)
+        if isinstance(htpasswd, Htpasswd):
+            changed += [htpasswd.path] if htpasswd.check_now() else []
+        if isinstance(self.gate.policy, PolicyFile):
+            changed += [self.gate.policy.path] if self.gate.policy.check_now() else []
+        self.log.info("SIGHUP: {what}", what="re-read " + ", ".join(changed) if changed else "nothing changed")
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+            # the handler only hands the work to the reactor: it may run between any two bytecodes
+            self._previous = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def stopService(self) -> Deferred[None] | None:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
 
 
 def _listener(option: str, spec: str, tls_cert: str | None = None, tls_key: str | None = None) -> ListenerSpec:
