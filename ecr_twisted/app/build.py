@@ -220,20 +220,22 @@ def _build(
     listening = cast(IReactorCore, GuardedListening(reactor, client_guard(settings, reactor, proxy.metrics)))
     backlog = somaxconn()
     others = None
+    workers: Any = None
     if child is not None:
         _serve_inherited(reactor, listening, top, proxy, child, factories)
     elif settings.workers == 1:
         for spec, factory in zip(listeners, factories):
             strports.service(with_backlog(spec.description, backlog), factory, listening).setServiceParent(top)
     else:
-        others = _start_workers(reactor, listening, top, settings, listeners, factories, argv)
+        workers = _start_workers(reactor, listening, top, settings, listeners, factories, argv)
+        others = workers.scrape
     if child is None and settings.metrics_port:
         spec = _listener("metrics-port", settings.metrics_port)
         site = ops_site(proxy.registry, proxy.keeper.ready, others)
         ops_guard = client_guard(settings, reactor, proxy.metrics, capped=False)
         ops = cast(IReactorCore, GuardedListening(reactor, ops_guard))
         strports.service(with_backlog(spec.description, backlog), tls.wrap(spec, site), ops).setServiceParent(top)
-    _Reloader(reactor, tls.pairs, proxy.gate).setServiceParent(top)
+    _Reloader(reactor, tls.pairs, proxy.gate, workers).setServiceParent(top)
     return Built(top, proxy, listeners, factories, settings, argv)
 
 
@@ -485,14 +487,17 @@ class _Reloader(service.Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, tls: list[ReloadingServerTLS], gate: Gate) -> None:
+    def __init__(self, reactor: Any, tls: list[ReloadingServerTLS], gate: Gate, workers: Any = None) -> None:
         self.reactor = reactor
         self.tls = tls
         self.gate = gate
+        self.workers = workers  # the main process of a --workers group passes SIGHUP on to its children
         self._previous: Any = None
 
     def reload(self) -> None:
         self.log.info("SIGHUP: re-reading TLS files, htpasswd and policy")
+        if self.workers is not None:
+            self.workers.signal_all("HUP")
         changed = [pair.cert_file for pair in self.tls if pair.check()]
         htpasswd = getattr(self.gate, "htpasswd", None)
         if isinstance(htpasswd, Htpasswd):
@@ -542,9 +547,9 @@ def _start_workers(
     listeners: list[ListenerSpec],
     factories: list[Any],
     argv: tuple[str, ...],
-) -> Callable[[], Deferred[list[bytes]]]:
+) -> Any:  # a WorkerProcesses
     """The main process of a --workers group binds the sockets, serves them and starts the
-    children that share them; answers how to scrape the children's metrics."""
+    children that share them (returned: they are scraped for metrics and passed SIGHUP)."""
     from ecr_twisted.app.supervisor import AdoptedPort, ListenerError, WorkerProcesses, bind_listener
 
     try:
@@ -557,7 +562,7 @@ def _start_workers(
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, socket_dir, True)
     children = WorkerProcesses(reactor, settings.workers, list(argv), [s.fileno() for s in sockets], socket_dir)
     children.setServiceParent(top)
-    return children.scrape
+    return children
 
 
 def _serve_inherited(
