@@ -57,3 +57,26 @@ def test_new_connections_get_the_renewed_pair_and_a_broken_one_is_refused(tmp_pa
     clock.advance(1)
     assert _serial(tls) == original  # a missing file keeps the pair too
     shutil.rmtree(tmp_path / "a")
+
+
+def test_htpasswd_and_policy_files_are_looked_at_now_on_request(tmp_path: pathlib.Path) -> None:
+    """What SIGHUP calls: the files are read at once, not at the next stat a second later."""
+    import bcrypt
+
+    from ecr_twisted.access.htpasswd import Htpasswd
+    from ecr_twisted.access.policy import PolicyFile
+
+    clock = Clock()
+    users = tmp_path / "users"
+    users.write_bytes(b"alice:" + bcrypt.hashpw(b"pw", bcrypt.gensalt(4)) + b"\n")
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[[rule]]\nprincipals = ["anonymous"]\nrepositories = ["*"]\nactions = ["pull"]\n')
+    h, p = Htpasswd(str(users), clock), PolicyFile(str(policy), clock)
+    assert "bob" not in h and not h.check_now() and not p.check_now()  # unchanged: nothing re-read
+    users.write_bytes(users.read_bytes() + b"bob:" + bcrypt.hashpw(b"pw2", bcrypt.gensalt(4)) + b"\n")
+    policy.write_text('[[rule]]\nprincipals = ["anonymous"]\nrepositories = ["*"]\nactions = ["pull", "push"]\n')
+    assert h.check_now() and "bob" in h
+    before = p.policy
+    assert p.check_now() and p.policy is not before
+    policy.write_text("not toml [")
+    assert not p.check_now() and p.policy is not before  # a bad file keeps the last good policy
