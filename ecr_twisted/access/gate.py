@@ -105,6 +105,7 @@ class Gate:
         self.config = config
         self.mode = config.mode
         self.policy = policy
+        self.htpasswd = htpasswd  # followed by its file; SIGHUP has it look now
         self.clock = clock
         self.metrics = metrics
         self.throttle = throttle or LoginThrottle()

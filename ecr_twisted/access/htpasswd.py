@@ -112,20 +112,27 @@ class Htpasswd:
             self._dummy_cost = cost
             self._dummy = _dummy_hash(cost)
 
-    def _maybe_reload(self) -> None:
+    def check_now(self) -> bool:
+        """Look at the file now (SIGHUP) rather than at the next login; True if it was re-read."""
+        self._checked_at = -1e18
+        return self._maybe_reload()
+
+    def _maybe_reload(self) -> bool:
         now = self.clock.seconds()
         if now - self._checked_at < self._stat_every:
-            return
+            return False
         self._checked_at = now
         try:
             st = os.stat(self.path)
             if (st.st_mtime_ns, st.st_size, st.st_ino) == self._stamp:
-                return
+                return False
             self.reload()
             log.info("re-read {path}: {n} user(s)", path=self.path, n=len(self._users))
+            return True
         except (OSError, HtpasswdError, UnicodeDecodeError) as e:
             # keep the last good list: a half-written file must not lock everybody out
             log.error("cannot re-read {path}, keeping the previous users: {error}", path=self.path, error=str(e))
+            return False
 
     def __contains__(self, user: str) -> bool:
         self._maybe_reload()

@@ -226,6 +226,12 @@ class PolicyFile:
         self._stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         return policy
 
+    def check_now(self) -> bool:
+        """Look at the file now (SIGHUP) rather than at the next request; True if it was re-read."""
+        self._checked_at = -1e18
+        before = self.policy
+        return self.current() is not before
+
     def current(self) -> Policy:
         now = self.clock.seconds()
         if now - self._checked_at >= self._stat_every:

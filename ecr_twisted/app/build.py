@@ -17,8 +17,10 @@ import functools
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
+import threading
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, cast
 
@@ -45,7 +47,6 @@ from ecr_twisted.app.listeners import (
     ListenerSpec,
     listener_address,
     listener_spec,
-    load_server_tls,
     with_backlog,
 )
 from ecr_twisted.cache.layer import CacheCollector, LayerCache
@@ -62,7 +63,7 @@ from ecr_twisted.http.listening import (
 from ecr_twisted.http.origin import Origin
 from ecr_twisted.http.server import Limits, RelayFactory
 from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
-from ecr_twisted.http.tls import client_creator_factory
+from ecr_twisted.http.tls import ReloadingServerTLS, client_creator_factory
 from ecr_twisted.observe.health import ops_site
 from ecr_twisted.observe.metrics import Metrics, PoolCollector
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
@@ -80,6 +81,7 @@ __all__ = [
     "build_gate",
     "build_keeper",
     "build_proxy",
+    "describe",
     "client_guard",
     "proxy_config",
     "redirect_rules",
@@ -161,36 +163,79 @@ def build(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), child: 
     """Everything one process runs: the proxy, its listeners (bound by `reactor` when the tree
     starts), the ops listener and, with `--workers`, the children. `child`: build a worker
     child's tree instead, serving inherited sockets once it holds a token."""
-    top = service.MultiService()
     argv = settings.argv
     if settings.issues_tokens and settings.token_key is None:
-        # one key for this start, shared with --workers children through their arguments
-        settings = replace(settings, token_key=_temporary_token_key(reactor))
-        argv += ("--token-key", str(settings.token_key))
+        # one key for this start, shared with --workers children through their arguments;
+        # its directory goes at shutdown, or now if the start fails
+        keydir = tempfile.mkdtemp(prefix="ecrproxy-key-")
+        try:
+            settings = replace(settings, token_key=_temporary_token_key(keydir))
+            built = _build(settings, argv + ("--token-key", str(settings.token_key)), reactor, parts, child)
+        except BaseException:
+            shutil.rmtree(keydir, True)
+            raise
+        reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, keydir, True)
+        return built
+    return _build(settings, argv, reactor, parts, child)
+
+
+def describe(settings: ProxySettings) -> str:
+    """The startup line: what this process serves, and how. File paths, never secrets."""
+    import ecr_twisted
+
+    fields = [
+        ("auth", settings.auth),
+        ("policy", settings.policy if settings.auth != "webhook" else "webhook"),
+        ("htpasswd", settings.htpasswd),
+        ("webhook", settings.auth_webhook),
+        ("read-only", "yes" if settings.read_only else None),
+        ("region", settings.region),
+        ("registry-id", settings.registry_id),
+        ("upstream", settings.upstream or "token's proxyEndpoint"),
+        ("blob-mode", settings.blob_mode),
+        ("cache", f"{settings.cache_dir} ({settings.cache_bytes} bytes)" if settings.cache_dir else "off"),
+        ("ports", ",".join(settings.ports)),
+        ("tls", f"{settings.tls_cert} {settings.tls_key}" if settings.tls_cert else None),
+        ("metrics-port", settings.metrics_port),
+        ("public-url", settings.public_url),
+        ("workers", str(settings.workers)),
+    ]
+    return f"ecr-twisted {ecr_twisted.__version__}: " + " ".join(f"{k}={v}" for k, v in fields if v is not None)
+
+
+def _build(
+    settings: ProxySettings, argv: tuple[str, ...], reactor: Any, parts: Parts, child: ChildSockets | None
+) -> Built:
+    if child is None:
+        log.info("{line}", line=describe(settings))
+    top = service.MultiService()
     proxy = build_proxy(settings, reactor, parts, worker=child is not None)
     for svc in proxy.services:
         svc.setServiceParent(top)
     listeners = [_listener("port", spec, settings.tls_cert, settings.tls_key) for spec in settings.ports]
-    tls = _TLSFiles()
+    tls = _TLSFiles(reactor)
     factories = [tls.wrap(spec, proxy.relay(reactor, spec.tls)) for spec in listeners]
     # every registry listener's connections count against one cap; the ops listener has none
     # (cast: a GuardedListening is a reactor as far as endpoints go; the rest it passes on)
     listening = cast(IReactorCore, GuardedListening(reactor, client_guard(settings, reactor, proxy.metrics)))
     backlog = somaxconn()
     others = None
+    workers: Any = None
     if child is not None:
         _serve_inherited(reactor, listening, top, proxy, child, factories)
     elif settings.workers == 1:
         for spec, factory in zip(listeners, factories):
             strports.service(with_backlog(spec.description, backlog), factory, listening).setServiceParent(top)
     else:
-        others = _start_workers(reactor, listening, top, settings, listeners, factories, argv)
+        workers = _start_workers(reactor, listening, top, settings, listeners, factories, argv)
+        others = workers.scrape
     if child is None and settings.metrics_port:
         spec = _listener("metrics-port", settings.metrics_port)
         site = ops_site(proxy.registry, proxy.keeper.ready, others)
         ops_guard = client_guard(settings, reactor, proxy.metrics, capped=False)
         ops = cast(IReactorCore, GuardedListening(reactor, ops_guard))
         strports.service(with_backlog(spec.description, backlog), tls.wrap(spec, site), ops).setServiceParent(top)
+    _Reloader(reactor, tls.pairs, proxy.gate, workers).setServiceParent(top)
     return Built(top, proxy, listeners, factories, settings, argv)
 
 
@@ -413,10 +458,16 @@ class _CacheRescan(TimerService):
 
 
 class _TLSFiles:
-    """Loads each certificate and key pair once, however many listeners use it."""
+    """Loads each certificate and key pair once, however many listeners use it; each pair
+    follows its files (`ReloadingServerTLS`)."""
 
-    def __init__(self) -> None:
-        self._loaded: dict[tuple[str, str], Any] = {}
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+        self._loaded: dict[tuple[str, str], ReloadingServerTLS] = {}
+
+    @property
+    def pairs(self) -> list[ReloadingServerTLS]:
+        return list(self._loaded.values())
 
     def wrap(self, spec: ListenerSpec, factory: Any) -> Any:
         if spec.cert is None or spec.key is None:
@@ -424,10 +475,48 @@ class _TLSFiles:
         pair = (spec.cert, spec.key)
         if pair not in self._loaded:
             try:
-                self._loaded[pair] = load_server_tls(*pair)
-            except DescriptionError as e:
-                raise UsageError(f"--port {spec.description}: {e}") from None
+                self._loaded[pair] = ReloadingServerTLS(*pair, self.reactor)
+            except Exception as e:
+                raise UsageError(f"--port {spec.description}: cannot load {spec.cert} / {spec.key}: {e}") from None
         return TLSMemoryBIOFactory(self._loaded[pair], False, factory)
+
+
+class _Reloader(service.Service):
+    """SIGHUP: re-read at once everything that follows its files (TLS pairs, htpasswd, policy
+    file), rather than when the next connection or request looks; each logs what changed."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, tls: list[ReloadingServerTLS], gate: Gate, workers: Any = None) -> None:
+        self.reactor = reactor
+        self.tls = tls
+        self.gate = gate
+        self.workers = workers  # the main process of a --workers group passes SIGHUP on to its children
+        self._previous: Any = None
+
+    def reload(self) -> None:
+        self.log.info("SIGHUP: re-reading TLS files, htpasswd and policy")
+        if self.workers is not None:
+            self.workers.signal_all("HUP")
+        changed = [pair.cert_file for pair in self.tls if pair.check()]
+        htpasswd = getattr(self.gate, "htpasswd", None)
+        if isinstance(htpasswd, Htpasswd):
+            changed += [htpasswd.path] if htpasswd.check_now() else []
+        if isinstance(self.gate.policy, PolicyFile):
+            changed += [self.gate.policy.path] if self.gate.policy.check_now() else []
+        self.log.info("SIGHUP: {what}", what="re-read " + ", ".join(changed) if changed else "nothing changed")
+
+    def startService(self) -> None:
+        super().startService()
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+            # the handler only hands the work to the reactor: it may run between any two bytecodes
+            self._previous = signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def stopService(self) -> Deferred[None] | None:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+            self._previous = None
+        return super().stopService()
 
 
 def _listener(option: str, spec: str, tls_cert: str | None = None, tls_key: str | None = None) -> ListenerSpec:
@@ -444,9 +533,7 @@ def _token_key(settings: ProxySettings) -> bytes:
         raise UsageError(f"--token-key: {e}") from None
 
 
-def _temporary_token_key(reactor: Any) -> str:
-    keydir = tempfile.mkdtemp(prefix="ecrproxy-key-")
-    reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, keydir, True)
+def _temporary_token_key(keydir: str) -> str:
     path = os.path.join(keydir, "token.key")
     load_or_create_key(path)
     return path
@@ -460,9 +547,9 @@ def _start_workers(
     listeners: list[ListenerSpec],
     factories: list[Any],
     argv: tuple[str, ...],
-) -> Callable[[], Deferred[list[bytes]]]:
+) -> Any:  # a WorkerProcesses
     """The main process of a --workers group binds the sockets, serves them and starts the
-    children that share them; answers how to scrape the children's metrics."""
+    children that share them (returned: they are scraped for metrics and passed SIGHUP)."""
     from ecr_twisted.app.supervisor import AdoptedPort, ListenerError, WorkerProcesses, bind_listener
 
     try:
@@ -475,7 +562,7 @@ def _start_workers(
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, socket_dir, True)
     children = WorkerProcesses(reactor, settings.workers, list(argv), [s.fileno() for s in sockets], socket_dir)
     children.setServiceParent(top)
-    return children.scrape
+    return children
 
 
 def _serve_inherited(

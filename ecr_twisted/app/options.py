@@ -10,6 +10,7 @@ them and let go; `build.build` opens them for use and does every side effect.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import sys
@@ -17,6 +18,7 @@ from typing import Any, Callable, Mapping
 from urllib.parse import urlsplit
 
 from twisted.application import service
+from twisted.logger import Logger
 from twisted.python import usage
 
 from ecr_twisted.access.htpasswd import Htpasswd
@@ -30,6 +32,7 @@ from ecr_twisted.registry.redirects import parse_patterns
 __all__ = ["ENV_PREFIX", "Options", "makeService", "parse_size"]
 
 ENV_PREFIX = "ECRPROXY_"
+_log = Logger()
 _REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+\Z")
 _ACCOUNT = re.compile(r"[0-9]{12}\Z")
 _TRUE = {"1", "true", "yes", "on"}
@@ -51,7 +54,8 @@ _PARAMETERS: list[list[Any]] = [
     ["tls-cert", None, None, "PEM certificate (chain) for client-facing TLS."],
     ["tls-key", None, None, "PEM private key for client-facing TLS."],
     ["registry-id", None, None, "AWS account ID of the ECR registry (default: the credentials' own)."],
-    ["region", None, None, "AWS region of the registry (default: botocore's configured region)."],
+    ["region", None, None, "AWS region of the registry (default: AWS_REGION, AWS_DEFAULT_REGION or "
+     "botocore's configured region)."],
     ["upstream", None, None, "Registry URL overriding the token's proxyEndpoint (VPC endpoints, tests)."],
     ["ecr-endpoint-url", None, None, "Endpoint URL of the ECR API (tests; AWS_ENDPOINT_URL_ECR works too)."],
     ["upstream-ca", None, None, "Extra CA (PEM) trusted for upstream TLS, besides the system's."],
@@ -103,6 +107,44 @@ _PARAMETERS: list[list[Any]] = [
 ]
 
 
+def _numeric(option: str, kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """The coercion of a numeric option: a bad value is a usage error naming the option."""
+
+    def coerce(value: str) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            raise usage.UsageError(f"--{option}: {_not_a_number(value, kind)}") from None
+
+    coerce.coerceDoc = ""  # type: ignore[attr-defined]
+    return coerce
+
+
+def _not_a_number(value: str, kind: Callable[[str], Any]) -> str:
+    return f"{value!r} is not {'a whole number' if kind is int else 'a number'}"
+
+
+def _known_env() -> list[str]:
+    names = [_env_name(p[0]) for p in _PARAMETERS] + [_env_name(f[0]) for f in _FLAGS]
+    return names + [_env_name("port")]
+
+
+def unknown_env(environ: Mapping[str, str]) -> list[str]:
+    """ECRPROXY_* variables no option reads, each with the closest known name if there is one."""
+    known = _known_env()
+    found = []
+    for name in sorted(n for n in environ if n.startswith(ENV_PREFIX) and n not in known):
+        # compared without the prefix every name shares, which would make anything look close
+        close = difflib.get_close_matches(name[len(ENV_PREFIX):], [k[len(ENV_PREFIX):] for k in known], n=1)
+        found.append(f"{name} (did you mean {ENV_PREFIX}{close[0]}?)" if close else name)
+    return found
+
+
+def _environment_region(environ: Mapping[str, str]) -> str | None:
+    """AWS_REGION (set by ECS, Lambda, EKS) or AWS_DEFAULT_REGION, as the AWS SDKs read them."""
+    return environ.get("AWS_REGION") or environ.get("AWS_DEFAULT_REGION") or None
+
+
 class Options(usage.Options):
     synopsis = "[options]"
     longdesc = (
@@ -112,7 +154,7 @@ class Options(usage.Options):
     )
 
     optFlags = _FLAGS
-    optParameters = _PARAMETERS
+    optParameters = [p[:4] + [_numeric(p[0], p[4])] if len(p) > 4 else p for p in _PARAMETERS]
 
     compData = usage.Completions(
         optActions={
@@ -129,7 +171,13 @@ class Options(usage.Options):
         self.argv: list[str] = []
         self["port"] = []
         self._ports_from_cli = False
-        self._from_env()
+        # twistd makes the Options before it can report a usage error: keep it for parseOptions
+        self._env_error: usage.UsageError | None = None
+        try:
+            self._from_env()
+        except usage.UsageError as e:
+            self._env_error = e
+        self.unknown_env = unknown_env(self.environ)
 
     def _from_env(self) -> None:
         env = self.environ
@@ -139,7 +187,7 @@ class Options(usage.Options):
                 try:
                     self[name] = coerce[0](value) if coerce else value
                 except ValueError:
-                    raise usage.UsageError(f"{_env_name(name)}: invalid value {value!r}") from None
+                    raise usage.UsageError(f"{_env_name(name)}: {_not_a_number(value, coerce[0])}") from None
         for name, _, _ in _FLAGS:
             value = env.get(_env_name(name))
             if value is not None:
@@ -160,10 +208,28 @@ class Options(usage.Options):
 
     opt_p = opt_port
 
+    def opt_version(self) -> None:
+        """Print ecr-twisted's version (and Twisted's) and exit."""
+        from twisted import copyright
+
+        import ecr_twisted
+
+        print(f"ecr-twisted {ecr_twisted.__version__} (Twisted {copyright.version})")
+        sys.exit(0)
+
     def parseOptions(self, options: list[str] | None = None) -> None:
         # kept so --workers children can be started with exactly the same options
         self.argv = list(sys.argv[1:] if options is None else options)
-        super().parseOptions(options)
+        try:
+            if self._env_error is not None:
+                raise self._env_error
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            if self.parent is None:  # called directly (tests, worker children): the caller reports it
+                raise
+            # under twistd: one line, not twistd's whole help followed by the error
+            print(f"twistd ecrproxy: {e} (see --help)", file=sys.stderr)
+            sys.exit(1)
 
     def postOptions(self) -> None:
         auth = self._auth_options()
@@ -171,9 +237,11 @@ class Options(usage.Options):
         if self["registry-id"] and not _ACCOUNT.match(self["registry-id"]):
             raise usage.UsageError("--registry-id must be a 12-digit AWS account ID")
         if not self["region"]:
-            self["region"] = _botocore_region()
+            self["region"] = _environment_region(self.environ) or _botocore_region()
         if not self["region"] or not _REGION.match(self["region"]):
-            raise usage.UsageError("--region is required (e.g. eu-west-1), or configure botocore's region")
+            raise usage.UsageError(
+                "--region is required (e.g. eu-west-1), or set AWS_REGION or configure botocore's region"
+            )
         if self["upstream"]:
             _url_option("upstream", self["upstream"])
         if self["ecr-endpoint-url"]:
@@ -371,7 +439,50 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
 
     if reactor is None:
         from twisted.internet import reactor
-    return build(options.settings, reactor).top
+    if options.unknown_env:
+        _log.warn("unknown variables ignored: {names}", names=", ".join(options.unknown_env))
+    try:
+        built = build(options.settings, reactor)
+    except usage.UsageError as e:  # a directory or socket build could not make: before the pidfile
+        print(f"twistd ecrproxy: {e}", file=sys.stderr)
+        sys.exit(1)
+    top = _OneLineFailures(reactor)
+    for child in list(built.top):  # the same tree, under a top that reports bind failures in one line
+        child.disownServiceParent()
+        child.setServiceParent(top)
+    return top
+
+
+class ListenFailed(Exception):
+    """A listener could not be bound when twistd started the service tree (already logged)."""
+
+
+class _OneLineFailures(service.MultiService):
+    """The tree twistd runs: a port that cannot be bound (in use, no permission) is one log
+    line and exit status 1, not a traceback; what the start made is cleaned up."""
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+
+    def privilegedStartService(self) -> None:
+        from twisted.internet.error import CannotListenError
+
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            _log.critical("cannot start: {error}", error=e)
+            # the reactor will not run: its shutdown triggers (temporary directories) run now
+            self.reactor.fireSystemEvent("shutdown")
+            previous = sys.excepthook
+
+            def quiet(kind: Any, value: BaseException, tb: Any) -> None:
+                if not isinstance(value, ListenFailed):
+                    previous(kind, value, tb)
+
+            sys.excepthook = quiet
+            # raised through twistd, which removes its pidfile; the exit status is 1
+            raise ListenFailed(str(e)) from None
 
 
 _SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([kmgt]i?b?|b?)\s*\Z", re.IGNORECASE)

@@ -186,6 +186,15 @@ class WorkerProcesses(service.Service):
                 pass  # it is already on its way out
         return defer.DeferredList(waits) if waits else None
 
+    def signal_all(self, name: str) -> None:
+        """Send every running child a signal (SIGHUP: reload)."""
+        for child in list(self.children.values()):
+            if child.transport is not None:
+                try:
+                    child.transport.signalProcess(name)
+                except Exception:
+                    pass  # it is on its way out; it will be restarted with fresh files
+
     def scrape(self) -> defer.Deferred[list[bytes]]:
         """Every child's /metrics text; a child that does not answer in 2 s is left out."""
         ds = [fetch_unix_metrics(self.reactor, self.metrics_socket(i)) for i in sorted(self.children)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 from OpenSSL import SSL, crypto
@@ -10,13 +11,15 @@ from twisted.internet import ssl
 # for `trustRoot` (Twisted calls its one method, _addCACertsToContext); the public
 # ssl.trustRootFromCertificates replaces the platform's store instead of adding to it.
 from twisted.internet._sslverify import IOpenSSLTrustRoot
-from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from ecr_twisted.http.origin import Origin
 
 __all__ = [
-    "HTTP11", "PlatformPlusCA", "TLS12_SUITES", "client_creator_factory", "select_protocol", "serve_http11",
+    "HTTP11", "PlatformPlusCA", "ReloadingServerTLS", "TLS12_SUITES", "client_creator_factory", "select_protocol",
+    "serve_http11",
     "server_options",
 ]
 
@@ -88,6 +91,70 @@ def server_options(cert_file: str, key_file: str) -> ssl.CertificateOptions:
     # acceptableCiphers would also pass TLS 1.3 names through set_cipher_list
     options.getContext().set_cipher_list(":".join(TLS12_SUITES).encode("ascii"))
     return serve_http11(options)
+
+
+_log = Logger()
+
+
+def _stamp(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class ReloadingServerTLS:
+    """Server TLS from a certificate and key file pair that follows the files: each new
+    connection looks at them (stat, at most once every `stat_every` seconds) and, when either
+    changed, the pair is loaded again for connections from then on (cert-manager and certbot
+    renew in place). A pair that does not load (half-written, mismatched) keeps the previous
+    one, and says why once per change. Connections already open keep their certificate."""
+
+    def __init__(self, cert_file: str, key_file: str, clock: Any, stat_every: float = 1.0) -> None:
+        self.cert_file = cert_file
+        self.key_file = key_file
+        self.clock = clock
+        self.stat_every = stat_every
+        self._stamps = (_stamp(cert_file), _stamp(key_file))
+        self.options = server_options(cert_file, key_file)  # raises: the caller reports a bad start
+        self._checked_at = clock.seconds()
+
+    def check(self) -> bool:
+        """Look at the files now; load them if they changed. True if a new pair is in use."""
+        self._checked_at = self.clock.seconds()
+        stamps = (_stamp(self.cert_file), _stamp(self.key_file))
+        if stamps == self._stamps:
+            return False
+        self._stamps = stamps
+        try:
+            options = server_options(self.cert_file, self.key_file)
+        except Exception as e:
+            _log.error(
+                "cannot reload TLS {cert} / {key}, keeping the previous certificate: {error}",
+                cert=self.cert_file, key=self.key_file, error=str(e) or type(e).__name__,
+            )
+            return False
+        self.options = options
+        _log.info("reloaded TLS certificate {cert}: {subject}, valid until {until}",
+                  cert=self.cert_file, subject=_subject(options), until=_not_after(options))
+        return True
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        if self.clock.seconds() - self._checked_at >= self.stat_every:
+            self.check()
+        return SSL.Connection(self.options.getContext(), None)
+
+
+def _subject(options: ssl.CertificateOptions) -> str:
+    cert = options.certificate
+    return cert.to_cryptography().subject.rfc4514_string() if cert is not None else "?"
+
+
+def _not_after(options: ssl.CertificateOptions) -> str:
+    cert = options.certificate
+    return cert.to_cryptography().not_valid_after_utc.isoformat() if cert is not None else "?"
 
 
 @implementer(IOpenSSLTrustRoot)

@@ -89,7 +89,7 @@ def test_bad_environment_values_are_usage_errors() -> None:
     with pytest.raises(UsageError, match="ECRPROXY_ANONYMOUS"):
         parse(["--region", "eu-west-1"], {"ECRPROXY_ANONYMOUS": "maybe"})
     with pytest.raises(UsageError, match="ECRPROXY_UPSTREAM_CONNECTIONS"):
-        Options(environ={"ECRPROXY_UPSTREAM_CONNECTIONS": "many"})
+        parse(["--anonymous", "--region", "eu-west-1"], {"ECRPROXY_UPSTREAM_CONNECTIONS": "many"})
 
 
 def test_bare_port_with_tls_files_means_tls(tmp_path) -> None:
