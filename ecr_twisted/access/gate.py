@@ -246,7 +246,9 @@ class Gate:
     def deny(self, action: str | None, detail: str | None = None) -> Decision:
         """403, counted."""
         self.denied(action or "other")
-        return Decision(errors.DENIED, detail)
+        decision = Decision(errors.DENIED, detail)
+        decision.reason = f"DENIED: {action or 'this request'} not allowed" + (f" ({detail})" if detail else "")
+        return decision
 
     def throttled(self, wait: float) -> Decision:
         """429 for an address that keeps failing to log in, counted."""

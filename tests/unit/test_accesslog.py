@@ -73,7 +73,7 @@ def test_logged_in_denied_and_failed_logins_carry_user_and_reason(htpasswd: str)
     call(h, "GET", "/v2/team-a/app/manifests/1.0")  # anonymous: asked to log in
     ok, denied, failed, anonymous = lines(out)
     assert (ok["user"], ok["status"], ok.get("reason")) == ("alice", 200, None)
-    assert (denied["user"], denied["status"]) == ("alice", 403) and denied["reason"].startswith("DENIED")
+    assert (denied["user"], denied["status"], denied["reason"]) == ("alice", 403, "DENIED: push not allowed")
     assert (failed["user"], failed["status"]) == ("alice", 401)
     assert failed["reason"] == "login failed: invalid username or password"
     assert (anonymous["user"], anonymous["status"]) == ("anonymous", 401)
