@@ -131,9 +131,10 @@ def _quoted(value: str) -> str:
 
 
 def text_line(r: AccessRecord) -> str:
-    """`time client user "METHOD target" status in out duration key=value...`, one line."""
+    """`time client "user" METHOD target status in out duration key=value...`, one line (method and
+    target hold no spaces or control characters: the parser refuses them)."""
     parts = [
-        timestamp(r.time), r.client, _quoted(r.user), _quoted(f"{r.method} {r.target}"), str(r.status),
+        timestamp(r.time), r.client, _quoted(r.user), r.method, r.target, str(r.status),
         str(r.bytes_in), str(r.bytes_out), "%.3fs" % r.duration, "route=" + r.route,
     ]
     if r.repository is not None:

@@ -74,7 +74,8 @@ HOP_BY_HOP = frozenset(
 # message itself; host and authorization are replaced; expect is answered by the proxy.
 REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"host", b"authorization", b"expect"}
 _LISTING_DROP = REQUEST_DROP | {b"accept-encoding"}
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"www-authenticate"}
+# x-request-id: the proxy sends its own (the access log's request id)
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"www-authenticate", b"x-request-id"}
 # Headers of the client's blob request that make sense to object storage.
 STORAGE_REQUEST_KEEP = frozenset(
     {b"range", b"if-range", b"if-none-match", b"if-match", b"if-modified-since", b"user-agent", b"accept"}

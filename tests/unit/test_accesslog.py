@@ -140,7 +140,7 @@ def test_text_lines_are_one_line_with_quoted_values() -> None:
     line = text_line(r)
     assert "\n" not in line
     assert line.startswith(
-        '2023-11-14T22:13:20.250Z 10.0.0.1 "ev\\"il\\nuser" "PUT /v2/team/app/manifests/1" 201 10 0 0.043s'
+        '2023-11-14T22:13:20.250Z 10.0.0.1 "ev\\"il\\nuser" PUT /v2/team/app/manifests/1 201 10 0 0.043s'
     )
     assert "upstream=201" in line and "id=abc-1" in line and 'agent="skopeo/1.9"' in line
     assert json.loads(json_line(r))["user"] == 'ev"il\nuser'
@@ -153,7 +153,7 @@ def test_text_format_through_the_harness() -> None:
     call(h, "GET", "/v2/team/app/manifests/1.0")
     h.upstreams.last()[0].dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n")
     [line] = out.getvalue().splitlines()
-    assert '"GET /v2/team/app/manifests/1.0" 404 0 0' in line and 'user' not in line.split('"')[0]
+    assert ' GET /v2/team/app/manifests/1.0 404 0 0 ' in line
     assert '"anonymous"' in line and 'repo="team/app"' in line
 
 
