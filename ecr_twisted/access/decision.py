@@ -44,7 +44,7 @@ Peer = Callable[[], str]
 class Decision:
     """The gate's answer. `error` None means: forward the request."""
 
-    __slots__ = ("challenge", "detail", "error", "forward_auth", "listing", "retry_after", "target")
+    __slots__ = ("challenge", "detail", "error", "forward_auth", "listing", "reason", "retry_after", "target", "user")
 
     def __init__(
         self,
@@ -60,6 +60,17 @@ class Decision:
         self.target: bytes | None = None  # a rewritten request target (mount -> plain upload)
         self.listing: Listing | None = None  # filter for tags/list and _catalog names
         self.forward_auth: bytes | None = None  # passthrough: the client's Authorization
+        # for the access log (set by the gate): who was identified (or claimed to be, on a failed
+        # login); None is anonymous. `reason`: why a login failed.
+        self.user: str | None = None
+        self.reason: str | None = None
+
+    @property
+    def challenge_error(self) -> str | None:
+        """The Bearer `error=` of the challenge (`invalid_token`, ...), if any."""
+        if self.challenge is None:
+            return None
+        return self.challenge.partition("|")[2] or None
 
 
 GO = Decision()  # shared: never mutated

@@ -140,8 +140,17 @@ class Gate:
         q = Question(method, kind, action, name, tag, target)
         ident = self.strategy.identify(parse_authorization(authorization), peer)
         if isinstance(ident, Deferred):
-            return ident.addCallback(self._decide, q)
-        return self._decide(ident, q)
+            return ident.addCallback(self._decide_named, q)
+        return self._decide_named(ident, q)
+
+    def _decide_named(self, ident: Identity, q: Question) -> Decision | Deferred[Decision]:
+        """`_decide`, with who was asking written on the answer (for the access log)."""
+        decision = self._decide(ident, q)
+        if ident.who.anonymous and ident.failed is None:
+            return decision  # the fast path: anonymous callers keep the shared GO
+        if isinstance(decision, Deferred):
+            return decision.addCallback(_named, ident)
+        return _named(decision, ident)
 
     def _decide(self, ident: Identity, q: Question) -> Decision | Deferred[Decision]:
         if ident.failed is not None:
@@ -238,7 +247,9 @@ class Gate:
     def deny(self, action: str | None, detail: str | None = None) -> Decision:
         """403, counted."""
         self.denied(action or "other")
-        return Decision(errors.DENIED, detail)
+        decision = Decision(errors.DENIED, detail)
+        decision.reason = f"DENIED: {action or 'this request'} not allowed" + (f" ({detail})" if detail else "")
+        return decision
 
     def throttled(self, wait: float) -> Decision:
         """429 for an address that keeps failing to log in, counted."""
@@ -282,6 +293,19 @@ class Gate:
     def denied(self, action: str) -> None:
         if self.metrics is not None:
             self.metrics.denials.labels(action).inc()
+
+
+def _named(decision: Decision, ident: Identity) -> Decision:
+    """The decision with the caller's user name (the claimed one on a failed login) and, for a failed
+    login, why. The shared GO is never written on: a named go-ahead is a fresh Decision."""
+    if ident.failed is not None:
+        decision.user = ident.creds.user
+        decision.reason = "login failed: " + (decision.detail or decision.challenge_error or "bad credentials")
+        return decision
+    if decision is GO:
+        decision = Decision()
+    decision.user = ident.who.user
+    return decision
 
 
 def _tags_filter(who: Principal, name: str, policy: Policy) -> Listing:

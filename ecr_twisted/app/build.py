@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.usage import UsageError
 
+from ecr_twisted import VERSION
 from ecr_twisted.access.htpasswd import Htpasswd
 from ecr_twisted.access.throttle import LoginThrottle
 from ecr_twisted.access.tokens import TokenIssuer, load_or_create_key
@@ -65,7 +66,8 @@ from ecr_twisted.http.server import Limits, RelayFactory
 from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
 from ecr_twisted.http.tls import ReloadingServerTLS, client_creator_factory
 from ecr_twisted.observe.health import ops_site
-from ecr_twisted.observe.metrics import Metrics, PoolCollector
+from ecr_twisted.observe.accesslog import RateLimitedLog
+from ecr_twisted.observe.metrics import Metrics, PoolCollector, register_runtime
 from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
 from ecr_twisted.registry.errors import bad_request_body
 from ecr_twisted.registry.redirects import RedirectRules, parse_patterns
@@ -126,12 +128,14 @@ class Proxy:
     handler: RegistryProxy
     limits: Limits
     services: list[service.Service]  # token refreshes, cache rescans: started and stopped with the process
+    bad_request_log: Callable[[str], None] = lambda message: None  # rate-limited: see build_proxy
 
     def relay(self, reactor: Any, tls: bool) -> RelayFactory:
         """The protocol factory of one registry listener (`tls`: the proxy speaks TLS on it)."""
 
         def bad_request(e: Any) -> None:
             self.metrics.bad_requests.labels(str(e.status)).inc()
+            self.bad_request_log(f"{e.status} {e.reason}")
 
         return RelayFactory(
             self.handler, reactor, self.pool, is_tls=tls, limits=self.limits, on_bad_request=bad_request,
@@ -274,6 +278,7 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
     """The request path of one process: token keeper, upstream pool, gate, cache and handler."""
     registry = CollectorRegistry()
     metrics = Metrics(registry)
+    register_runtime(registry, VERSION)
     keeper = build_keeper(settings, reactor, metrics, parts.fetcher)
     tls_for = client_creator_factory(settings.upstream_ca, settings.upstream_insecure)
     pool = UpstreamPool(
@@ -299,7 +304,16 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
         min_rate=settings.min_body_rate,
         rate_window=settings.min_body_rate_window,
     )
-    return Proxy(config, registry, metrics, keeper, pool, gate, cache, handler, limits, services)
+    bad_requests = RateLimitedLog(_log_bad_request, reactor, BAD_REQUEST_LOG_INTERVAL)
+    return Proxy(config, registry, metrics, keeper, pool, gate, cache, handler, limits, services, bad_requests)
+
+
+BAD_REQUEST_LOG_INTERVAL = 10.0  # seconds: at most one line about refused (malformed) requests
+
+
+def _log_bad_request(message: str, suppressed: int) -> None:
+    more = f" ({suppressed} more since the last such line)" if suppressed else ""
+    log.warn("bad request refused: {message}{more}", message=message, more=more)
 
 
 def proxy_config(settings: ProxySettings) -> ProxyConfig:
@@ -316,6 +330,7 @@ def proxy_config(settings: ProxySettings) -> ProxyConfig:
         request_timeout=settings.upstream_timeout,
         upload_timeout=settings.upload_timeout,
         passthrough=passthrough,
+        log_format=settings.log_format,
     )
 
 

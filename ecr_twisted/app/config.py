@@ -34,6 +34,7 @@ class ProxySettings:
     upstream_insecure: bool = False
     public_url: str | None = None
     trust_forwarded: bool = False
+    log_format: str = "text"  # the access log: text or json
     blob_mode: str = "stream"
     storage_hosts: str = "default"  # where blob redirects may lead (registry.redirects.parse_patterns)
     upstream_connections: int = 64

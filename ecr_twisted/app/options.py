@@ -65,6 +65,7 @@ _PARAMETERS: list[list[Any]] = [
     ["storage-hosts", None, "default", "Where blob redirects may be followed: [http://]host[:port|:*] "
      "patterns (*.domain allowed), 'default' for the region's https S3 hosts; plus the registry itself."],
     ["metrics-port", None, None, "Endpoint for /metrics, /healthz and /readyz (e.g. tcp:9100)."],
+    ["log-format", None, "text", "The access log's lines: text or json (one object a line)."],
     ["upstream-connections", None, 64, "Most connections kept per upstream host (a quarter kept for "
      "short exchanges: API check, manifests, HEADs, listings).", int],
     ["upstream-wait", None, 5.0, "Seconds a request waits for a free upstream connection before "
@@ -248,6 +249,8 @@ class Options(usage.Options):
             _url_option("ecr-endpoint-url", self["ecr-endpoint-url"], allow_path=True)
         if self["public-url"]:
             _url_option("public-url", self["public-url"])
+        if self["log-format"] not in ("text", "json"):
+            raise usage.UsageError("--log-format must be text or json")
         if self["blob-mode"] not in ("stream", "redirect"):
             raise usage.UsageError("--blob-mode must be stream or redirect")
         try:
@@ -286,6 +289,7 @@ class Options(usage.Options):
             upstream_insecure=bool(self["upstream-insecure"]),
             public_url=self["public-url"],
             trust_forwarded=bool(self["trust-forwarded"]),
+            log_format=self["log-format"],
             blob_mode=self["blob-mode"],
             storage_hosts=self["storage-hosts"],
             upstream_connections=self["upstream-connections"],

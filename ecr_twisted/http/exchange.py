@@ -86,7 +86,7 @@ class Exchange:
 
     __slots__ = (
         "conn", "request", "started", "status", "upstream_status", "bytes_in", "bytes_out",
-        "error", "ctx", "_dechunk", "_pending", "_body_complete", "_body_sent", "_upstream",
+        "error", "ctx", "extra_field", "_dechunk", "_pending", "_body_complete", "_body_sent", "_upstream",
         "_attempt", "_relaying", "_responded", "_done", "_gone", "_keep", "_watch", "_moved",
         "_expect_continue", "_is_head", "_pending_size", "_sender", "_still", "_window", "_window_moved",
     )
@@ -98,6 +98,7 @@ class Exchange:
         self.status = 0
         self.upstream_status = 0
         self.bytes_in = 0
+        self.extra_field: tuple[bytes, bytes] | None = None  # added to whatever response head is sent
         self.bytes_out = 0
         self.error: str | None = None
         self.ctx: Any = None  # for the handler's own per-request state
@@ -294,6 +295,8 @@ class Exchange:
         Connection fields for a body framed as `framing` with `content_length`."""
         self._responded = True
         self.status = status
+        if self.extra_field is not None:
+            fields.append(self.extra_field)
         field, until_close = response_framing(status, framing, content_length, self._is_head, self._dechunk)
         if field is not None:
             fields.append(field)

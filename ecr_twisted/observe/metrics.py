@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 if TYPE_CHECKING:
     from ecr_twisted.http.upstream import PoolStats
 
-__all__ = ["Metrics", "PoolCollector", "merge_expositions"]
+__all__ = ["Metrics", "PoolCollector", "merge_expositions", "register_runtime"]
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
@@ -120,6 +129,18 @@ class Metrics:
             self.token_expiry.set(expires_at)
 
 
+def register_runtime(registry: CollectorRegistry, version: str) -> None:
+    """`process_*` (CPU, memory, descriptors, start time), `python_*` (version, GC) and
+    `ecrproxy_build_info{version}` in `registry`. Across --workers the merge sums the additive
+    ones (CPU seconds, memory, open descriptors, GC counts: the group's total) and keeps the
+    smallest `process_max_fds` and start time and the largest info gauge (see `_combine`)."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    info = Gauge("ecrproxy_build_info", "The running ecr-twisted build (value 1)", ["version"], registry=registry)
+    info.labels(version).set(1)
+
+
 class PoolCollector:
     """The upstream pool's places, read at scrape time: nothing on the request path touches Prometheus."""
 
@@ -154,12 +175,16 @@ class PoolCollector:
         )
 
 
+# one per process, not additive: the group's tightest descriptor limit, its oldest process
+_SMALLEST = frozenset({"process_max_fds", "process_start_time_seconds"})
 _KNOWN_METHODS = frozenset({b"GET", b"HEAD", b"POST", b"PUT", b"PATCH", b"DELETE", b"OPTIONS"})
 
 
 def _combine(name: str, mtype: str) -> Callable[[float, float], float]:
-    if name.endswith("_created"):
+    if name.endswith("_created") or name in _SMALLEST:
         return min
+    if name.endswith("_info"):
+        return max  # info gauges are 1 in every process
     if mtype == "gauge" and (name.endswith("_timestamp_seconds") or name == "ecrproxy_cache_size_bytes"):
         return max  # the latest expiry; every worker's view of the one shared cache directory
     return lambda a, b: a + b

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from ecr_twisted.access.credentials import parse_authorization
 from ecr_twisted.access.gate import GO, Decision, Gate
 from ecr_twisted.cache.layer import LayerCache
 from ecr_twisted.cache.plans import (
@@ -44,6 +45,7 @@ from ecr_twisted.http.http11 import Head
 from ecr_twisted.http.exchange import Exchange, Fields
 from ecr_twisted.http.origin import Origin, UpstreamError
 from ecr_twisted.http.upstream import LONG, SHORT, UpstreamResponse
+from ecr_twisted.observe.accesslog import AccessLog, AccessRecord, RequestIds
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry import errors, listings, routes
 from ecr_twisted.registry.errors import RegistryError
@@ -72,7 +74,8 @@ HOP_BY_HOP = frozenset(
 # message itself; host and authorization are replaced; expect is answered by the proxy.
 REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"host", b"authorization", b"expect"}
 _LISTING_DROP = REQUEST_DROP | {b"accept-encoding"}
-RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"www-authenticate"}
+# x-request-id: the proxy sends its own (the access log's request id)
+RESPONSE_DROP = HOP_BY_HOP | {b"content-length", b"www-authenticate", b"x-request-id"}
 # Headers of the client's blob request that make sense to object storage.
 STORAGE_REQUEST_KEEP = frozenset(
     {b"range", b"if-range", b"if-none-match", b"if-match", b"if-modified-since", b"user-agent", b"accept"}
@@ -106,13 +109,14 @@ class ProxyConfig:
     request_timeout: float = 60.0
     upload_timeout: float = 900.0  # ECR can take minutes to commit a large layer
     passthrough: bool = False  # --auth passthrough: clients' own ECR credentials go upstream
+    log_format: str = "text"  # --log-format: the access log's lines, text or json
 
 
 _CACHEABLE = frozenset({routes.BLOB, routes.MANIFEST})
 BUSY_RETRY_AFTER = b"1"  # seconds a client refused for want of an upstream connection is asked to wait
 MAX_LISTING = 8 << 20  # tags/list and _catalog bodies the policy filters are read whole: bounded
 MAX_HIDDEN_PAGES = 16  # listing pages in a row with nothing to show fetched before the listing ends there
-_SOURCE_FIELD = {None: "", "cache": " cache=cache", "upstream": " cache=upstream"}  # the access log's cache=
+_MAX_AGENT = 256  # characters of a User-Agent the access log keeps
 
 
 class _Ctx:
@@ -120,7 +124,7 @@ class _Ctx:
 
     __slots__ = (
         "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "pages", "timeout", "target",
-        "decision", "plan",
+        "decision", "plan", "request_id", "user", "reason", "upstream_id",
     )
 
     def __init__(self, kind: str) -> None:
@@ -137,6 +141,28 @@ class _Ctx:
         self.target = "registry"
         self.decision: Decision | None = None
         self.plan: Plan | None = None  # the cache's current plan for a blob or manifest request
+        self.request_id = ""
+        self.user: str | None = None  # for the access log: None is anonymous
+        self.reason: str | None = None  # for the access log: why the gate refused
+        self.upstream_id: bytes | None = None  # the registry's x-amzn-requestid
+
+
+def _refusal_reason(decision: Decision) -> str:
+    """Why the gate (or ECR, in passthrough) refused, for the access log: never a credential."""
+    if decision.reason is not None:
+        return decision.reason
+    err = decision.error
+    reason = err.code if err is not None else "refused"
+    if decision.detail:
+        reason += ": " + decision.detail
+    spec = decision.challenge
+    if spec is not None and spec != "basic-token":
+        scope, _, error = spec.partition("|")
+        if scope:
+            reason += " (" + scope + ")"
+        if error:
+            reason += " " + error
+    return reason
 
 
 def _rewriter(upstream: Origin, public: bytes) -> tuple[tuple[bytes, ...], bytes]:
@@ -184,8 +210,11 @@ class RegistryProxy:
         gate: Gate,
         cache: LayerCache | None = None,
         redirects: RedirectRules | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.config = config
+        self.access_log = access_log if access_log is not None else AccessLog(config.log_format)
+        self.request_ids = RequestIds(config.trust_forwarded)
         # where blob redirects may lead (--storage-hosts, the proxy's own listeners); by default
         # only back to the registry itself
         self.redirects = redirects if redirects is not None else RedirectRules()
@@ -201,11 +230,15 @@ class RegistryProxy:
         self.metrics.in_flight.inc()
         req = ex.request
         path = req.target.split(b"?", 1)[0]
+        rid = self.request_ids.take(req.get(b"x-request-id"))
+        ex.extra_field = (b"X-Request-Id", rid.encode("latin-1"))
         if path == b"/token" and self.gate.issues_tokens:
-            ex.ctx = _Ctx("token")
+            ctx = ex.ctx = _Ctx("token")
+            ctx.request_id = rid
             return self._token_endpoint(ex)
         m = routes.match(req.method, path)
         ctx = _Ctx(m.route.kind if m.route is not None else routes.OTHER)
+        ctx.request_id = rid
         ex.ctx = ctx
         if m.error is not None:
             if m.error == "method":
@@ -225,6 +258,7 @@ class RegistryProxy:
 
     def _admitted(self, decision: Decision, ex: Exchange, ctx: _Ctx) -> None:
         """The gate has decided: refuse, or pick token and origin and forward."""
+        ctx.user = decision.user
         if decision.error is not None:
             return self._send_refusal(ex, decision)
         if ex.gone:
@@ -306,6 +340,9 @@ class RegistryProxy:
 
     def _send_refusal(self, ex: Exchange, decision: Decision) -> None:
         """Answer a refusal of the gate (or of ECR to passthrough credentials) with its challenge."""
+        ctx = ex.ctx
+        if ctx is not None:
+            ctx.reason = _refusal_reason(decision)
         extra: Fields = []
         if decision.challenge is not None:
             extra.append((b"WWW-Authenticate", self.gate.challenge_header(decision.challenge, self._public(ex))))
@@ -338,6 +375,9 @@ class RegistryProxy:
         self._token_answer(result, ex)
 
     def _token_answer(self, result: Decision | bytes, ex: Exchange) -> None:
+        ctx = ex.ctx
+        if ctx is not None:  # who asked: the Basic user (checked when the token came, claimed when refused)
+            ctx.user = parse_authorization(ex.request.get(b"authorization")).user
         if isinstance(result, Decision):
             return self._send_refusal(ex, result)
         ex.respond(200, [(b"Content-Type", b"application/json"), (b"Cache-Control", b"no-store")], result)
@@ -355,17 +395,34 @@ class RegistryProxy:
             self.cache.finished(plan, ex.bytes_out)
         if ex.error is not None and ex.status:
             self.metrics.upstream_errors.labels("aborted").inc()
-        self.log.info(
-            "{method} {target} {status} {bytes_out} {duration:.3f}s upstream={upstream}{cache}{error}",
-            method=ex.request.method.decode("ascii"),
-            target=redact_target(ex.request.target),
+        self._log_access(ex, ctx, status, duration, plan)
+
+    def _log_access(self, ex: Exchange, ctx: _Ctx | None, status: int, duration: float, plan: Plan | None) -> None:
+        req = ex.request
+        agent = req.get(b"user-agent")
+        match = ctx.match if ctx is not None else None
+        upstream_id = ctx.upstream_id if ctx is not None else None
+        self.access_log.write(AccessRecord(
+            time=ex.started + duration,
+            client=self._peer(ex),
+            user=(ctx.user if ctx is not None else None) or "anonymous",
+            method=req.method.decode("latin-1"),
+            target=redact_target(req.target),
+            route=ctx.kind if ctx is not None else routes.OTHER,
             status=status,
+            bytes_in=ex.bytes_in,
             bytes_out=ex.bytes_out,
             duration=duration,
-            upstream=ex.upstream_status or "-",
-            cache=_SOURCE_FIELD[plan.source] if plan is not None else "",
-            error=f" error={ex.error!r}" if ex.error else "",
-        )
+            request_id=ctx.request_id if ctx is not None and ctx.request_id else "-",
+            repository=match.name if match is not None else None,
+            reference=match.reference if match is not None else None,
+            upstream_status=ex.upstream_status or None,
+            upstream_request_id=upstream_id.decode("latin-1")[:128] if upstream_id else None,
+            cache=plan.source if plan is not None else None,
+            user_agent=agent[:_MAX_AGENT].decode("latin-1") if agent is not None else None,
+            reason=ctx.reason if ctx is not None else None,
+            error=ex.error,
+        ))
 
     # -- upstream round trips
     def _origin(self, token: Token) -> Origin:
@@ -399,6 +456,7 @@ class RegistryProxy:
         self.metrics.observe_upstream("registry", self.clock.seconds() - ctx.sent_at)
         head = resp.head
         status = head.status
+        ctx.upstream_id = head.get(b"x-amzn-requestid")
         if status in (401, 403):
             resp.discard()
             if self.config.passthrough:  # the client's own credentials were refused: its problem

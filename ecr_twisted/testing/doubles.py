@@ -318,6 +318,7 @@ def _settings_for(
         upstream=config.upstream.base.decode("ascii") if config.upstream is not None else None,
         public_url=config.public_base.decode("ascii") if config.public_base is not None else None,
         trust_forwarded=config.trust_forwarded,
+        log_format=config.log_format,
         blob_mode=config.blob_mode,
         upstream_timeout=config.request_timeout,
         upload_timeout=config.upload_timeout,

@@ -1,5 +1,6 @@
 """The handler: header tables, token injection, refresh-and-retry, redirects, error envelopes."""
 
+import io
 import json
 from collections.abc import Callable
 from types import FrameType
@@ -8,6 +9,7 @@ from typing import Any, cast
 import pytest
 from twisted.logger import ILogObserver, globalLogPublisher
 
+from ecr_twisted.observe.accesslog import AccessLog
 from ecr_twisted.registry import errors
 from ecr_twisted.registry.handler import ProxyConfig, redact_target, rewrite_link, rewrite_location
 from ecr_twisted.testing.doubles import UPSTREAM, Harness, make_token
@@ -358,17 +360,20 @@ def test_log_redaction() -> None:
     assert "SIG" not in redact_target(b"/x?X-Amz-Signature=SIG&X-Amz-Credential=AKIA/x&X-Amz-Security-Token=T")
 
 
-def test_access_log_and_metrics_per_request(logged) -> None:
+def test_access_log_and_metrics_per_request() -> None:
     h = Harness()
+    out = io.StringIO()
+    h.handler.access_log = AccessLog("json", out)
     proto, _ = h.client()
     proto.dataReceived(b"GET " + BLOB + b" HTTP/1.1\r\nHost: h\r\n\r\n")
     conn, _ = h.upstreams.last()
     h.reactor.advance(0.25)
-    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nabc")
-    access = [e for e in logged if e.get("log_format", "").startswith("{method} {target}")]
-    assert len(access) == 1
-    e = access[0]
-    assert (e["method"], e["status"], e["bytes_out"], e["upstream"]) == ("GET", 200, 3, 200)
+    conn.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nx-amzn-RequestId: abc-1\r\n\r\nabc")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1
+    e = json.loads(lines[0])
+    assert (e["method"], e["status"], e["bytes_out"], e["upstream_status"]) == ("GET", 200, 3, 200)
+    assert e["upstream_request_id"] == "abc-1"
     assert e["duration"] == pytest.approx(0.25)
     assert h.sample("ecrproxy_response_body_bytes_total", {"route": "blob"}) == 3
     assert h.sample("ecrproxy_request_duration_seconds_count", {"route": "blob"}) == 1

@@ -93,3 +93,23 @@ def test_a_pending_restart_is_cancelled_when_the_supervisor_stops(tmp_path) -> N
     assert not restart.active()
     reactor.advance(workers.restart_delay)
     assert len(reactor.spawned) == 1
+
+
+def test_merge_of_process_series_sums_what_adds_up_and_keeps_the_tightest_limit() -> None:
+    def process(rss: float, fds: float, max_fds: float, start: float, cpu: float) -> bytes:
+        return (
+            b"# TYPE process_resident_memory_bytes gauge\nprocess_resident_memory_bytes %f\n"
+            b"# TYPE process_open_fds gauge\nprocess_open_fds %f\n"
+            b"# TYPE process_max_fds gauge\nprocess_max_fds %f\n"
+            b"# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds %f\n"
+            b"# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total %f\n"
+            b"# TYPE ecrproxy_build_info gauge\necrproxy_build_info{version=\"0.1.0\"} 1.0\n"
+        ) % (rss, fds, max_fds, start, cpu)
+
+    merged = samples(merge_expositions([process(50e6, 10, 1024, 100, 1.5), process(60e6, 20, 512, 200, 2.5)]))
+    assert merged[("process_resident_memory_bytes", ())] == 110e6
+    assert merged[("process_open_fds", ())] == 30
+    assert merged[("process_cpu_seconds_total", ())] == 4.0
+    assert merged[("process_max_fds", ())] == 512
+    assert merged[("process_start_time_seconds", ())] == 100
+    assert merged[("ecrproxy_build_info", (("version", "0.1.0"),))] == 1
