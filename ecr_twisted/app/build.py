@@ -40,6 +40,7 @@ from ecr_twisted.access.webhook import WebhookAuthorizer, http_post
 from ecr_twisted.access.gate import AccessConfig, AccessMetrics, Gate
 from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyFile
 from ecr_twisted.app.config import ProxySettings
+from ecr_twisted.app.drain import Drain
 from ecr_twisted.app.listeners import (
     DescriptionError,
     ListenerSpec,
@@ -141,7 +142,7 @@ class Proxy:
 class Built:
     """The whole service tree of one process, and the parts callers look at."""
 
-    top: service.MultiService
+    top: Drain
     proxy: Proxy
     listeners: list[ListenerSpec]  # one per --port, in order
     factories: list[IProtocolFactory]  # the same, TLS-wrapped where the listener speaks TLS
@@ -161,7 +162,7 @@ def build(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), child: 
     """Everything one process runs: the proxy, its listeners (bound by `reactor` when the tree
     starts), the ops listener and, with `--workers`, the children. `child`: build a worker
     child's tree instead, serving inherited sockets once it holds a token."""
-    top = service.MultiService()
+    top = Drain(reactor, settings.drain_delay, settings.drain_timeout)
     argv = settings.argv
     if settings.issues_tokens and settings.token_key is None:
         # one key for this start, shared with --workers children through their arguments
@@ -172,7 +173,9 @@ def build(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), child: 
         svc.setServiceParent(top)
     listeners = [_listener("port", spec, settings.tls_cert, settings.tls_key) for spec in settings.ports]
     tls = _TLSFiles()
-    factories = [tls.wrap(spec, proxy.relay(reactor, spec.tls)) for spec in listeners]
+    relays = [proxy.relay(reactor, spec.tls) for spec in listeners]
+    top.factories.extend(relays)
+    factories = [tls.wrap(spec, relay) for spec, relay in zip(listeners, relays)]
     # every registry listener's connections count against one cap; the ops listener has none
     # (cast: a GuardedListening is a reactor as far as endpoints go; the rest it passes on)
     listening = cast(IReactorCore, GuardedListening(reactor, client_guard(settings, reactor, proxy.metrics)))
@@ -182,12 +185,13 @@ def build(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), child: 
         _serve_inherited(reactor, listening, top, proxy, child, factories)
     elif settings.workers == 1:
         for spec, factory in zip(listeners, factories):
-            strports.service(with_backlog(spec.description, backlog), factory, listening).setServiceParent(top)
+            top.add_listener(strports.service(with_backlog(spec.description, backlog), factory, listening))
     else:
         others = _start_workers(reactor, listening, top, settings, listeners, factories, argv)
     if child is None and settings.metrics_port:
         spec = _listener("metrics-port", settings.metrics_port)
-        site = ops_site(proxy.registry, proxy.keeper.ready, others)
+        keeper = proxy.keeper
+        site = ops_site(proxy.registry, lambda: top.ready() and keeper.ready(), others, draining=lambda: top.draining)
         ops_guard = client_guard(settings, reactor, proxy.metrics, capped=False)
         ops = cast(IReactorCore, GuardedListening(reactor, ops_guard))
         strports.service(with_backlog(spec.description, backlog), tls.wrap(spec, site), ops).setServiceParent(top)
@@ -455,7 +459,7 @@ def _temporary_token_key(reactor: Any) -> str:
 def _start_workers(
     reactor: Any,
     listening: Any,  # a GuardedListening
-    top: service.MultiService,
+    top: Drain,
     settings: ProxySettings,
     listeners: list[ListenerSpec],
     factories: list[Any],
@@ -470,16 +474,19 @@ def _start_workers(
     except ListenerError as e:
         raise UsageError(f"--port {e}") from None
     for sock, factory in zip(sockets, factories):
-        AdoptedPort(listening, sock, factory).setServiceParent(top)
+        top.add_listener(AdoptedPort(listening, sock, factory))
     socket_dir = tempfile.mkdtemp(prefix="ecrproxy-workers-")
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, socket_dir, True)
     children = WorkerProcesses(reactor, settings.workers, list(argv), [s.fileno() for s in sockets], socket_dir)
     children.setServiceParent(top)
+    # on SIGTERM the children drain too (each with the same options); this process waits for them
+    top.on_drain.append(children.drain)
+    top.on_abort.append(children.abort)
     return children.scrape
 
 
 def _serve_inherited(
-    reactor: Any, listening: Any, top: service.MultiService, proxy: Proxy, child: ChildSockets,
+    reactor: Any, listening: Any, top: Drain, proxy: Proxy, child: ChildSockets,
     factories: list[Any],
 ) -> None:
     from ecr_twisted.app.supervisor import AdoptedPort
@@ -489,8 +496,10 @@ def _serve_inherited(
     def listen(_: Any) -> None:
         # a child that answered before holding a token would turn its share of requests
         # into 503s while its first GetAuthorizationToken call is under way
+        if top.draining:
+            return
         for port in ports:
-            port.setServiceParent(top)
+            top.add_listener(port)
 
     proxy.keeper.first_token().addCallback(listen)
     StreamServerEndpointService(
