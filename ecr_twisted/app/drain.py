@@ -88,6 +88,10 @@ class Drain(service.MultiService):
             cancel(self._deadline)
             self._deadline = None
             log.info("drained in {s:.1f} s", s=self.reactor.seconds() - started)
+            if hasattr(self.reactor, "_exitSignal"):
+                # twistd would otherwise kill itself with the signal once the reactor stops
+                # (exit status -15); a drained process stopped cleanly: exit 0
+                self.reactor._exitSignal = None
             others = [defer.maybeDeferred(s.stopService) for s in reversed(list(self)) if s.running]
             return defer.DeferredList(others)
 
