@@ -205,3 +205,21 @@ def test_a_transfer_past_the_drain_timeout_is_cut(
     assert "Traceback" not in p.log_text(), p.log_tail()
 
 
+
+
+def test_a_second_sigterm_stops_at_once(ecr: EmulatedECR, registry: FakeUpstream, proxy_factory: ProxyFactory) -> None:
+    p = proxy_factory(ecr, "--drain-timeout", "25", upstream=registry.url)
+    assert p.port is not None and p.proc is not None
+    down = Transfer(p.port, 8 * MIB)
+    _sigterm_when_moving(p, [down])
+    time.sleep(1)
+    assert down.is_alive(), "the first SIGTERM drains: the transfer goes on"
+    again = time.monotonic()
+    p.proc.terminate()
+    rc = p.proc.wait(timeout=10)
+    down.join(5)
+    print(f"\nsecond SIGTERM: exit after {time.monotonic() - again:.2f} s, download cut at {down.moved} bytes")
+    assert isinstance(down.error, (ConnectionError, OSError)) and down.moved < SIZE
+    assert time.monotonic() - again < 5
+    assert rc == 0
+    assert "Traceback" not in p.log_text(), p.log_tail()

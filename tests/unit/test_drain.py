@@ -159,3 +159,35 @@ def test_readyz_answers_503_while_draining() -> None:
     top.draining = True
     assert readyz() == (503, b"not ready: draining (the process is stopping)\n")
     h.close()
+
+
+def test_worker_processes_drain_signals_children_once_and_restarts_none() -> None:
+    from twisted.internet.task import Clock
+
+    from ecr_twisted.app.supervisor import WorkerProcesses, _Child
+
+    class FakeProcess:
+        def __init__(self) -> None:
+            self.signals: list[str] = []
+            self.stdin_closed = False
+
+        def signalProcess(self, name: str) -> None:
+            self.signals.append(name)
+
+        def closeStdin(self) -> None:
+            self.stdin_closed = True
+
+    clock = Clock()
+    workers = WorkerProcesses(clock, 2, [], [], "/nonexistent")
+    workers.running = True
+    child = _Child(workers, 1)
+    process = FakeProcess()
+    child.transport = process  # type: ignore[assignment]
+    workers.children[1] = child
+    done = ended(workers.drain())
+    # SIGTERM only: closing the child's stdin as well made it call reactor.stop twice (ReactorNotRunning)
+    assert process.signals == ["TERM"] and not process.stdin_closed and not done
+    workers.abort()  # the deadline: a second SIGTERM ends the child's drain at once
+    assert process.signals == ["TERM", "TERM"]
+    child.processEnded(None)
+    assert done and clock.getDelayedCalls() == []  # not restarted
