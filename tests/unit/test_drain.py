@@ -85,6 +85,7 @@ def test_a_kept_alive_connection_is_closed_after_its_response() -> None:
     up, _ = h.upstreams.last()
     up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
     assert client.value().endswith(b"{}") and client.disconnecting
+    assert b"\r\nConnection: close\r\n" in client.value()
     h.close()
 
 
