@@ -192,3 +192,23 @@ def test_worker_processes_drain_signals_children_once_and_restarts_none() -> Non
     assert process.signals == ["TERM", "TERM"]
     child.processEnded(None)
     assert done and clock.getDelayedCalls() == []  # not restarted
+
+
+def test_drain_options() -> None:
+    import pytest
+    from twisted.python.usage import UsageError
+
+    from ecr_twisted.app.options import Options
+
+    base = ["--anonymous", "--region", "eu-west-1"]
+    o = Options(environ={})
+    o.parseOptions(base)
+    assert (o.settings.drain_delay, o.settings.drain_timeout) == (0.0, 30.0)
+    o = Options(environ={"ECRPROXY_DRAIN_TIMEOUT": "5"})
+    o.parseOptions([*base, "--drain-delay", "2.5"])
+    assert (o.settings.drain_delay, o.settings.drain_timeout) == (2.5, 5.0)
+    for bad in (["--drain-timeout", "-1"], ["--drain-delay", "-0.5"]):
+        with pytest.raises(UsageError, match=bad[0]):
+            Options(environ={}).parseOptions([*base, *bad])
+    with pytest.raises(UsageError):
+        Options(environ={}).parseOptions([*base, "--drain-delay", "soon"])
