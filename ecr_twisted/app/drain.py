@@ -67,6 +67,8 @@ class Drain(service.MultiService):
         )
         self._install_second_signal()
         self._deadline = self.reactor.callLater(self.timeout, self._abort)
+        for f in self.factories:
+            f.draining = True  # from now on every response says Connection: close; idle ones close after the delay
         hooks = [defer.maybeDeferred(hook) for hook in self.on_drain]
         d: defer.Deferred[Any] = defer.Deferred()
         self._done = d

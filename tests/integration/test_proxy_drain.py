@@ -223,3 +223,21 @@ def test_a_second_sigterm_stops_at_once(ecr: EmulatedECR, registry: FakeUpstream
     assert time.monotonic() - again < 5
     assert rc == 0
     assert "Traceback" not in p.log_text(), p.log_tail()
+
+
+def test_drain_delay_keeps_listening_while_readyz_says_503(
+    ecr: EmulatedECR, registry: FakeUpstream, proxy_factory: ProxyFactory
+) -> None:
+    p = proxy_factory(ecr, "--drain-delay", "2", upstream=registry.url)
+    assert p.port is not None and p.proc is not None
+    p.proc.terminate()
+    signalled = time.monotonic()
+    wait_for(lambda: p.ops("/readyz").status == 503, 2, "/readyz 503 at once")
+    r = p.request("/v2/")  # still served during the delay, and told the connection closes
+    assert r.status == 200 and r.headers.get("connection") == "close", r
+    assert time.monotonic() - signalled < 1.5
+    wait_for(lambda: _refused(p.port or 0), 5, "new connections refused after the delay")
+    refused_at = time.monotonic() - signalled
+    rc = p.proc.wait(timeout=10)
+    print(f"\n--drain-delay 2: refused after {refused_at:.1f} s, exit after {time.monotonic() - signalled:.1f} s")
+    assert 1.5 < refused_at < 4 and rc == 0
