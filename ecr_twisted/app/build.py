@@ -43,6 +43,7 @@ from ecr_twisted.access.webhook import WebhookAuthorizer, http_post
 from ecr_twisted.access.gate import AccessConfig, AccessMetrics, Gate
 from ecr_twisted.access.policy import PRESETS, FixedPolicy, Policy, PolicyFile
 from ecr_twisted.app.config import ProxySettings
+from ecr_twisted.app.drain import Drain
 from ecr_twisted.app.listeners import (
     DescriptionError,
     ListenerSpec,
@@ -147,7 +148,7 @@ class Proxy:
 class Built:
     """The whole service tree of one process, and the parts callers look at."""
 
-    top: service.MultiService
+    top: Drain
     proxy: Proxy
     listeners: list[ListenerSpec]  # one per --port, in order
     factories: list[IProtocolFactory]  # the same, TLS-wrapped where the listener speaks TLS
@@ -212,13 +213,15 @@ def _build(
 ) -> Built:
     if child is None:
         log.info("{line}", line=describe(settings))
-    top = service.MultiService()
+    top = Drain(reactor, settings.drain_delay, settings.drain_timeout)
     proxy = build_proxy(settings, reactor, parts, worker=child is not None)
     for svc in proxy.services:
         svc.setServiceParent(top)
     listeners = [_listener("port", spec, settings.tls_cert, settings.tls_key) for spec in settings.ports]
     tls = _TLSFiles(reactor)
-    factories = [tls.wrap(spec, proxy.relay(reactor, spec.tls)) for spec in listeners]
+    relays = [proxy.relay(reactor, spec.tls) for spec in listeners]
+    top.factories.extend(relays)
+    factories = [tls.wrap(spec, relay) for spec, relay in zip(listeners, relays)]
     # every registry listener's connections count against one cap; the ops listener has none
     # (cast: a GuardedListening is a reactor as far as endpoints go; the rest it passes on)
     listening = cast(IReactorCore, GuardedListening(reactor, client_guard(settings, reactor, proxy.metrics)))
@@ -229,13 +232,14 @@ def _build(
         _serve_inherited(reactor, listening, top, proxy, child, factories)
     elif settings.workers == 1:
         for spec, factory in zip(listeners, factories):
-            strports.service(with_backlog(spec.description, backlog), factory, listening).setServiceParent(top)
+            top.add_listener(strports.service(with_backlog(spec.description, backlog), factory, listening))
     else:
         workers = _start_workers(reactor, listening, top, settings, listeners, factories, argv)
         others = workers.scrape
     if child is None and settings.metrics_port:
         spec = _listener("metrics-port", settings.metrics_port)
-        site = ops_site(proxy.registry, proxy.keeper.ready, others)
+        keeper = proxy.keeper
+        site = ops_site(proxy.registry, lambda: top.ready() and keeper.ready(), others, draining=lambda: top.draining)
         ops_guard = client_guard(settings, reactor, proxy.metrics, capped=False)
         ops = cast(IReactorCore, GuardedListening(reactor, ops_guard))
         strports.service(with_backlog(spec.description, backlog), tls.wrap(spec, site), ops).setServiceParent(top)
@@ -557,7 +561,7 @@ def _temporary_token_key(keydir: str) -> str:
 def _start_workers(
     reactor: Any,
     listening: Any,  # a GuardedListening
-    top: service.MultiService,
+    top: Drain,
     settings: ProxySettings,
     listeners: list[ListenerSpec],
     factories: list[Any],
@@ -572,16 +576,19 @@ def _start_workers(
     except ListenerError as e:
         raise UsageError(f"--port {e}") from None
     for sock, factory in zip(sockets, factories):
-        AdoptedPort(listening, sock, factory).setServiceParent(top)
+        top.add_listener(AdoptedPort(listening, sock, factory))
     socket_dir = tempfile.mkdtemp(prefix="ecrproxy-workers-")
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, socket_dir, True)
     children = WorkerProcesses(reactor, settings.workers, list(argv), [s.fileno() for s in sockets], socket_dir)
     children.setServiceParent(top)
+    # on SIGTERM the children drain too (each with the same options); this process waits for them
+    top.on_drain.append(children.drain)
+    top.on_abort.append(children.abort)
     return children
 
 
 def _serve_inherited(
-    reactor: Any, listening: Any, top: service.MultiService, proxy: Proxy, child: ChildSockets,
+    reactor: Any, listening: Any, top: Drain, proxy: Proxy, child: ChildSockets,
     factories: list[Any],
 ) -> None:
     from ecr_twisted.app.supervisor import AdoptedPort
@@ -591,8 +598,10 @@ def _serve_inherited(
     def listen(_: Any) -> None:
         # a child that answered before holding a token would turn its share of requests
         # into 503s while its first GetAuthorizationToken call is under way
+        if top.draining:
+            return
         for port in ports:
-            port.setServiceParent(top)
+            top.add_listener(port)
 
     proxy.keeper.first_token().addCallback(listen)
     StreamServerEndpointService(

@@ -58,6 +58,8 @@ class ProxySettings:
     auth_webhook_ttl: float = 60.0
     auth_webhook_timeout: float = 5.0
     workers: int = 1
+    drain_delay: float = 0.0  # seconds between SIGTERM and closing the listeners (/readyz 503 meanwhile)
+    drain_timeout: float = 30.0  # seconds requests in flight may take after SIGTERM; then aborted
     max_connections: int | None = None  # per process; None: derived from the open-file limit
     cache_dir: str | None = None
     cache_bytes: int = 50 << 30

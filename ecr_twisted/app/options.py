@@ -98,6 +98,10 @@ _PARAMETERS: list[list[Any]] = [
     ["auth-webhook-timeout", None, 5.0, "--auth webhook: seconds to wait for an answer (then deny).", float],
     ["max-connections", None, None, "Most client connections per process; past it new ones get 503 "
      "(default: what the open-file limit leaves after upstream connections and cache files).", int],
+    ["drain-delay", None, 0.0, "On SIGTERM/SIGINT: seconds /readyz answers 503 before the listeners close "
+     "(so load balancers notice).", float],
+    ["drain-timeout", None, 30.0, "On SIGTERM/SIGINT: seconds requests in flight may take to finish; "
+     "then they are aborted.", float],
     ["workers", None, 1, "Processes serving the listeners (this one and N-1 children); tcp:/unix: listeners.", int],
     ["cache-dir", None, None, "Keep pulled blobs and manifests here and serve them from disk (off without it)."],
     ["cache-size", None, "50GiB", "Most the cache may hold (e.g. 50GiB, 512MiB, 10G); least "
@@ -269,6 +273,9 @@ class Options(usage.Options):
         ):
             if not self[name] > 0:
                 raise usage.UsageError(f"--{name} must be a positive number of seconds")
+        for name in ("drain-delay", "drain-timeout"):
+            if not self[name] >= 0:
+                raise usage.UsageError(f"--{name} must be 0 or a positive number of seconds")
         if self["min-body-rate"] < 0:
             raise usage.UsageError("--min-body-rate must be 0 (no minimum) or a number of bytes per second")
         if not self["port"]:
@@ -313,6 +320,8 @@ class Options(usage.Options):
             auth_webhook_ttl=self["auth-webhook-ttl"],
             auth_webhook_timeout=self["auth-webhook-timeout"],
             workers=self["workers"],
+            drain_delay=self["drain-delay"],
+            drain_timeout=self["drain-timeout"],
             max_connections=self["max-connections"],
             cache_dir=self["cache-dir"],
             cache_bytes=cache_bytes,

@@ -96,9 +96,16 @@ class AdoptedPort(service.Service):
 
     def stopService(self) -> Any:
         super().stopService()
-        if self.port is not None:
-            return self.port.stopListening()
-        return None
+        port, self.port = self.port, None
+        d = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+
+        def close(result: Any) -> Any:
+            # this process's copy of the socket too: once every process has closed its own,
+            # new connections are refused instead of waiting in a backlog nobody reads
+            self.sock.close()
+            return result
+
+        return d.addBoth(close)
 
 
 class _Child(protocol.ProcessProtocol):
@@ -132,6 +139,7 @@ class WorkerProcesses(service.Service):
         self.restart_delay = restart_delay
         self.children: dict[int, _Child] = {}
         self._restarts: dict[int, IDelayedCall] = {}  # index -> the pending restart of a child that died
+        self._draining = False
 
     def metrics_socket(self, index: int) -> str:
         return os.path.join(self.socket_dir, f"worker-{index}.sock")
@@ -159,7 +167,7 @@ class WorkerProcesses(service.Service):
     def _ended(self, child: _Child, reason: Any) -> None:
         if self.children.get(child.index) is child:
             del self.children[child.index]
-        if self.running:
+        if self.running and not self._draining:
             log.warn("worker {index} exited ({reason}); restarting it", index=child.index, reason=reason.value)
             cancel(self._restarts.get(child.index))
             self._restarts[child.index] = self.reactor.callLater(self.restart_delay, self._restart, child.index)
@@ -168,6 +176,26 @@ class WorkerProcesses(service.Service):
         self._restarts.pop(index, None)
         if self.running and index not in self.children:
             self._spawn(index)
+
+    def drain(self) -> defer.Deferred[Any] | None:
+        """The process is draining: SIGTERM every child (each drains as this process does) and
+        answer when all have exited; none is restarted any more."""
+        self._draining = True
+        for call in self._restarts.values():
+            cancel(call)
+        self._restarts.clear()
+        waits = [child.ended for child in self.children.values()]
+        self.abort()
+        return defer.DeferredList(waits) if waits else None
+
+    def abort(self) -> None:
+        """SIGTERM every child: the first one starts its drain, a second one ends it at once."""
+        for child in list(self.children.values()):
+            if child.transport is not None:
+                try:
+                    child.transport.signalProcess("TERM")
+                except Exception:
+                    pass  # it is already on its way out
 
     def stopService(self) -> Any:
         super().stopService()

@@ -9,10 +9,12 @@ closes.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from typing import Any
 
 from twisted.internet import protocol, stdio
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import globalLogBeginner, textFileLogObserver
 
 __all__ = ["main"]
@@ -25,8 +27,10 @@ class _ParentWatch(protocol.Protocol):
         self.reactor = reactor
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self.reactor.running:
+        try:
             self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # already stopping (draining after a SIGTERM)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     # (mypy reads Windows' StandardIO, which has no descriptors to choose)
     stdio.StandardIO(_ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))  # type: ignore[call-arg]
     reactor.callWhenRunning(built.top.startService)
+    # a terminal's Ctrl-C reaches the whole process group; the main process passes it on as
+    # SIGTERM, so a child taking it as well would count it twice (a second signal aborts)
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.addSystemEventTrigger("before", "shutdown", built.top.stopService)
     reactor.run()
     return 0

@@ -301,6 +301,9 @@ class Exchange:
         if field is not None:
             fields.append(field)
         self._keep = keep_client_alive(self._keep, until_close, self._body_complete)
+        if self._body_complete and self.conn.factory.draining:
+            # the process is stopping: say so, so the client does not send into a closing connection
+            self._keep = False
         field = connection_field(self._keep, self.request.version)
         if field is not None:
             fields.append(field)

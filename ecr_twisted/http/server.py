@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.logger import Logger
@@ -97,6 +98,7 @@ class ClientConnection(Protocol):
         self.is_tls = factory.is_tls
         self.on_error = factory.on_bad_request
         self.error_body = factory.error_body
+        self.factory = factory
         self.valve: Valve | None = None
         self._state = _C_HEAD
         self._buf = b""
@@ -110,10 +112,24 @@ class ClientConnection(Protocol):
         self._read_closed = False  # the client sent its FIN: nothing more will come
 
     def connectionMade(self) -> None:
+        self.factory.connections.add(self)
         self.valve = Valve(self.transport)
         big_reads(self.transport)
         self.send_body = direct_writer(self.transport)
         self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
+
+    @property
+    def idle(self) -> bool:
+        """Waiting for a request that has not begun: closing now loses nothing."""
+        return self._state == _C_HEAD and self._exchange is None and not self._buf
+
+    def drain(self) -> None:
+        """The process is stopping: close now if idle, else after the response in progress."""
+        if self.idle:
+            self._state = _C_CLOSED
+            cancel(self._timer)
+            self._timer = None
+            self.transport.loseConnection()
 
     def _timeout(self) -> None:
         self._timer = None
@@ -294,6 +310,8 @@ class ClientConnection(Protocol):
             self._state = _C_CLOSED
             self.transport.abortConnection()
             return
+        if self.factory.draining:
+            keep = False
         step = after_response(keep, self._state == _C_BODY, self._state == _C_CLOSED)
         if step == LINGER:
             self._state = _C_LINGER
@@ -327,6 +345,7 @@ class ClientConnection(Protocol):
             self._next_heads()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.factory.connection_ended(self)
         self._state = _C_CLOSED
         cancel(self._timer)
         self._timer = None
@@ -362,6 +381,36 @@ class RelayFactory(Factory):
         self.limits = limits or Limits()
         self.on_bad_request = on_bad_request
         self.error_body = error_body
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self._emptied: list[Deferred[None]] = []
+
+    def drain(self) -> None:
+        """Stop keeping connections alive: idle ones close now, the others after their response."""
+        self.draining = True
+        for conn in list(self.connections):
+            conn.drain()
+
+    def abort_all(self) -> None:
+        """Cut every connection still open (the drain's deadline): never a short body that looks whole."""
+        for conn in list(self.connections):
+            conn.transport.abortConnection()
+
+    def emptied(self) -> Deferred[None]:
+        """Fires once no connection of this factory is open."""
+        d: Deferred[None] = Deferred()
+        if self.connections:
+            self._emptied.append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def connection_ended(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
+        if not self.connections:
+            waiting, self._emptied = self._emptied, []
+            for d in waiting:
+                d.callback(None)
 
     def buildProtocol(self, addr: Any) -> ClientConnection:
         return ClientConnection(self)

@@ -32,8 +32,10 @@ def ops_site(
     registry: CollectorRegistry,
     ready: Callable[[], bool],
     others: Callable[[], Deferred[list[bytes]]] | None = None,
+    draining: Callable[[], bool] = lambda: False,
 ) -> Site:
-    """`others` gives the expositions of the other worker processes, summed into /metrics."""
+    """`others` gives the expositions of the other worker processes, summed into /metrics;
+    `draining` says the process is stopping (then /readyz says so)."""
 
     def metrics(request: Any) -> Any:
         request.setHeader(b"Content-Type", CONTENT_TYPE_LATEST.encode("ascii"))
@@ -60,6 +62,8 @@ def ops_site(
         if ready():
             return b"ready\n"
         request.setResponseCode(503)
+        if draining():
+            return b"not ready: draining (the process is stopping)\n"
         return b"not ready: no ECR token valid for at least 5 more minutes\n"
 
     root = Resource()

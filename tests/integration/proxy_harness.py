@@ -383,6 +383,9 @@ def proxy_env(ecr: EmulatedECR, *, extra: Mapping[str, str] | None = None, drop:
     # ECRTEST_WORKERS=N runs every test proxy with --workers N (make test runs the suite both ways)
     if os.environ.get("ECRTEST_WORKERS"):
         env["ECRPROXY_WORKERS"] = os.environ["ECRTEST_WORKERS"]
+    # a test proxy stopped with transfers still open drains for at most 3 s, not the default 30 s,
+    # so teardown (SIGTERM, then SIGKILL after STOP_TIMEOUT) stays fast; --drain-timeout wins
+    env["ECRPROXY_DRAIN_TIMEOUT"] = "3"
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     env["PYTHONUNBUFFERED"] = "1"
     if extra:
@@ -727,6 +730,7 @@ class FakeUpstream:
     def __init__(self, routes: Mapping[tuple[str, str], Handler]) -> None:
         self.routes = dict(routes)
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.early: dict[int, bytes] = {}
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._listener.bind(("127.0.0.1", 0))
@@ -765,6 +769,7 @@ class FakeUpstream:
                     k, _, v = line.partition(":")
                     headers[k.strip().lower()] = v.strip()
                 self.requests.append((method, target, headers))
+                self.early[sock.fileno()] = buf  # body bytes read with the head, for handlers that read bodies
                 path = target.split("?", 1)[0]
                 handler = None
                 for (m, prefix), h in self.routes.items():
