@@ -460,9 +460,9 @@ def makeService(options: Options, reactor: Any = None) -> service.MultiService:
         print(f"twistd ecrproxy: {e}", file=sys.stderr)
         sys.exit(1)
     top = _OneLineFailures(reactor)
-    for child in list(built.top):  # the same tree, under a top that reports bind failures in one line
-        child.disownServiceParent()
-        child.setServiceParent(top)
+    # the built tree (its root is the Drain, whose stopService waits out SIGTERM) under a top that
+    # reports bind failures in one line
+    built.top.setServiceParent(top)
     return top
 
 

@@ -5,6 +5,7 @@ import shutil
 from typing import Any
 
 import pytest
+from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.testing import MemoryReactorClock
@@ -114,7 +115,12 @@ def test_bare_port_with_tls_files_means_tls(tmp_path) -> None:
 def test_make_service_builds_listeners_and_metrics() -> None:
     o = parse(BASE + ["--port", "tcp:5001", "--port", "tcp:5002", "--metrics-port", "tcp:9100"])
     top = makeService(o, reactor=MemoryReactorClock())
-    listeners = [s for s in top if isinstance(s, StreamServerEndpointService)]
+
+    def walk(svc: Any) -> list[Any]:
+        children = list(svc) if isinstance(svc, service.MultiService) else []
+        return [svc] + [s for child in children for s in walk(child)]
+
+    listeners = [s for s in walk(top) if isinstance(s, StreamServerEndpointService)]
     assert len(listeners) == 3
 
 
