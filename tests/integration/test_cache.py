@@ -19,17 +19,16 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.parse
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import pytest
 from proxy_harness import (
     MANIFEST_ACCEPT,
     MIB,
     TEST_WORKERS,
+    CountingRelay,
     Proxy,
     ProxyFactory,
-    RecordingRelay,
     Response,
     assert_layout_matches,
     connection,
@@ -48,69 +47,6 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 
 
 # ---------------------------------------------------------------- helpers
-class _RequestHeads:
-    """Request lines in one connection's client-to-server bytes (bodies skipped by Content-Length)."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.skip = 0
-
-    def feed(self, data: bytes) -> list[tuple[str, str]]:
-        self.buf += data
-        out: list[tuple[str, str]] = []
-        while True:
-            if self.skip:
-                n = min(self.skip, len(self.buf))
-                self.buf, self.skip = self.buf[n:], self.skip - n
-                if self.skip:
-                    return out
-            end = self.buf.find(b"\r\n\r\n")
-            if end < 0:
-                return out
-            lines = self.buf[:end].decode("latin-1").lstrip("\r\n").split("\r\n")
-            self.buf = self.buf[end + 4:]
-            method, target = lines[0].split(" ")[:2]
-            out.append((method, urllib.parse.urlsplit(target).path))
-            for line in lines[1:]:
-                name, _, value = line.partition(":")
-                if name.strip().lower() == "content-length":
-                    self.skip = int(value.strip())
-
-
-class CountingRelay(RecordingRelay):
-    """A RecordingRelay that also keeps (method, path) of every request sent through it, in order."""
-
-    def __init__(self, target_port: int) -> None:
-        self.requests: list[tuple[str, str]] = []
-        super().__init__(target_port, record_limit=0)
-
-    def _request_watcher(self) -> Callable[[bytes], None]:
-        heads = _RequestHeads()
-
-        def watch(data: bytes) -> None:
-            seen = heads.feed(data)
-            if seen:
-                with self._lock:  # recorded before forwarding: counted by the time an answer comes
-                    self.requests += seen
-
-        return watch
-
-    def mark(self) -> int:
-        with self._lock:
-            return len(self.requests)
-
-    def since(self, mark: int = 0) -> list[tuple[str, str]]:
-        with self._lock:
-            return self.requests[mark:]
-
-    def count(self, method: str, path: str, since: int = 0) -> int:
-        return sum(1 for r in self.since(since) if r == (method, path))
-
-    def touching(self, repo: str, since: int = 0) -> list[tuple[str, str]]:
-        """Requests about one repository's manifests or blobs."""
-        return [r for r in self.since(since) if r[1].startswith(f"/v2/{repo}/")]
-
-
 class KeepAlive:
     """One keep-alive connection to the proxy: with --workers N, one process serves every request on it."""
 
