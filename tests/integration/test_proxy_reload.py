@@ -57,7 +57,9 @@ def test_renewed_certificate_is_served_without_a_restart(
     # renewed in place (key first, as certbot's symlink switch or a cert-manager secret update may)
     _install(key, second_key.read_bytes())
     _install(cert, second_cert.read_bytes())
-    wait_for(lambda: _served_certificate(port) == _der(second_cert.read_bytes()), 10, "the renewed certificate")
+    # every process takes it on its own next connection (--workers N: several in a row, so each has had one)
+    wait_for(lambda: all(_served_certificate(port) == _der(second_cert.read_bytes()) for _ in range(16)), 10,
+             "the renewed certificate")
     assert "reloaded TLS certificate" in p.log_text()
 
     # a broken pair (the old certificate with the new key): the renewed one stays, and the log says why
