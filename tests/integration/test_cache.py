@@ -215,7 +215,13 @@ def test_second_pull_makes_no_upstream_blob_requests(
         assert counter(p, "ecrproxy_cache_hits_total", kind="manifest") >= 1
     assert counter(p, "ecrproxy_cache_bytes_total", source="upstream") >= blob_bytes
     assert counter(p, "ecrproxy_cache_bytes_total", source="cache") >= size
-    assert blob_bytes <= counter(p, "ecrproxy_cache_size_bytes") <= TEST_WORKERS * on_disk
+    assert on_disk >= blob_bytes  # every blob is in the shared directory
+    if TEST_WORKERS == 1:
+        assert blob_bytes <= counter(p, "ecrproxy_cache_size_bytes") <= on_disk
+    else:
+        # each process reports its own view of the shared directory (its fills, then what its 30 s rescan
+        # adopts) and /metrics shows the largest: until a rescan, a part of the blobs (README, Layer cache)
+        assert 0 < counter(p, "ecrproxy_cache_size_bytes") <= on_disk
 
 
 # ---------------------------------------------------------------- once per digest, per repository rights
