@@ -92,6 +92,11 @@ def timestamp(t: float) -> str:
 _dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
 
 
+# fields written only when they apply, in this order
+_OPTIONAL = ("repository", "reference", "upstream_status", "upstream_request_id", "cache", "user_agent", "reason",
+             "error")
+
+
 def json_line(r: AccessRecord) -> str:
     """One JSON object (no newline); fields that do not apply are left out."""
     d: dict[str, Any] = {
@@ -107,22 +112,10 @@ def json_line(r: AccessRecord) -> str:
         "bytes_out": r.bytes_out,
         "duration": round(r.duration, 6),
     }
-    if r.repository is not None:
-        d["repository"] = r.repository
-    if r.reference is not None:
-        d["reference"] = r.reference
-    if r.upstream_status is not None:
-        d["upstream_status"] = r.upstream_status
-    if r.upstream_request_id is not None:
-        d["upstream_request_id"] = r.upstream_request_id
-    if r.cache is not None:
-        d["cache"] = r.cache
-    if r.user_agent is not None:
-        d["user_agent"] = r.user_agent
-    if r.reason is not None:
-        d["reason"] = r.reason
-    if r.error is not None:
-        d["error"] = r.error
+    for key in _OPTIONAL:
+        value = getattr(r, key)
+        if value is not None:
+            d[key] = value
     return _dumps(d)
 
 
