@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ecr_twisted.upstreams.spec import UpstreamSpec
+
 __all__ = ["ProxySettings"]
 
 
@@ -65,6 +67,11 @@ class ProxySettings:
     cache_bytes: int = 50 << 30
     tag_ttl: float = 60.0
     stale_if_error: float = 86400.0
+    config_file: str | None = None  # --config: the TOML file the values below may come from
+    upstreams: tuple[UpstreamSpec, ...] = ()  # the file's [[upstream]] tables; () = one, from --registry-id etc.
+    catalog_ttl: float = 30.0  # seconds a DescribeRepositories listing (_catalog) is reused
+    egress_proxy: str | None = None  # --egress-proxy URL: every upstream leg goes through it (wins over env)
+    proxy_env: tuple[tuple[str, str], ...] = ()  # HTTPS_PROXY, HTTP_PROXY, NO_PROXY (either case) as found
     argv: tuple[str, ...] = ()  # the arguments as given: --workers children are started with them
 
     @property
