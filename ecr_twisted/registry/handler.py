@@ -48,6 +48,7 @@ from ecr_twisted.http.upstream import LONG, SHORT, UpstreamResponse
 from ecr_twisted.observe.accesslog import AccessLog, AccessRecord, RequestIds
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry import errors, listings, routes
+from ecr_twisted.registry.catalog import Answer, Catalog  # _catalog hook (#13)
 from ecr_twisted.registry.errors import RegistryError
 from ecr_twisted.registry.redirects import MAX_REDIRECTS, RedirectRules, Refuse
 
@@ -211,7 +212,9 @@ class RegistryProxy:
         cache: LayerCache | None = None,
         redirects: RedirectRules | None = None,
         access_log: AccessLog | None = None,
+        catalog: Catalog | None = None,  # _catalog hook (#13): answered from the ECR API, not the registry
     ) -> None:
+        self.catalog = catalog
         self.config = config
         self.access_log = access_log if access_log is not None else AccessLog(config.log_format)
         self.request_ids = RequestIds(config.trust_forwarded)
@@ -264,11 +267,24 @@ class RegistryProxy:
         if ex.gone:
             return
         ctx.decision = decision
+        if self.catalog is not None and ctx.kind == routes.CATALOG:  # _catalog hook (#13)
+            return self._serve_catalog(ex, ctx)
         cache = self.cache
         if cache is not None and ctx.kind in _CACHEABLE:
             assert ctx.match is not None
             return self._act(cache.lookup(ex, ctx.match), ex, ctx)
         self._go_upstream(ex, ctx)
+
+    # -- _catalog hook (#13): the merged, filtered, paginated catalog of registry.catalog
+    def _serve_catalog(self, ex: Exchange, ctx: _Ctx) -> None:
+        assert self.catalog is not None and ctx.decision is not None
+        d = self.catalog.answer(ex.request.target, ctx.decision.listing)
+        d.addCallback(self._catalog_answer, ex)
+        d.addErrback(self._bug, ex)
+
+    def _catalog_answer(self, answer: Answer, ex: Exchange) -> None:
+        ex.respond(answer.status, answer.fields, answer.body)
+    # -- end of the _catalog hook
 
     def _act(self, plan: Plan, ex: Exchange, ctx: _Ctx) -> None:
         """Carry out what the cache decided for a blob or manifest request."""
