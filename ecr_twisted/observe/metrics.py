@@ -17,19 +17,25 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from ecr_twisted.upstreams.spec import DEFAULT_NAME as DEFAULT_UPSTREAM  # the label without an upstream list
+
 if TYPE_CHECKING:
     from ecr_twisted.http.upstream import PoolStats
 
-__all__ = ["Metrics", "PoolCollector", "merge_expositions", "register_runtime"]
+__all__ = ["Metrics", "PoolCollector", "merge_expositions", "register_runtime", "DEFAULT_UPSTREAM"]
+
 
 _DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900)
 
 
 class Metrics:
-    """Everything the proxy counts. Label values are route kinds and methods, never paths or secrets."""
+    """Everything the proxy counts. Label values are route kinds, methods and the configured upstream
+    names (`upstreams`; "default" without an upstream list), never paths or secrets."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, upstreams: Iterable[str] = (DEFAULT_UPSTREAM,)) -> None:
         self.registry = registry
+        # the `upstream` label's values: the configured upstream names only (bounded series)
+        self.upstreams = frozenset(upstreams)
         self.requests = Counter(
             "ecrproxy_requests", "Client requests answered", ["method", "route", "status"], registry=registry
         )
@@ -49,20 +55,31 @@ class Metrics:
         self.in_flight = Gauge("ecrproxy_requests_in_flight", "Requests being handled", registry=registry)
         self.upstream_latency = Histogram(
             "ecrproxy_upstream_response_seconds",
-            "Time from sending a request upstream to its response head",
-            ["target"],
+            "Time from sending a request upstream to its response head, by target (registry, storage) and upstream",
+            ["target", "upstream"],
             buckets=_DURATION_BUCKETS,
             registry=registry,
         )
-        self.upstream_errors = Counter(
-            "ecrproxy_upstream_errors", "Upstream failures by kind", ["kind"], registry=registry
+        self.upstream_errors = _PerUpstream(
+            Counter(
+                "ecrproxy_upstream_errors", "Upstream failures by kind and upstream", ["kind", "upstream"],
+                registry=registry,
+            ),
+            self.upstreams,
         )
         self.token_expiry = Gauge(
-            "ecrproxy_token_expiry_timestamp_seconds", "Unix time the current ECR token expires", registry=registry
+            "ecrproxy_token_expiry_timestamp_seconds", "Unix time the current ECR token of each upstream expires",
+            ["upstream"], registry=registry,
         )
         self.token_refresh = Counter(
-            "ecrproxy_token_refresh", "ECR token refresh attempts", ["result"], registry=registry
+            "ecrproxy_token_refresh", "ECR token refresh attempts by result and upstream", ["result", "upstream"],
+            registry=registry,
         )
+        # every configured upstream shows its expiry from the start (0 until a token comes, as before
+        # the label existed: alerts leave 0 out, and passthrough holds no token)
+        self._expiry = {name: self.token_expiry.labels(name) for name in sorted(self.upstreams)}
+        for child in self._expiry.values():
+            child.set(0)
         self.bad_requests = Counter(
             "ecrproxy_bad_requests", "Requests refused by the HTTP parser", ["status"], registry=registry
         )
@@ -93,7 +110,8 @@ class Metrics:
         )
         self._requests: dict[tuple[bytes, str, int], Counter] = {}
         self._per_route: dict[str, tuple[Histogram, Counter, Counter]] = {}
-        self._upstream: dict[str, Histogram] = {}
+        self._upstream: dict[tuple[str, str], Histogram] = {}
+        self._refresh: dict[tuple[str, str], Counter] = {}
 
     def observe_request(
         self, method: bytes, route: str, status: int, seconds: float, bytes_in: int, bytes_out: int
@@ -117,16 +135,49 @@ class Metrics:
         if bytes_out:
             per[2].inc(bytes_out)
 
-    def observe_upstream(self, target: str, seconds: float) -> None:
-        child = self._upstream.get(target)
+    def observe_upstream(self, target: str, seconds: float, upstream: str = DEFAULT_UPSTREAM) -> None:
+        key = (target, upstream)
+        child = self._upstream.get(key)
         if child is None:
-            child = self._upstream[target] = self.upstream_latency.labels(target)
+            _check(upstream, self.upstreams)
+            child = self._upstream[key] = self.upstream_latency.labels(target, upstream)
         child.observe(seconds)
 
-    def token_result(self, result: str, expires_at: float | None) -> None:
-        self.token_refresh.labels(result).inc()
+    def token_result(self, result: str, expires_at: float | None, upstream: str = DEFAULT_UPSTREAM) -> None:
+        key = (result, upstream)
+        child = self._refresh.get(key)
+        if child is None:
+            _check(upstream, self.upstreams)
+            child = self._refresh[key] = self.token_refresh.labels(result, upstream)
+        child.inc()
         if expires_at is not None:
-            self.token_expiry.set(expires_at)
+            self._expiry[upstream].set(expires_at)
+
+
+def _check(upstream: str, known: frozenset[str]) -> None:
+    if upstream not in known:
+        # a wiring bug (Metrics built without this upstream's name): series stay bounded
+        raise ValueError(f"metrics: upstream {upstream!r} is not configured ({', '.join(sorted(known))})")
+
+
+class _PerUpstream:
+    """`upstream_errors`: `.labels(kind, upstream="default")` gives the counter's child, cached, so
+    callers written before the upstream label (`.labels(kind).inc()`) keep counting under "default"."""
+
+    __slots__ = ("counter", "_known", "_children")
+
+    def __init__(self, counter: Counter, known: frozenset[str]) -> None:
+        self.counter = counter
+        self._known = known
+        self._children: dict[tuple[str, str], Counter] = {}
+
+    def labels(self, kind: str, upstream: str = DEFAULT_UPSTREAM) -> Counter:
+        key = (kind, upstream)
+        child = self._children.get(key)
+        if child is None:
+            _check(upstream, self._known)
+            child = self._children[key] = self.counter.labels(kind, upstream)
+        return child
 
 
 def register_runtime(registry: CollectorRegistry, version: str) -> None:

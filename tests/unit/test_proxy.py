@@ -377,7 +377,7 @@ def test_access_log_and_metrics_per_request() -> None:
     assert e["duration"] == pytest.approx(0.25)
     assert h.sample("ecrproxy_response_body_bytes_total", {"route": "blob"}) == 3
     assert h.sample("ecrproxy_request_duration_seconds_count", {"route": "blob"}) == 1
-    assert h.sample("ecrproxy_upstream_response_seconds_count", {"target": "registry"}) == 1
+    assert h.sample("ecrproxy_upstream_response_seconds_count", {"target": "registry", "upstream": "default"}) == 1
     assert h.sample("ecrproxy_requests_in_flight") == 0
 
 
@@ -415,7 +415,7 @@ def test_a_client_leaving_is_not_an_upstream_error() -> None:
     proto, _ = h.client()
     proto.dataReceived(b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: h\r\n\r\n")
     proto.connectionLost(Failure(ConnectionDone()))
-    assert h.sample("ecrproxy_upstream_errors_total", {"kind": "closed"}) is None
+    assert h.sample("ecrproxy_upstream_errors_total", {"kind": "closed", "upstream": "default"}) is None
 
 
 def _deferreds_made_by_us(monkeypatch: pytest.MonkeyPatch, h: Harness, raw: bytes, answer: bytes) -> list[str]:

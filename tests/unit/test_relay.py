@@ -78,7 +78,7 @@ def test_upstream_dying_mid_body_aborts_the_client() -> None:
     up.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
     up.connectionLost(Failure(ConnectionLost()))
     assert client.disconnected  # a truncated body must never look complete
-    assert h.sample("ecrproxy_upstream_errors_total", {"kind": "aborted"}) == 1
+    assert h.sample("ecrproxy_upstream_errors_total", {"kind": "aborted", "upstream": "default"}) == 1
 
 
 def test_client_leaving_mid_transfer_aborts_the_upstream_and_it_is_not_reused() -> None:
@@ -291,7 +291,7 @@ def test_waiting_for_a_pool_place_is_bounded_by_the_pools_wait() -> None:
     assert head.startswith(b"HTTP/1.1 503 ") and b"\r\nRetry-After: 1" in head
     assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
     assert h.sample("ecrproxy_upstream_refused_total", {"class": "short"}) == 1
-    assert h.sample("ecrproxy_upstream_errors_total", {"kind": "busy"}) == 1
+    assert h.sample("ecrproxy_upstream_errors_total", {"kind": "busy", "upstream": "default"}) == 1
 
 
 # --- regressions found in review -------------------------------------------------------

@@ -37,8 +37,8 @@ def test_merge_sums_counters_histograms_and_in_flight_and_keeps_the_latest_expir
     assert merged[("ecrproxy_request_duration_seconds_count", (("route", "blob"),))] == 7
     assert merged[("ecrproxy_request_duration_seconds_bucket", (("le", "0.025"), ("route", "blob")))] == 7
     assert merged[("ecrproxy_requests_in_flight", ())] == 3
-    assert merged[("ecrproxy_token_expiry_timestamp_seconds", ())] == 2000.0
-    assert merged[("ecrproxy_token_refresh_total", (("result", "success"),))] == 2
+    assert merged[("ecrproxy_token_expiry_timestamp_seconds", (("upstream", "default"),))] == 2000.0
+    assert merged[("ecrproxy_token_refresh_total", (("result", "success"), ("upstream", "default")))] == 2
 
 
 def test_bind_listener_forms() -> None:
