@@ -267,7 +267,8 @@ class RegistryProxy:
         if ex.gone:
             return
         ctx.decision = decision
-        if self.catalog is not None and ctx.kind == routes.CATALOG:  # _catalog hook (#13)
+        # _catalog hook (#13); never in passthrough: the proxy's own AWS principal would list for the client
+        if self.catalog is not None and ctx.kind == routes.CATALOG and not self.config.passthrough:
             return self._serve_catalog(ex, ctx)
         cache = self.cache
         if cache is not None and ctx.kind in _CACHEABLE:

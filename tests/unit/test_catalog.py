@@ -333,3 +333,18 @@ def test_the_handler_writes_an_error_answer_as_is() -> None:
         assert status == 400 and json.loads(body)["errors"][0]["code"] == "PAGINATION_NUMBER_INVALID"
     finally:
         h.close()
+
+
+def test_passthrough_never_answers_from_the_proxys_own_principal() -> None:
+    from ecr_twisted.registry.handler import ProxyConfig
+    from ecr_twisted.testing.doubles import UPSTREAM
+
+    h = Harness(ProxyConfig(upstream=UPSTREAM, passthrough=True))
+    try:
+        h.handler.catalog = Catalog(TWO)
+        proto, transport = h.client()
+        proto.dataReceived(b"GET /v2/_catalog HTTP/1.1\r\nHost: " + HOST + b"\r\nAuthorization: Basic QVdTOng=\r\n\r\n")
+        assert transport.value() == b""  # went upstream with the client's credentials
+        assert len(h.upstreams.connections) == 1
+    finally:
+        h.close()
