@@ -24,9 +24,10 @@ Decisions (issue #13):
 - Upstreams of kind "registry" (no DescribeRepositories) are not sources: their repositories
   are left out of the merged catalog. With no source at all the catalog is empty (200).
 
-The failure contract for sources is `CatalogError` (`.upstream`, `.denied`, `.message`): the
-ECR helper's exceptions subclass it (or are adapted into it where the sources are built). Any
-other exception of a source counts as that upstream being unavailable and is logged.
+The failure contract for sources is `CatalogError` (`.upstream`, `.denied`, `.message`). The
+ECR helper's exceptions cannot subclass it (`ecr` may not import `registry`): the composition
+root wraps each source with `adapted`, naming the helper's classes. Any other exception of a
+source counts as that upstream being unavailable and is logged.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from ecr_twisted.registry.listings import Filter
 
 __all__ = [
     "Catalog", "CatalogError", "Source", "Answer", "Pagination", "MAX_ENTRIES", "PAGINATION_NUMBER_INVALID",
-    "public_name", "merge", "pagination", "paginate", "warning_value",
+    "public_name", "merge", "pagination", "paginate", "warning_value", "adapted",
 ]
 
 MAX_ENTRIES = 10000  # names on one page at most, whatever `n` asks for
@@ -97,6 +98,29 @@ class Pagination:
     n: int  # names on this page at most (after the cap)
     last: str | None  # exclusive cursor
     asked: bool  # the client gave `n` (the Link repeats the page size either way)
+
+
+def adapted(
+    names: Callable[[], "Deferred[list[str]]"],
+    upstream: str,
+    denied: tuple[type[BaseException], ...] = (),
+    unavailable: tuple[type[BaseException], ...] = (),
+) -> Callable[[], "Deferred[list[str]]"]:
+    """`names` whose failures of the classes `denied` / `unavailable` (the ECR helper's, passed in)
+    become `CatalogError`s of `upstream`, with the exception's `message` (or its text) shown."""
+
+    def convert(reason: Failure) -> Failure:
+        err = reason.value
+        if isinstance(err, CatalogError) or not isinstance(err, denied + unavailable):
+            return reason
+        message = getattr(err, "message", None)
+        text = message if isinstance(message, str) else str(err)
+        return Failure(CatalogError(upstream, text, denied=isinstance(err, denied)))
+
+    def listed() -> "Deferred[list[str]]":
+        return names().addErrback(convert)
+
+    return listed
 
 
 def public_name(namespace: str, name: str) -> str:

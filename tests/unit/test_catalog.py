@@ -348,3 +348,31 @@ def test_passthrough_never_answers_from_the_proxys_own_principal() -> None:
         assert len(h.upstreams.connections) == 1
     finally:
         h.close()
+
+
+def test_adapted_turns_the_ecr_helpers_exceptions_into_catalog_errors() -> None:
+    from ecr_twisted.registry.catalog import adapted
+
+    class Denied(Exception):
+        def __init__(self, upstream: str, message: str) -> None:
+            super().__init__(upstream, message)
+            self.message = message
+
+    class Unavailable(Exception):
+        pass
+
+    def source(err: Exception) -> Source:
+        names = adapted(failing(err), "u-" + type(err).__name__, (Denied,), (Unavailable,))
+        return Source(type(err).__name__, names, "u-" + type(err).__name__)
+
+    a = ask(Catalog([source(Denied("x", "AccessDeniedException")), source(Unavailable("timed out")),
+                     Source("", adapted(names("ok"), "default", (Denied,)))]))
+    assert a.status == 200 and repos(a) == ["ok"]
+    assert field(a, b"warning") == [
+        b'199 - "catalog incomplete: upstream u-Denied: AccessDeniedException"',
+        b'199 - "catalog incomplete: upstream u-Unavailable: timed out"',
+    ]
+    a = ask(Catalog([source(Denied("x", "AccessDeniedException"))]))
+    assert a.status == 403 and "ecr:DescribeRepositories on upstream u-Denied" in error(a)["detail"]
+    a = ask(Catalog([source(Unavailable("timed out"))]))
+    assert a.status == 503
