@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from typing import IO, Any, Callable, Mapping
@@ -134,6 +135,9 @@ def timestamp(value: Any) -> float:
     return float(value.timestamp()) if hasattr(value, "timestamp") else float(value)
 
 
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s\"']+@")
+
+
 def error_code(exc: BaseException) -> str:
     """AWS's error code of a botocore ClientError (`AccessDeniedException`, ...), else the exception's type."""
     response = getattr(exc, "response", None)
@@ -147,10 +151,11 @@ def error_code(exc: BaseException) -> str:
 def fail(exc: BaseException, out: IO[str] | None = None, err: IO[str] | None = None) -> int:
     """Tell the parent why: one line on stderr (for its log) and `{"error": code, "message": ...}` on stdout.
 
-    botocore's messages name the operation and the error, never the credentials."""
+    botocore's messages name the operation and the error, never the credentials; a URL's
+    user:password (an egress proxy's) is masked all the same."""
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
-    message = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+    message = _USERINFO.sub(r"\1***@", f"{type(exc).__name__}: {exc}".replace("\n", " "))[:500]
     print(message, file=err)
     json.dump({"error": error_code(exc), "message": message}, out)
     out.flush()

@@ -39,6 +39,8 @@ def child_args(spec: UpstreamSpec) -> list[str]:
         args += ["--region", spec.region]
     if spec.registry_id:
         args += ["--registry-id", spec.registry_id]
+    if spec.credentials == "profile" and not spec.profile:
+        raise ValueError(f"upstream {spec.name}: credentials = profile without profile")
     if spec.credentials in ("profile", "role") and spec.profile:
         args += ["--profile", spec.profile]
     if spec.credentials == "role":

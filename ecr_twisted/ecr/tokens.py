@@ -380,7 +380,8 @@ class StaticTokens:
     `credentials = "static"`: the token's header is `Basic base64(username:password)`.
     `credentials = "none"`: the token's `header` is b"" and means *send no Authorization*; the
     handler must test `token.header`, not only `token is not None` (None still means "no token
-    yet", answered 503). The endpoint is the upstream's `url`. Always ready: there is nothing
+    yet", answered 503). `credentials = "default"` (the field's default) means static with a
+    username, else none. The endpoint is the upstream's `url`. Always ready: there is nothing
     to wait for; a refused token is not refreshed (`force_refresh` answers the same one, so the
     handler does not retry). `repr`/`str` never show the password.
     """
@@ -389,13 +390,16 @@ class StaticTokens:
         if not spec.url:
             raise ValueError(f"upstream {spec.name}: a registry upstream needs a url")
         authorization = ""
-        if spec.credentials == "static":
+        credentials = spec.credentials
+        if credentials == "default":  # the field's default: a registry's is its username, if any
+            credentials = "static" if spec.username else "none"
+        if credentials == "static":
             if not spec.username or spec.password is None:
                 raise ValueError(f"upstream {spec.name}: credentials = static needs a username and a password")
             if ":" in spec.username:
                 raise ValueError(f"upstream {spec.name}: a username must not contain ':'")
             authorization = base64.b64encode(f"{spec.username}:{spec.password}".encode("utf-8")).decode("ascii")
-        elif spec.credentials != "none":
+        elif credentials != "none":
             raise ValueError(f"upstream {spec.name}: credentials = {spec.credentials} is for ECR registries")
         self.name = spec.name
         self.username = spec.username if authorization else None

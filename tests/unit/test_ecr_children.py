@@ -255,6 +255,10 @@ def test_error_code_and_fail_for_non_aws_errors() -> None:
     assert fail(RuntimeError("line one\nline two"), out, err) == 1
     assert err.getvalue() == "RuntimeError: line one line two\n"
     assert json.loads(out.getvalue()) == {"error": "RuntimeError", "message": "RuntimeError: line one line two"}
+    out, err = io.StringIO(), io.StringIO()
+    fail(OSError('Failed to connect to proxy URL: "http://robot:pr0xy-pw@egress:3128" via https://u@x/'), out, err)
+    assert "pr0xy-pw" not in out.getvalue() + err.getvalue() and "robot" not in err.getvalue()
+    assert 'URL: "http://***@egress:3128" via https://***@x/' in err.getvalue()
 
 
 def test_the_old_entry_point_still_answers(aws: Path) -> None:

@@ -111,6 +111,8 @@ def test_a_registry_upstream_has_no_ecr_api() -> None:
         ProcessTokenFetcher.for_upstream(Clock(), spec)
     with pytest.raises(ValueError, match="role-arn"):
         ProcessTokenFetcher.for_upstream(Clock(), role_spec(role_arn=None))
+    with pytest.raises(ValueError, match="without profile"):
+        RepositoryLister(Clock(), role_spec(credentials="profile", profile=None))
 
 
 def test_child_env_replaces_every_spelling_of_a_proxy_variable() -> None:
@@ -322,6 +324,12 @@ def test_no_credentials_is_a_token_whose_header_is_empty() -> None:
     token = keeper.token_for_request()
     assert token is not None and token.header == b""  # send no Authorization
     assert "anonymous" in repr(keeper)
+
+
+def test_a_registry_without_a_credentials_key_is_static_with_a_username_else_anonymous() -> None:
+    assert StaticTokens(registry()).current.header == b""
+    with_user = StaticTokens(registry(username="robot", password="pw"))
+    assert with_user.current.header == b"Basic " + base64.b64encode(b"robot:pw")
 
 
 def test_static_tokens_are_always_ready_and_never_refreshed() -> None:
