@@ -2,19 +2,27 @@
 
 The proxy runs this in a short-lived child process: botocore and its service data
 cost a long-lived process about 15 MiB of memory for a call made every six hours.
-Credentials come from botocore's normal chain, inherited through the environment.
-Errors go to stderr as one line (botocore's messages name the operation, never
-credentials) with exit status 1.
+Credentials: botocore's default chain inherited through the environment, a named profile
+(`--profile`), or a role assumed afresh on every call (`--role-arn`; see `aws`).
+
+The answer: `authorizationToken`, `proxyEndpoint`, `tokenExpiresAt` (ECR's word),
+`credentialsExpireAt` (the role credentials', or null) and `expiresAt`, the earlier of the
+two: a token made from temporary credentials stops working when they expire, so the keeper
+must refresh before that. Errors: exit status 1, one line on stderr and
+`{"error": code, "message": ...}` on stdout (see `aws.fail`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable
 
-__all__ = ["fetch_authorization_data", "main"]
+from ecr_twisted.ecr.aws import AwsAccess, ClientMaker, add_arguments, fail, make_client_maker, timestamp
+
+__all__ = ["answer", "fetch_authorization_data", "main"]
 
 
 def fetch_authorization_data(
@@ -23,48 +31,49 @@ def fetch_authorization_data(
     endpoint_url: str | None = None,
     session_factory: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    """The first `authorizationData` entry of GetAuthorizationToken, through botocore's normal chain."""
-    if session_factory is None:
-        import botocore.session
+    """The first `authorizationData` entry of GetAuthorizationToken, through botocore's default chain."""
+    access = AwsAccess(region=region, registry_id=registry_id, ecr_endpoint_url=endpoint_url)
+    factory = None if session_factory is None else (lambda profile: session_factory())
+    return _authorization_data(make_client_maker(access, factory))
 
-        session = botocore.session.get_session()
-    else:
-        session = session_factory()
-    kwargs: dict[str, Any] = {}
-    if region:
-        kwargs["region_name"] = region
-    if endpoint_url:
-        kwargs["endpoint_url"] = endpoint_url
-    client = session.create_client("ecr", **kwargs)
+
+def _authorization_data(maker: ClientMaker) -> dict[str, Any]:
+    client = maker.ecr()
     call: dict[str, Any] = {}
-    if registry_id:
+    if maker.access.registry_id:
         # Deprecated but honoured: it makes proxyEndpoint name this registry, which
         # matters when the credentials belong to another account.
-        call["registryIds"] = [registry_id]
+        call["registryIds"] = [maker.access.registry_id]
     entries = client.get_authorization_token(**call).get("authorizationData") or []
     if not entries:
         raise ValueError("GetAuthorizationToken returned no authorizationData")
-    return entries[0]
+    data: dict[str, Any] = entries[0]
+    return data
 
 
-def main(argv: list[str] | None = None) -> int:
+def answer(maker: ClientMaker) -> dict[str, Any]:
+    """What the child prints: the token, its endpoint and the earlier of the two expiries."""
+    data = _authorization_data(maker)
+    token_expires = timestamp(data.get("expiresAt"))
+    creds_expire = maker.role_expires_at
+    return {
+        "authorizationToken": data["authorizationToken"],
+        "expiresAt": token_expires if creds_expire is None else min(token_expires, creds_expire),
+        "tokenExpiresAt": token_expires,
+        "credentialsExpireAt": creds_expire,
+        "proxyEndpoint": data.get("proxyEndpoint") or "",
+    }
+
+
+def main(argv: list[str] | None = None, session_factory: Callable[[str | None], Any] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ecr_twisted.ecr.fetch_token")
-    parser.add_argument("--region")
-    parser.add_argument("--registry-id")
-    parser.add_argument("--endpoint-url")
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        data = fetch_authorization_data(args.region, args.registry_id, args.endpoint_url)
-        expires: Any = data.get("expiresAt")
-        answer = {
-            "authorizationToken": data["authorizationToken"],
-            "expiresAt": expires.timestamp() if hasattr(expires, "timestamp") else float(expires),
-            "proxyEndpoint": data.get("proxyEndpoint") or "",
-        }
+        result = answer(make_client_maker(AwsAccess.from_args(args, os.environ), session_factory))
     except Exception as e:  # one line for the parent's log, whatever went wrong
-        print(f"{type(e).__name__}: {e}".replace("\n", " ")[:500], file=sys.stderr)
-        return 1
-    json.dump(answer, sys.stdout)
+        return fail(e)
+    json.dump(result, sys.stdout)
     sys.stdout.flush()
     return 0
 

@@ -15,24 +15,27 @@ import os
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Mapping, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
-from twisted.internet.error import ProcessDone
-from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from ecr_twisted.ecr.child import ChildFailed, child_args, child_env, run_child
+from ecr_twisted.upstreams.spec import DEFAULT_NAME, ECR, UpstreamSpec
 
 __all__ = [
     "READY_MARGIN",
     "NoTokens",
     "ProcessTokenFetcher",
+    "StaticTokens",
     "Token",
     "TokenFetchError",
     "TokenFetcher",
     "TokenKeeper",
     "backoff",
+    "keeper_for",
     "parse_authorization_data",
     "refresh_due",
 ]
@@ -42,16 +45,21 @@ READY_MARGIN = 300.0  # /readyz wants a token valid for at least this long
 
 @dataclass(frozen=True)
 class Token:
-    """One GetAuthorizationToken answer. Never printed: `repr` hides the secret."""
+    """One GetAuthorizationToken answer (or a registry's static credentials). Never printed:
+    `repr` hides the secret.
 
-    authorization: str = field(repr=False)  # base64("AWS:<password>"), as ECR returns it
+    `header` is the Authorization value to send upstream; b"" (from an empty `authorization`)
+    means send no Authorization at all: an anonymous registry (see `StaticTokens`)."""
+
+    authorization: str = field(repr=False)  # base64("AWS:<password>"), as ECR returns it; "": none
     expires_at: float
     endpoint: str
     fetched_at: float
     header: bytes = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "header", b"Basic " + self.authorization.encode("ascii"))
+        header = b"Basic " + self.authorization.encode("ascii") if self.authorization else b""
+        object.__setattr__(self, "header", header)
 
     @property
     def lifetime(self) -> float:
@@ -95,38 +103,17 @@ class TokenFetcher(Protocol):
     def fetch(self) -> Deferred[Token]: ...
 
 
-class TokenFetchError(Exception):
-    """GetAuthorizationToken failed; the message is the child's one-line reason."""
-
-
-class _FetchProcess(ProcessProtocol):
-    def __init__(self, d: Deferred[bytes]) -> None:
-        self.d = d
-        self.out: list[bytes] = []
-        self.err: list[bytes] = []
-
-    def outReceived(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def errReceived(self, data: bytes) -> None:
-        self.err.append(data)
-
-    def processEnded(self, reason: Failure) -> None:
-        if self.d.called:
-            return
-        if reason.check(ProcessDone):
-            self.d.callback(b"".join(self.out))
-        else:
-            lines = b"".join(self.err).decode("utf-8", "replace").strip().splitlines()
-            self.d.errback(TokenFetchError(lines[-1] if lines else f"token fetcher failed: {reason.value}"))
+class TokenFetchError(ChildFailed):
+    """GetAuthorizationToken failed; the message is the child's one-line reason, `code` AWS's error code."""
 
 
 class ProcessTokenFetcher:
-    """Calls ecr:GetAuthorizationToken in a short-lived child process.
+    """Calls ecr:GetAuthorizationToken in a short-lived child process (`python -m ecr_twisted.ecr.fetch_token`).
 
     botocore blocks, so it must not run on the reactor; in a child it also costs the
     long-lived proxy no memory between calls (about 15 MiB otherwise), and no threads.
-    Credentials come from botocore's own chain through the inherited environment.
+    Credentials come from botocore's own chain through the inherited environment, a named
+    profile or an assumed role (`for_upstream`); never from the command line.
     """
 
     def __init__(
@@ -147,21 +134,30 @@ class ProcessTokenFetcher:
         if registry_id:
             self._args += ["--registry-id", registry_id]
         if endpoint_url:
-            self._args += ["--endpoint-url", endpoint_url]
+            self._args += ["--ecr-endpoint-url", endpoint_url]
+        self._proxy_env: Mapping[str, str] = {}
+        self._external_id: str | None = None
+
+    @classmethod
+    def for_upstream(
+        cls,
+        reactor: Any,
+        spec: UpstreamSpec,
+        proxy_env: Mapping[str, str] = {},  # noqa: B006 (read only)
+        timeout: float = 60.0,
+        python: str = sys.executable,
+    ) -> ProcessTokenFetcher:
+        """The fetcher of one ECR upstream: its account, region, credentials (default chain, profile
+        or role) and endpoints; `proxy_env` (HTTPS_PROXY, ...) goes into the child's environment."""
+        fetcher = cls(reactor, None, timeout=timeout, python=python)
+        fetcher._args = [python, "-m", "ecr_twisted.ecr.fetch_token", *child_args(spec)]
+        fetcher._proxy_env = dict(proxy_env)
+        fetcher._external_id = spec.external_id if spec.credentials == "role" else None
+        return fetcher
 
     def fetch(self) -> Deferred[Token]:
-        d: Deferred[bytes] = Deferred()
-        proto = _FetchProcess(d)
-        process = self._reactor.spawnProcess(proto, self._python, self._args, env=dict(os.environ))
-
-        def timed_out(result: Any, timeout: float) -> Failure:
-            try:
-                process.signalProcess("KILL")
-            except Exception:
-                pass
-            return Failure(TokenFetchError(f"token fetcher gave no answer in {timeout:.0f} s"))
-
-        d.addTimeout(self._timeout, self._reactor, onTimeoutCancel=timed_out)
+        env = child_env(os.environ, self._proxy_env, self._external_id)
+        d = run_child(self._reactor, self._python, self._args, env, self._timeout, TokenFetchError, "token fetcher")
         return d.addCallback(self._parse)
 
     def _parse(self, out: bytes) -> Token:
@@ -190,7 +186,10 @@ class TokenKeeper:
         tick: float = 1.0,
         forced_interval: float = 10.0,
         rand: Callable[[], float] = random.random,
+        name: str = DEFAULT_NAME,
     ) -> None:
+        self.name = name  # the upstream's, in log lines (those of the one implicit upstream stay as they were)
+        self._where = "" if name == DEFAULT_NAME else f" (upstream {name})"
         self._clock = clock
         self._fetcher = fetcher
         self._on_result = on_result
@@ -266,7 +265,7 @@ class TokenKeeper:
             if self._inflight is None and self._clock.seconds() >= self.next_attempt:
                 self._refresh()
         except Exception:
-            self.log.failure("token refresh check failed")
+            self.log.failure("token refresh check failed{where}", where=self._where, upstream=self.name)
 
     def force_refresh(self, stale: Token | None) -> Deferred[Token | None]:
         """Refresh now because `stale` was refused upstream; concurrent callers share one call.
@@ -319,7 +318,9 @@ class TokenKeeper:
         self.next_attempt = refresh_due(token, self._fraction, self._min_interval)
         self._on_result("success", token)
         self.log.info(
-            "ECR token refreshed; expires in {hours:.1f} h, next refresh in {next:.0f} s",
+            "ECR token refreshed{where}; expires in {hours:.1f} h, next refresh in {next:.0f} s",
+            where=self._where,
+            upstream=self.name,
             hours=token.lifetime / 3600,
             next=self.next_attempt - self._clock.seconds(),
         )
@@ -332,7 +333,9 @@ class TokenKeeper:
         self._on_result("failure", None)
         # the message of a botocore error names the operation, never the credentials
         self.log.warn(
-            "ECR token refresh failed ({kind}: {msg}); attempt {n}, retrying in {delay:.1f} s",
+            "ECR token refresh failed{where} ({kind}: {msg}); attempt {n}, retrying in {delay:.1f} s",
+            where=self._where,
+            upstream=self.name,
             kind=reason.type.__name__ if reason.type is not None else "Error",
             msg=reason.getErrorMessage(),
             n=self.failures,
@@ -341,7 +344,7 @@ class TokenKeeper:
         return None
 
     def _bug(self, reason: Failure) -> None:
-        self.log.failure("token bookkeeping failed", reason)
+        self.log.failure("token bookkeeping failed{where}", reason, where=self._where, upstream=self.name)
         return None
 
     def _settle(self, result: Any, d: Deferred[Token | None]) -> None:
@@ -368,3 +371,83 @@ class NoTokens:
 
     def first_token(self) -> Deferred[Any]:
         return succeed(None)
+
+
+class StaticTokens:
+    """The keeper of a registry that is not ECR (`kind = "registry"`): the same interface the
+    handler uses on TokenKeeper, with one token that never changes and never expires.
+
+    `credentials = "static"`: the token's header is `Basic base64(username:password)`.
+    `credentials = "none"`: the token's `header` is b"" and means *send no Authorization*; the
+    handler must test `token.header`, not only `token is not None` (None still means "no token
+    yet", answered 503). `credentials = "default"` (the field's default) means static with a
+    username, else none. The endpoint is the upstream's `url`. Always ready: there is nothing
+    to wait for; a refused token is not refreshed (`force_refresh` answers the same one, so the
+    handler does not retry). `repr`/`str` never show the password.
+    """
+
+    def __init__(self, spec: UpstreamSpec) -> None:
+        if not spec.url:
+            raise ValueError(f"upstream {spec.name}: a registry upstream needs a url")
+        authorization = ""
+        credentials = spec.credentials
+        if credentials == "default":  # the field's default: a registry's is its username, if any
+            credentials = "static" if spec.username else "none"
+        if credentials == "static":
+            if not spec.username or spec.password is None:
+                raise ValueError(f"upstream {spec.name}: credentials = static needs a username and a password")
+            if ":" in spec.username:
+                raise ValueError(f"upstream {spec.name}: a username must not contain ':'")
+            authorization = base64.b64encode(f"{spec.username}:{spec.password}".encode("utf-8")).decode("ascii")
+        elif credentials != "none":
+            raise ValueError(f"upstream {spec.name}: credentials = {spec.credentials} is for ECR registries")
+        self.name = spec.name
+        self.username = spec.username if authorization else None
+        self.current = Token(authorization=authorization, expires_at=float("inf"), endpoint=spec.url, fetched_at=0.0)
+
+    def __repr__(self) -> str:
+        who = f"user {self.username!r}" if self.username else "anonymous"
+        return f"<StaticTokens {self.name!r} {self.current.endpoint} {who}>"
+
+    __str__ = __repr__
+
+    def start(self) -> Deferred[Any]:
+        return succeed(None)
+
+    def stop(self) -> None:
+        pass
+
+    def ready(self, now: float | None = None) -> bool:
+        return True
+
+    def first_token(self) -> Deferred[Token]:
+        return succeed(self.current)
+
+    def token_for_request(self) -> Token:
+        return self.current
+
+    def wait_for_token(self, timeout: float) -> Deferred[Token | None] | None:
+        return None  # never asked: there always is a token
+
+    def expired(self) -> bool:
+        return False
+
+    def force_refresh(self, stale: Token | None) -> Deferred[Token | None]:
+        return succeed(self.current)  # no other credentials to try: the refusal stands
+
+
+def keeper_for(
+    reactor: Any,
+    spec: UpstreamSpec,
+    *,
+    proxy_env: Mapping[str, str] = {},  # noqa: B006 (read only)
+    on_result: Callable[[str, Token | None], None] = lambda result, token: None,
+    fetcher: TokenFetcher | None = None,
+) -> TokenKeeper | StaticTokens:
+    """The keeper of one upstream: a TokenKeeper named after it for ECR (`fetcher` for tests),
+    StaticTokens for any other registry."""
+    if spec.kind != ECR:
+        return StaticTokens(spec)
+    if fetcher is None:
+        fetcher = ProcessTokenFetcher.for_upstream(reactor, spec, proxy_env)
+    return TokenKeeper(reactor, fetcher, on_result=on_result, name=spec.name)

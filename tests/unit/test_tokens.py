@@ -202,7 +202,7 @@ def test_process_fetcher_runs_a_child_and_parses_its_answer() -> None:
     fetcher.fetch().addCallback(got.append)
     proto, executable, args, env = reactor.spawned[0]
     assert args[1:] == ["-m", "ecr_twisted.ecr.fetch_token", "--region", "eu-west-1", "--registry-id", "123456789012",
-                        "--endpoint-url", "http://moto"]
+                        "--ecr-endpoint-url", "http://moto"]
     raw = base64.b64encode(b"AWS:" + b"s" * 4000).decode()
     proto.outReceived(b'{"authorizationToken": "' + raw[:100].encode())
     proto.outReceived(raw[100:].encode() + b'", "expiresAt": 44200.5, "proxyEndpoint": "https://x"}')
