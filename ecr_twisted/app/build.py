@@ -28,7 +28,7 @@ from prometheus_client import CollectorRegistry
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 from twisted.logger import Logger
@@ -69,13 +69,16 @@ from ecr_twisted.http.tls import ReloadingServerTLS, client_creator_factory
 from ecr_twisted.observe.health import ops_site
 from ecr_twisted.observe.accesslog import RateLimitedLog
 from ecr_twisted.observe.metrics import Metrics, PoolCollector, register_runtime
-from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
+from ecr_twisted.registry.handler import Leg, ProxyConfig, RegistryProxy
 from ecr_twisted.registry.errors import bad_request_body
 from ecr_twisted.registry.redirects import RedirectRules, parse_patterns
+from ecr_twisted.upstreams.routing import Router
+from ecr_twisted.upstreams.spec import REGISTRY, UpstreamSpec
 
 __all__ = [
     "Built",
     "ChildSockets",
+    "Keepers",
     "Parts",
     "Proxy",
     "access_metrics",
@@ -104,6 +107,32 @@ class Parts:
     gate: Callable[[Metrics], Gate] | None = None  # build_gate(settings, reactor, metrics)
     verify: Verify | None = None  # hash_file in the reactor's thread pool
     blob_store: Callable[[str, int], BlobStore] | None = None  # BlobStore (logs compacted unless a worker child)
+    fetchers: dict[str, TokenFetcher] | None = None  # per upstream name; else `fetcher` for every upstream
+
+
+class Keepers:
+    """The token keepers of several upstreams, as one keeper for the process: started and stopped
+    together, ready (and holding a first token) when every required (not optional) one is."""
+
+    def __init__(self, keepers: dict[str, Any], optional: frozenset[str] = frozenset()) -> None:
+        self.keepers = keepers  # upstream name -> TokenKeeper (or another keeper)
+        self.optional = optional
+
+    def _required(self) -> list[Any]:
+        return [k for name, k in self.keepers.items() if name not in self.optional]
+
+    def start(self) -> Deferred[Any]:
+        return gatherResults([k.start() for k in self.keepers.values()], consumeErrors=True)
+
+    def stop(self) -> None:
+        for k in self.keepers.values():
+            k.stop()
+
+    def ready(self, now: float | None = None) -> bool:
+        return all(k.ready(now) for k in self._required())
+
+    def first_token(self) -> Deferred[Any]:
+        return gatherResults([k.first_token() for k in self._required()], consumeErrors=True)
 
 
 @dataclass(frozen=True)
@@ -122,7 +151,7 @@ class Proxy:
     config: ProxyConfig
     registry: CollectorRegistry
     metrics: Metrics
-    keeper: TokenKeeper | NoTokens
+    keeper: TokenKeeper | NoTokens | Keepers  # Keepers with an upstream list
     pool: UpstreamPool
     gate: Gate
     cache: LayerCache | None
@@ -160,7 +189,7 @@ class Built:
         return self.proxy.registry
 
     @property
-    def keeper(self) -> TokenKeeper | NoTokens:
+    def keeper(self) -> TokenKeeper | NoTokens | Keepers:
         return self.proxy.keeper
 
 
@@ -283,7 +312,28 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     register_runtime(registry, VERSION)
-    keeper = build_keeper(settings, reactor, metrics, parts.fetcher)
+    router: Router | None = None
+    legs: dict[str, Leg] | None = None
+    keeper: TokenKeeper | NoTokens | Keepers
+    if settings.upstreams:
+        # several upstreams: one keeper each, one router; the pool is shared (it is keyed by origin)
+        router = Router(settings.upstreams)
+        fetchers = parts.fetchers or {}
+        keepers = {
+            spec.name: build_keeper(settings, reactor, metrics, fetchers.get(spec.name, parts.fetcher), spec)
+            for spec in settings.upstreams
+        }
+        keeper = Keepers(keepers, frozenset(spec.name for spec in settings.upstreams if spec.optional))
+        passthrough = settings.auth == "passthrough"  # refused with an upstream list by the options
+        legs = {
+            spec.name: Leg(
+                spec, None if passthrough else keepers[spec.name],  # type: ignore[arg-type]
+                Origin.from_url(spec.url) if spec.url else None,
+            )
+            for spec in settings.upstreams
+        }
+    else:
+        keeper = build_keeper(settings, reactor, metrics, parts.fetcher)
     tls_for = client_creator_factory(settings.upstream_ca, settings.upstream_insecure)
     pool = UpstreamPool(
         reactor, tls_for, max_per_origin=settings.upstream_connections, connector=parts.connector,
@@ -297,9 +347,11 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
     if cache is not None:
         registry.register(CacheCollector(cache))
         services.append(_CacheRescan(cache, reactor))
-    tokens = None if config.passthrough else keeper
+    tokens = None if config.passthrough or legs is not None else keeper
     handler = RegistryProxy(
-        config, tokens, metrics, reactor, gate, cache, redirect_rules(settings)  # type: ignore[arg-type]
+        config, tokens, metrics, reactor, gate, cache, redirect_rules(settings),  # type: ignore[arg-type]
+        router=router, legs=legs,
+        catalog=None,  # CATALOG HOOK: the catalog helper's registry/catalog.py server goes here
     )
     limits = Limits(
         head_timeout=settings.head_timeout,
@@ -350,11 +402,24 @@ def redirect_rules(settings: ProxySettings) -> RedirectRules:
 
 
 def build_keeper(
-    settings: ProxySettings, reactor: Any, metrics: Metrics, fetcher: TokenFetcher | None = None
+    settings: ProxySettings, reactor: Any, metrics: Metrics, fetcher: TokenFetcher | None = None,
+    spec: UpstreamSpec | None = None,
 ) -> TokenKeeper | NoTokens:
-    """The ECR token's keeper; passthrough clients bring their own credentials, so it has none."""
+    """The token keeper of one upstream (`spec`; None: the one of --registry-id/--region);
+    passthrough clients bring their own credentials, so it has none."""
     if settings.auth == "passthrough":
         return NoTokens()
+    if fetcher is None and spec is not None:
+        if spec.kind == REGISTRY:
+            # TODO(ecrapi): `StaticTokens(spec)` from ecr_twisted/ecr/ (static or no credentials)
+            raise UsageError(f"upstream {spec.name}: registries other than ECR are not wired yet")
+        if spec.credentials in ("profile", "role"):
+            # TODO(ecrapi): `ProcessTokenFetcher.for_upstream(reactor, spec, settings.proxy_env)`
+            raise UsageError(f"upstream {spec.name}: credentials = {spec.credentials} is not wired yet")
+        fetcher = ProcessTokenFetcher(
+            reactor, region=spec.region or settings.region, registry_id=spec.registry_id,
+            endpoint_url=spec.ecr_endpoint_url,
+        )
     if fetcher is None:
         fetcher = ProcessTokenFetcher(
             reactor, region=settings.region, registry_id=settings.registry_id, endpoint_url=settings.ecr_endpoint_url
@@ -438,7 +503,7 @@ class _TokenService(service.Service):
 
     log = Logger()
 
-    def __init__(self, keeper: TokenKeeper | NoTokens, pool: UpstreamPool) -> None:
+    def __init__(self, keeper: TokenKeeper | NoTokens | Keepers, pool: UpstreamPool) -> None:
         self.keeper = keeper
         self.pool = pool
 
