@@ -225,7 +225,8 @@ def describe(settings: ProxySettings) -> str:
         ("read-only", "yes" if settings.read_only else None),
         ("region", settings.region),
         ("registry-id", settings.registry_id),
-        ("upstream", settings.upstream or "token's proxyEndpoint"),
+        ("upstream", settings.upstream or "token's proxyEndpoint") if not settings.upstreams else
+        ("upstreams", ",".join(spec.name for spec in settings.upstreams)),
         ("blob-mode", settings.blob_mode),
         ("cache", f"{settings.cache_dir} ({settings.cache_bytes} bytes)" if settings.cache_dir else "off"),
         ("ports", ",".join(settings.ports)),
@@ -327,7 +328,7 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
         passthrough = settings.auth == "passthrough"  # refused with an upstream list by the options
         legs = {
             spec.name: Leg(
-                spec, None if passthrough else keepers[spec.name],  # type: ignore[arg-type]
+                spec, None if passthrough else keepers[spec.name],  # type: ignore[arg-type]  # NoTokens: passthrough
                 Origin.from_url(spec.url) if spec.url else None,
             )
             for spec in settings.upstreams

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -57,7 +57,7 @@ from ecr_twisted.upstreams.spec import UpstreamSpec, implicit
 __all__ = [
     "RegistryProxy", "ProxyConfig", "redact_target", "redact_url", "rewrite_location", "rewrite_link",
     "HOP_BY_HOP", "REQUEST_DROP", "RESPONSE_DROP", "STORAGE_REQUEST_KEEP", "MAX_REDIRECTS", "MAX_LISTING",
-    "MAX_HIDDEN_PAGES", "BUSY_RETRY_AFTER", "pool_class", "Leg",
+    "MAX_HIDDEN_PAGES", "BUSY_RETRY_AFTER", "pool_class", "Leg", "RequestTokens", "rename_location",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -115,13 +115,23 @@ class ProxyConfig:
     log_format: str = "text"  # --log-format: the access log's lines, text or json
 
 
+class RequestTokens(Protocol):
+    """What the handler asks of an upstream's token keeper (`ecr.tokens.TokenKeeper`, or the static
+    keeper of a registry that is not ECR, whose token's empty `header` means: no Authorization)."""
+
+    def token_for_request(self) -> Token | None: ...
+    def wait_for_token(self, timeout: float) -> Deferred[Token | None] | None: ...
+    def expired(self) -> bool: ...
+    def force_refresh(self, stale: Token | None) -> Deferred[Token | None]: ...
+
+
 @dataclass(eq=False)
 class Leg:
     """One upstream as the handler uses it: its spec, its token keeper (None in passthrough) and
     the origin requests go to (`spec.url` / --upstream; None: the token's proxyEndpoint)."""
 
     spec: UpstreamSpec
-    tokens: TokenKeeper | None  # anything with TokenKeeper's request-side methods
+    tokens: RequestTokens | None
     origin: Origin | None = None
     token_origin: tuple[str, Origin] | None = field(default=None, repr=False)  # the last proxyEndpoint parsed
 
@@ -441,7 +451,10 @@ class RegistryProxy:
         req = ex.request
         skip = req.connection_tokens() if req.get(b"connection") is not None else ()
         # a listing the proxy must read and filter (or rename) is asked for uncompressed
-        drop = REQUEST_DROP if decision.listing is None and not _renames_listing(ctx) else _LISTING_DROP
+        drop = (
+            REQUEST_DROP if decision.listing is None and (ctx.place is None or not _renames_listing(ctx))
+            else _LISTING_DROP
+        )
         fields = [(n, v) for ln, n, v in req.fields if ln not in drop and ln not in skip]
         fields.append((b"Host", origin.netloc))
         ctx.fields = fields
@@ -617,7 +630,7 @@ class RegistryProxy:
             d.addErrback(self._upstream_failed, ex, ctx)
             d.addErrback(self._bug, ex)
             return
-        if status == 200 and _renames_listing(ctx):
+        if ctx.place is not None and status == 200 and _renames_listing(ctx):
             d = Deferred.fromCoroutine(self._rename_listing(resp, ex, ctx))
             d.addErrback(self._upstream_failed, ex, ctx)
             d.addErrback(self._bug, ex)

@@ -530,3 +530,36 @@ def test_a_cached_blob_is_served_for_another_upstream_only_after_it_confirmed(tm
     assert (r.status, r.body) == (200, data)
     assert len(sent_to(h)) == asked + 1
     h.close()
+
+
+STABLE_ONLY = """
+[[rule]]
+principals = ["anonymous"]
+actions = ["pull"]
+repositories = ["prod/*"]
+tags = ["stable*"]
+"""
+
+
+def test_a_filtered_tags_list_is_renamed_and_its_hidden_pages_fetched_by_private_name(tmp_path: Path) -> None:
+    h = Multi(policy=policy_file(tmp_path, STABLE_ONLY))
+    c = call(h, "GET", "/v2/prod/app/tags/list?n=1")
+    assert last(h)[1].target == b"/v2/app/tags/list?n=1"
+    # nothing on this page may be shown and its cursor names a hidden tag: the proxy asks for the next
+    answer(h, ok(b'{"name":"app","tags":["dev"]}', extra=b'Link: </v2/app/tags/list?last=dev&n=1>; rel="next"\r\n'))
+    origin, sent = last(h)
+    assert origin == PROD_ORIGIN.base and sent.target == b"/v2/app/tags/list?last=dev&n=1"
+    answer(h, ok(b'{"name":"app","tags":["stable-1"]}'))
+    r = c.reply()
+    assert r.status == 200
+    assert json.loads(r.body) == {"name": "prod/app", "tags": ["stable-1"]}
+    h.close()
+
+
+def test_access_log_names_the_public_repository(h: Multi) -> None:
+    written: list[Any] = []
+    h.handler.access_log.write = written.append  # type: ignore[method-assign]
+    c = call(h, "GET", "/v2/lib/app/manifests/1", MIRROR_HOST)
+    answer(h, ok())
+    assert c.reply().status == 200
+    assert [(rec.repository, rec.reference) for rec in written] == [("mirror/lib/app", "1")]
