@@ -558,8 +558,36 @@ def test_a_filtered_tags_list_is_renamed_and_its_hidden_pages_fetched_by_private
 
 def test_access_log_names_the_public_repository(h: Multi) -> None:
     written: list[Any] = []
-    h.handler.access_log.write = written.append  # type: ignore[method-assign]
+    h.handler.access_log.write = written.append  # type: ignore[method-assign, assignment]
     c = call(h, "GET", "/v2/lib/app/manifests/1", MIRROR_HOST)
     answer(h, ok())
     assert c.reply().status == 200
     assert [(rec.repository, rec.reference) for rec in written] == [("mirror/lib/app", "1")]
+
+
+def test_each_ecr_upstream_fetches_its_own_registry_token() -> None:
+    from ecr_twisted.app.build import build_keeper
+    from ecr_twisted.observe.metrics import Metrics
+    from prometheus_client import CollectorRegistry
+
+    settings = ProxySettings(auth="none", region="eu-west-1", upstreams=(PROD, MAIN))
+    metrics = Metrics(CollectorRegistry())
+    reactor = MemoryReactorClock()
+    made = {spec.name: build_keeper(settings, reactor, metrics, None, spec) for spec in (PROD, MAIN)}
+    args = {name: k._fetcher._args[3:] for name, k in made.items()}  # type: ignore[union-attr]
+    assert args == {"prod": ["--region", "eu-west-1", "--registry-id", "111111111111"],
+                    "main": ["--region", "us-east-1", "--registry-id", "333333333333"]}
+    registry = UpstreamSpec("hub", "registry", url="https://registry-1.docker.io", credentials="none", prefix="hub")
+    with pytest.raises(Exception, match="not wired yet"):  # until ecr.StaticTokens is plugged in
+        build_keeper(settings, reactor, metrics, None, registry)
+
+
+def test_a_fetcher_per_upstream_or_one_for_all() -> None:
+    one, prod = FakeTokenFetcher(), FakeTokenFetcher()
+    settings = ProxySettings(auth="none", region="eu-west-1", upstreams=(PROD, MIRROR, MAIN))
+    built = build(settings, MemoryReactorClock(), Parts(fetcher=one, fetchers={"prod": prod}))
+    keepers = built.keeper
+    assert isinstance(keepers, Keepers)
+    fetchers = {name: k._fetcher for name, k in keepers.keepers.items()}
+    assert fetchers == {"prod": prod, "mirror": one, "main": one}
+    built.proxy.pool.close()
