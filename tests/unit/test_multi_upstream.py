@@ -591,3 +591,12 @@ def test_a_fetcher_per_upstream_or_one_for_all() -> None:
     fetchers = {name: k._fetcher for name, k in keepers.keepers.items()}
     assert fetchers == {"prod": prod, "mirror": one, "main": one}
     built.proxy.pool.close()
+
+
+def test_host_routing_follows_x_forwarded_host_only_when_trusted() -> None:
+    forwarded = [(b"X-Forwarded-Host", MIRROR_HOST.encode())]
+    for trusted, origin in ((True, MIRROR_ORIGIN), (False, MAIN_ORIGIN)):
+        h = Multi(trust_forwarded=trusted)
+        call(h, "GET", "/v2/lib/app/manifests/1", HOST, headers=forwarded)
+        assert last(h)[0] == origin.base
+        h.close()

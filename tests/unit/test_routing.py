@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ecr_twisted.access.targets import mount_source, renamed_scopes, with_mount_source
 from ecr_twisted.upstreams.routing import Place, Router, bare_host
 from ecr_twisted.upstreams.spec import UpstreamSpec, implicit
 
@@ -105,3 +106,32 @@ def test_default_upstream_with_a_prefix() -> None:
 )
 def test_bare_host(header: str | None, host: str | None) -> None:
     assert bare_host(header) == host
+
+
+# -- the request-target helpers the handler routes with (access/targets.py)
+
+
+@pytest.mark.parametrize(
+    "query, expected",
+    [
+        (b"service=s&scope=repository:lib/app:pull", b"service=s&scope=repository%3Amirror%2Flib%2Fapp%3Apull"),
+        (b"scope=repository:lib/app:pull,push+repository:x:pull",
+         b"scope=repository%3Amirror%2Flib%2Fapp%3Apull%2Cpush+repository%3Amirror%2Fx%3Apull"),
+        (b"scope=repository:prod/app:pull", b"scope=repository:prod/app:pull"),  # unchanged: byte for byte
+        (b"scope=registry:catalog:*", b"scope=registry:catalog:*"),
+        (b"scope=repository:BAD:pull&service=s", b"scope=repository:BAD:pull&service=s"),
+        (b"", b""),
+    ],
+)
+def test_renamed_scopes(query: bytes, expected: bytes) -> None:
+    def rename(name: str) -> str:
+        return name if name.startswith("prod/") else "mirror/" + name
+
+    assert renamed_scopes(query, rename) == expected
+
+
+def test_with_mount_source_replaces_only_from() -> None:
+    target = b"/v2/app/blobs/uploads/?mount=sha256:" + b"a" * 64 + b"&from=prod/base&x=1"
+    out = with_mount_source(target, "base")
+    assert out.startswith(b"/v2/app/blobs/uploads/?mount=sha256")
+    assert mount_source(out) == "base" and out.endswith(b"&from=base&x=1")
