@@ -6,12 +6,14 @@ parameters the same (hostile) way: keys percent-decoded and case-folded, as regi
 
 from __future__ import annotations
 
+import re
+from typing import Callable
 from urllib.parse import parse_qsl, urlencode
 
 from ecr_twisted.access.decision import Decision
 from ecr_twisted.registry import routes
 
-__all__ = ["NO_MOUNT", "mount_source", "plain_upload", "query_tags"]
+__all__ = ["NO_MOUNT", "mount_source", "plain_upload", "query_tags", "renamed_scopes", "with_mount_source"]
 
 NO_MOUNT = "-"  # not a mount request at all
 
@@ -50,3 +52,36 @@ def query_tags(target: bytes) -> list[str]:
         return []
     return [v for k, v in parse_qsl(target.partition(b"?")[2].decode("latin-1"), keep_blank_values=True)
             if k.lower() == "tag"]
+
+
+def with_mount_source(target: bytes, source: str) -> bytes:
+    """The mount request `target` reading from `source` instead (for a target whose `mount_source`
+    is a name: exactly one `from`). Other parameters keep their values."""
+    path, _, query = target.partition(b"?")
+    params = [(k, source if k == "from" else v) for k, v in parse_qsl(query.decode("latin-1"), keep_blank_values=True)]
+    return path + b"?" + urlencode(params).encode("ascii")
+
+
+_SCOPE = re.compile(r"repository:(?P<name>[^:]+):(?P<actions>[a-z*,]*)\Z")
+
+
+def renamed_scopes(query: bytes, rename: Callable[[str], str]) -> bytes:
+    """A `/token` query with the repository names of its `scope=` values passed through `rename`
+    (the router's public names); other parameters and scopes as they were."""
+    params = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    changed = False
+    out: list[tuple[str, str]] = []
+    for key, value in params:
+        if key == "scope":
+            scopes = []
+            for scope in value.split(" "):
+                m = _SCOPE.match(scope)
+                if m is not None and routes.valid_name(m.group("name")):
+                    new = rename(m.group("name"))
+                    if new != m.group("name"):
+                        scope = f"repository:{new}:{m.group('actions')}"
+                        changed = True
+                scopes.append(scope)
+            value = " ".join(scopes)
+        out.append((key, value))
+    return urlencode(out).encode("ascii") if changed else query

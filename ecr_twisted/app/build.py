@@ -22,13 +22,13 @@ import socket
 import tempfile
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, cast
+from typing import Any, Callable, Sequence, cast
 
 from prometheus_client import CollectorRegistry
 from twisted.application import service, strports
 from twisted.application.internet import StreamServerEndpointService, TimerService
 from twisted.internet import threads
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import UNIXServerEndpoint
 from twisted.internet.interfaces import IProtocolFactory, IReactorCore
 from twisted.logger import Logger
@@ -53,7 +53,8 @@ from ecr_twisted.app.listeners import (
 )
 from ecr_twisted.cache.layer import CacheCollector, LayerCache
 from ecr_twisted.cache.store import BlobStore, hash_file
-from ecr_twisted.ecr.tokens import NoTokens, ProcessTokenFetcher, TokenFetcher, TokenKeeper
+from ecr_twisted.ecr.repositories import CatalogDenied, CatalogUnavailable, RepositoryCache, RepositoryLister
+from ecr_twisted.ecr.tokens import NoTokens, StaticTokens, TokenFetcher, TokenKeeper, keeper_for
 from ecr_twisted.http.http11 import serialize_head, status_line
 from ecr_twisted.http.listening import (
     ConnectionGuard,
@@ -66,16 +67,20 @@ from ecr_twisted.http.origin import Origin
 from ecr_twisted.http.server import Limits, RelayFactory
 from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
 from ecr_twisted.http.tls import ReloadingServerTLS, client_creator_factory
-from ecr_twisted.observe.health import ops_site
+from ecr_twisted.observe.health import ops_site, token_detail
 from ecr_twisted.observe.accesslog import RateLimitedLog
 from ecr_twisted.observe.metrics import Metrics, PoolCollector, register_runtime
-from ecr_twisted.registry.handler import ProxyConfig, RegistryProxy
+from ecr_twisted.registry.handler import Leg, ProxyConfig, RegistryProxy
+from ecr_twisted.registry.catalog import Catalog, Source, adapted
 from ecr_twisted.registry.errors import bad_request_body
 from ecr_twisted.registry.redirects import RedirectRules, parse_patterns
+from ecr_twisted.upstreams.routing import Router
+from ecr_twisted.upstreams.spec import ECR, UpstreamSpec, implicit
 
 __all__ = [
     "Built",
     "ChildSockets",
+    "Keepers",
     "Parts",
     "Proxy",
     "access_metrics",
@@ -104,6 +109,32 @@ class Parts:
     gate: Callable[[Metrics], Gate] | None = None  # build_gate(settings, reactor, metrics)
     verify: Verify | None = None  # hash_file in the reactor's thread pool
     blob_store: Callable[[str, int], BlobStore] | None = None  # BlobStore (logs compacted unless a worker child)
+    fetchers: dict[str, TokenFetcher] | None = None  # per upstream name; else `fetcher` for every upstream
+
+
+class Keepers:
+    """The token keepers of several upstreams, as one keeper for the process: started and stopped
+    together, ready (and holding a first token) when every required (not optional) one is."""
+
+    def __init__(self, keepers: dict[str, Any], optional: frozenset[str] = frozenset()) -> None:
+        self.keepers = keepers  # upstream name -> TokenKeeper (or another keeper)
+        self.optional = optional
+
+    def _required(self) -> list[Any]:
+        return [k for name, k in self.keepers.items() if name not in self.optional]
+
+    def start(self) -> Deferred[Any]:
+        return gatherResults([k.start() for k in self.keepers.values()], consumeErrors=True)
+
+    def stop(self) -> None:
+        for k in self.keepers.values():
+            k.stop()
+
+    def ready(self, now: float | None = None) -> bool:
+        return all(k.ready(now) for k in self._required())
+
+    def first_token(self) -> Deferred[Any]:
+        return gatherResults([k.first_token() for k in self._required()], consumeErrors=True)
 
 
 @dataclass(frozen=True)
@@ -122,7 +153,7 @@ class Proxy:
     config: ProxyConfig
     registry: CollectorRegistry
     metrics: Metrics
-    keeper: TokenKeeper | NoTokens
+    keeper: TokenKeeper | StaticTokens | NoTokens | Keepers  # Keepers with an upstream list
     pool: UpstreamPool
     gate: Gate
     cache: LayerCache | None
@@ -160,7 +191,7 @@ class Built:
         return self.proxy.registry
 
     @property
-    def keeper(self) -> TokenKeeper | NoTokens:
+    def keeper(self) -> TokenKeeper | StaticTokens | NoTokens | Keepers:
         return self.proxy.keeper
 
 
@@ -196,7 +227,8 @@ def describe(settings: ProxySettings) -> str:
         ("read-only", "yes" if settings.read_only else None),
         ("region", settings.region),
         ("registry-id", settings.registry_id),
-        ("upstream", settings.upstream or "token's proxyEndpoint"),
+        ("upstream", settings.upstream or "token's proxyEndpoint") if not settings.upstreams else
+        ("upstreams", ",".join(spec.name for spec in settings.upstreams)),
         ("blob-mode", settings.blob_mode),
         ("cache", f"{settings.cache_dir} ({settings.cache_bytes} bytes)" if settings.cache_dir else "off"),
         ("ports", ",".join(settings.ports)),
@@ -239,12 +271,37 @@ def _build(
     if child is None and settings.metrics_port:
         spec = _listener("metrics-port", settings.metrics_port)
         keeper = proxy.keeper
-        site = ops_site(proxy.registry, lambda: top.ready() and keeper.ready(), others, draining=lambda: top.draining)
+        states = _upstream_states(keeper, settings.upstreams, reactor) if isinstance(keeper, Keepers) else None
+        site = ops_site(
+            proxy.registry, lambda: top.ready() and keeper.ready(), others, draining=lambda: top.draining,
+            upstreams=states,
+        )
         ops_guard = client_guard(settings, reactor, proxy.metrics, capped=False)
         ops = cast(IReactorCore, GuardedListening(reactor, ops_guard))
         strports.service(with_backlog(spec.description, backlog), tls.wrap(spec, site), ops).setServiceParent(top)
     _Reloader(reactor, tls.pairs, proxy.gate, workers).setServiceParent(top)
     return Built(top, proxy, listeners, factories, settings, argv)
+
+
+def _upstream_states(
+    keepers: Keepers, specs: Sequence[UpstreamSpec], clock: Any
+) -> Callable[[], list[tuple[str, bool, bool, str]]]:
+    """Each upstream's line of /readyz: its keeper's readiness and how its token looks."""
+
+    def states() -> list[tuple[str, bool, bool, str]]:
+        now = clock.seconds()
+        out = []
+        for spec in specs:
+            keeper = keepers.keepers[spec.name]
+            if isinstance(keeper, StaticTokens):
+                detail = "no token to refresh"
+            else:
+                token = getattr(keeper, "current", None)
+                detail = token_detail(token.expires_at if token is not None else None, now)
+            out.append((spec.name, keeper.ready(now), spec.optional, detail))
+        return out
+
+    return states
 
 
 def client_guard(settings: ProxySettings, reactor: Any, metrics: Metrics, *, capped: bool = True) -> ConnectionGuard:
@@ -281,9 +338,33 @@ def client_guard(settings: ProxySettings, reactor: Any, metrics: Metrics, *, cap
 def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *, worker: bool = False) -> Proxy:
     """The request path of one process: token keeper, upstream pool, gate, cache and handler."""
     registry = CollectorRegistry()
-    metrics = Metrics(registry)
+    specs = settings.upstreams or (
+        implicit(settings.registry_id, settings.region, settings.upstream, settings.ecr_endpoint_url),
+    )
+    metrics = Metrics(registry, upstreams=tuple(spec.name for spec in specs))
     register_runtime(registry, VERSION)
-    keeper = build_keeper(settings, reactor, metrics, parts.fetcher)
+    router: Router | None = None
+    legs: dict[str, Leg] | None = None
+    keeper: TokenKeeper | StaticTokens | NoTokens | Keepers
+    if settings.upstreams:
+        # several upstreams: one keeper each, one router; the pool is shared (it is keyed by origin)
+        router = Router(settings.upstreams)
+        fetchers = parts.fetchers or {}
+        keepers = {
+            spec.name: build_keeper(settings, reactor, metrics, fetchers.get(spec.name, parts.fetcher), spec)
+            for spec in settings.upstreams
+        }
+        keeper = Keepers(keepers, frozenset(spec.name for spec in settings.upstreams if spec.optional))
+        passthrough = settings.auth == "passthrough"  # refused with an upstream list by the options
+        legs = {
+            spec.name: Leg(
+                spec, None if passthrough else keepers[spec.name],  # type: ignore[arg-type]  # NoTokens: passthrough
+                Origin.from_url(spec.url) if spec.url else None,
+            )
+            for spec in settings.upstreams
+        }
+    else:
+        keeper = build_keeper(settings, reactor, metrics, parts.fetcher)
     tls_for = client_creator_factory(settings.upstream_ca, settings.upstream_insecure)
     pool = UpstreamPool(
         reactor, tls_for, max_per_origin=settings.upstream_connections, connector=parts.connector,
@@ -297,9 +378,11 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
     if cache is not None:
         registry.register(CacheCollector(cache))
         services.append(_CacheRescan(cache, reactor))
-    tokens = None if config.passthrough else keeper
+    tokens = None if config.passthrough or legs is not None else keeper
     handler = RegistryProxy(
-        config, tokens, metrics, reactor, gate, cache, redirect_rules(settings)  # type: ignore[arg-type]
+        config, tokens, metrics, reactor, gate, cache, redirect_rules(settings),  # type: ignore[arg-type]
+        router=router, legs=legs,
+        catalog=build_catalog(settings, reactor, specs),
     )
     limits = Limits(
         head_timeout=settings.head_timeout,
@@ -350,20 +433,49 @@ def redirect_rules(settings: ProxySettings) -> RedirectRules:
 
 
 def build_keeper(
-    settings: ProxySettings, reactor: Any, metrics: Metrics, fetcher: TokenFetcher | None = None
-) -> TokenKeeper | NoTokens:
-    """The ECR token's keeper; passthrough clients bring their own credentials, so it has none."""
+    settings: ProxySettings, reactor: Any, metrics: Metrics, fetcher: TokenFetcher | None = None,
+    spec: UpstreamSpec | None = None,
+) -> TokenKeeper | StaticTokens | NoTokens:
+    """The token keeper of one upstream (`spec`; None: the one of --registry-id/--region);
+    passthrough clients bring their own credentials, so it has none."""
     if settings.auth == "passthrough":
         return NoTokens()
-    if fetcher is None:
-        fetcher = ProcessTokenFetcher(
-            reactor, region=settings.region, registry_id=settings.registry_id, endpoint_url=settings.ecr_endpoint_url
-        )
+    if spec is None:
+        spec = implicit(settings.registry_id, settings.region, settings.upstream, settings.ecr_endpoint_url)
+    elif not spec.region:
+        spec = replace(spec, region=settings.region)  # --region is every ECR upstream's default
+    name = spec.name
 
     def on_result(result: str, token: Any) -> None:
-        metrics.token_result(result, token.expires_at if token is not None else None)
+        metrics.token_result(result, token.expires_at if token is not None else None, name)
 
-    return TokenKeeper(reactor, fetcher, on_result=on_result)
+    return keeper_for(reactor, spec, proxy_env=_child_proxy_env(settings), on_result=on_result, fetcher=fetcher)
+
+
+def _child_proxy_env(settings: ProxySettings) -> dict[str, str]:
+    """What the ECR API children (botocore honours these) get besides the inherited environment:
+    --egress-proxy wins over HTTPS_PROXY/HTTP_PROXY for them as for the data path."""
+    if settings.egress_proxy:
+        return {"HTTPS_PROXY": settings.egress_proxy, "HTTP_PROXY": settings.egress_proxy}
+    return {}
+
+
+def build_catalog(settings: ProxySettings, reactor: Any, specs: Sequence[UpstreamSpec]) -> Catalog | None:
+    """`_catalog` from DescribeRepositories of every ECR upstream (ECR answers 405 to the registry
+    API's own); never in passthrough, where the proxy's AWS principal must not list for clients."""
+    if settings.auth == "passthrough":
+        return None
+    sources = []
+    for spec in specs:
+        if spec.kind != ECR:
+            continue
+        if not spec.region:
+            spec = replace(spec, region=settings.region)
+        names = RepositoryCache(RepositoryLister(reactor, spec, _child_proxy_env(settings)), reactor,
+                                settings.catalog_ttl)
+        sources.append(Source(spec.namespace, adapted(
+            names.names, spec.name, denied=(CatalogDenied,), unavailable=(CatalogUnavailable,)), spec.name))
+    return Catalog(sources)
 
 
 def access_metrics(metrics: Metrics) -> AccessMetrics:
@@ -438,7 +550,7 @@ class _TokenService(service.Service):
 
     log = Logger()
 
-    def __init__(self, keeper: TokenKeeper | NoTokens, pool: UpstreamPool) -> None:
+    def __init__(self, keeper: TokenKeeper | StaticTokens | NoTokens | Keepers, pool: UpstreamPool) -> None:
         self.keeper = keeper
         self.pool = pool
 

@@ -15,8 +15,8 @@ answer back to the cache, follows a blob's redirect (`_follow_redirect`, only wh
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from ecr_twisted.access.credentials import parse_authorization
 from ecr_twisted.access.gate import GO, Decision, Gate
+from ecr_twisted.access.targets import NO_MOUNT, mount_source, plain_upload, renamed_scopes, with_mount_source
 from ecr_twisted.cache.layer import LayerCache
 from ecr_twisted.cache.plans import (
     FILL,
@@ -48,14 +49,16 @@ from ecr_twisted.http.upstream import LONG, SHORT, UpstreamResponse
 from ecr_twisted.observe.accesslog import AccessLog, AccessRecord, RequestIds
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry import errors, listings, routes
-from ecr_twisted.registry.catalog import Answer, Catalog  # _catalog hook (#13)
+from ecr_twisted.registry.catalog import Answer, Catalog
 from ecr_twisted.registry.errors import RegistryError
 from ecr_twisted.registry.redirects import MAX_REDIRECTS, RedirectRules, Refuse
+from ecr_twisted.upstreams.routing import Place, Router
+from ecr_twisted.upstreams.spec import UpstreamSpec, implicit
 
 __all__ = [
     "RegistryProxy", "ProxyConfig", "redact_target", "redact_url", "rewrite_location", "rewrite_link",
     "HOP_BY_HOP", "REQUEST_DROP", "RESPONSE_DROP", "STORAGE_REQUEST_KEEP", "MAX_REDIRECTS", "MAX_LISTING",
-    "MAX_HIDDEN_PAGES", "BUSY_RETRY_AFTER", "pool_class",
+    "MAX_HIDDEN_PAGES", "BUSY_RETRY_AFTER", "pool_class", "Leg", "RequestTokens", "rename_location",
 ]
 
 HOP_BY_HOP = frozenset(
@@ -113,6 +116,27 @@ class ProxyConfig:
     log_format: str = "text"  # --log-format: the access log's lines, text or json
 
 
+class RequestTokens(Protocol):
+    """What the handler asks of an upstream's token keeper (`ecr.tokens.TokenKeeper`, or the static
+    keeper of a registry that is not ECR, whose token's empty `header` means: no Authorization)."""
+
+    def token_for_request(self) -> Token | None: ...
+    def wait_for_token(self, timeout: float) -> Deferred[Token | None] | None: ...
+    def expired(self) -> bool: ...
+    def force_refresh(self, stale: Token | None) -> Deferred[Token | None]: ...
+
+
+@dataclass(eq=False)
+class Leg:
+    """One upstream as the handler uses it: its spec, its token keeper (None in passthrough) and
+    the origin requests go to (`spec.url` / --upstream; None: the token's proxyEndpoint)."""
+
+    spec: UpstreamSpec
+    tokens: RequestTokens | None
+    origin: Origin | None = None
+    token_origin: tuple[str, Origin] | None = field(default=None, repr=False)  # the last proxyEndpoint parsed
+
+
 _CACHEABLE = frozenset({routes.BLOB, routes.MANIFEST})
 BUSY_RETRY_AFTER = b"1"  # seconds a client refused for want of an upstream connection is asked to wait
 MAX_LISTING = 8 << 20  # tags/list and _catalog bodies the policy filters are read whole: bounded
@@ -125,7 +149,7 @@ class _Ctx:
 
     __slots__ = (
         "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "pages", "timeout", "target",
-        "decision", "plan", "request_id", "user", "reason", "upstream_id",
+        "decision", "plan", "request_id", "user", "reason", "upstream_id", "leg", "place", "up_target", "host",
     )
 
     def __init__(self, kind: str) -> None:
@@ -146,6 +170,11 @@ class _Ctx:
         self.user: str | None = None  # for the access log: None is anonymous
         self.reason: str | None = None  # for the access log: why the gate refused
         self.upstream_id: bytes | None = None  # the registry's x-amzn-requestid
+        # several upstreams: where the request goes (None: the only one, or unroutable: see `place`)
+        self.leg: Leg | None = None
+        self.place: Place | None = None  # the routed name (None: not routed, or nowhere to go)
+        self.up_target: bytes | None = None  # the target sent upstream when it is not the client's
+        self.host: str | None = None  # the Host the name was routed by
 
 
 def _refusal_reason(decision: Decision) -> str:
@@ -197,6 +226,40 @@ def rewrite_link(value: bytes, bases: tuple[bytes, ...], public: bytes) -> bytes
     return value
 
 
+def rename_location(value: bytes, public: bytes, private: str, client: str, every: bool = False) -> bytes:
+    """A Location (or, `every`, Link) already on the public URL: `/v2/<private>/` becomes the
+    client's `/v2/<client>/`, in relative URLs and URLs on `public` only (never a storage URL)."""
+    old = b"/v2/" + private.encode("ascii") + b"/"
+    new = b"/v2/" + client.encode("ascii") + b"/"
+    if every:
+        return value.replace(b"<" + old, b"<" + new).replace(b"<" + public + old, b"<" + public + new)
+    if value.startswith(old):
+        return new + value[len(old) :]
+    if value.startswith(public + old):
+        return public + new + value[len(public) + len(old) :]
+    return value
+
+
+def _renamed_path(target: bytes, client: str, private: str) -> bytes:
+    """A target the client would send (`/v2/<client>/...`) as the upstream knows it."""
+    old = b"/v2/" + client.encode("ascii") + b"/"
+    if target.startswith(old):
+        return b"/v2/" + private.encode("ascii") + b"/" + target[len(old) :]
+    return target
+
+
+def _leg_name(ctx: _Ctx) -> str:
+    """The metrics label of the upstream a request went to."""
+    leg = ctx.leg
+    return leg.spec.name if leg is not None else "default"
+
+
+def _renames_listing(ctx: _Ctx) -> bool:
+    """A tags/list whose `name` the client calls otherwise than the upstream does."""
+    place = ctx.place
+    return place is not None and ctx.kind == routes.TAGS and place.client != place.private
+
+
 class RegistryProxy:
     """The `http.exchange.Handler` of the registry API."""
 
@@ -212,9 +275,13 @@ class RegistryProxy:
         cache: LayerCache | None = None,
         redirects: RedirectRules | None = None,
         access_log: AccessLog | None = None,
-        catalog: Catalog | None = None,  # _catalog hook (#13): answered from the ECR API, not the registry
+        *,
+        router: Router | None = None,
+        legs: Mapping[str, Leg] | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
-        self.catalog = catalog
+        """`router` and `legs` (upstream name -> Leg): several upstreams; without them, the one
+        upstream of `tokens` and `config.upstream`. `catalog`: `_catalog` from the ECR API (registry/catalog.py)."""
         self.config = config
         self.access_log = access_log if access_log is not None else AccessLog(config.log_format)
         self.request_ids = RequestIds(config.trust_forwarded)
@@ -226,7 +293,17 @@ class RegistryProxy:
         self.cache = cache
         self.metrics = metrics
         self.clock = clock
-        self._token_origin: tuple[str, Origin] | None = None
+        self.catalog = catalog
+        if legs is None:
+            legs = {"default": Leg(implicit(None, None, None, None), tokens, config.upstream)}
+        self.legs = dict(legs)
+        # the upstream of requests that name no repository (`/v2/`, `_catalog`) and of every request
+        # when names need no routing: the default upstream, else the first required one
+        base = [leg for leg in self.legs.values() if leg.spec.default]
+        base = base or [leg for leg in self.legs.values() if not leg.spec.optional] or list(self.legs.values())
+        self._single: Leg = base[0]
+        # None: every name is its own answer (one upstream, no prefix, no host): nothing to ask per request
+        self.router = router if router is not None and not router.identity else None
 
     # -- entry points from the data path
     def handle(self, ex: Exchange) -> None:
@@ -249,15 +326,60 @@ class RegistryProxy:
             if m.error == "name":
                 return self._fail(ex, errors.NAME_INVALID)
             return self._fail(ex, errors.NOT_FOUND)
+        target = req.target
+        if self.router is not None and m.name is not None:
+            m, target = self._route(ex, ctx, m)
         ctx.match = m
         gate = self.gate
         if gate.open:
             return self._admitted(GO, ex, ctx)
-        decision = gate.check(req.method, ctx.kind, m, req.target, req.get(b"authorization"), lambda: self._peer(ex))
+        decision = gate.check(req.method, ctx.kind, m, target, req.get(b"authorization"), lambda: self._peer(ex))
         if type(decision) is Decision:
             return self._admitted(decision, ex, ctx)
         decision.addCallback(self._admitted, ex, ctx)
         decision.addErrback(self._bug, ex)
+
+    def _route(self, ex: Exchange, ctx: _Ctx, m: routes.Match) -> tuple[routes.Match, bytes]:
+        """Several upstreams: where the client's name leads (`ctx.place`, `ctx.leg`), and the match
+        and target the gate decides on, written with public names (the mount's `from=` too)."""
+        assert self.router is not None and m.name is not None
+        req = ex.request
+        host = ctx.host = self._host(ex).decode("latin-1")
+        place = ctx.place = self.router.resolve(host, m.name)
+        target = req.target
+        if place is None:  # nowhere to go: the gate still decides first (NAME_UNKNOWN after it)
+            return m, target
+        ctx.leg = self.legs[place.upstream]
+        if place.public != m.name:
+            target = b"/v2/" + place.public.encode("ascii") + target[4 + len(m.name) :]
+            m = routes.Match(m.route, place.public, m.reference, m.digest)
+        if ctx.kind == routes.UPLOAD and req.method == b"POST" and b"?" in target:
+            source = mount_source(target)
+            if source is not None and source is not NO_MOUNT:
+                public = self.router.canonical(host, source)
+                if public != source:
+                    target = with_mount_source(target, public)
+        return m, target
+
+    def _upstream_target(self, ex: Exchange, ctx: _Ctx, decision: Decision) -> bytes | None:
+        """The target sent upstream for a routed request: the private name in the path; a mount from
+        the same upstream reads its private name, one from elsewhere becomes a plain upload."""
+        place, match = ctx.place, ctx.match
+        assert place is not None and match is not None and match.name is not None and self.router is not None
+        target = ex.request.target
+        if place.client != place.private:
+            target = b"/v2/" + place.private.encode("ascii") + target[4 + len(place.client) :]
+        if decision.target is not None:  # the gate made it a plain upload
+            return plain_upload(target).target
+        if ctx.kind == routes.UPLOAD and ex.request.method == b"POST" and b"?" in target:
+            source = mount_source(target)
+            if source is not None and source is not NO_MOUNT:
+                there = self.router.resolve(ctx.host, source)
+                if there is None or there.upstream != place.upstream:
+                    return plain_upload(target).target  # the blob is on another registry: upload it
+                if there.private != source:
+                    target = with_mount_source(target, there.private)
+        return target if target is not ex.request.target else None
 
     def _admitted(self, decision: Decision, ex: Exchange, ctx: _Ctx) -> None:
         """The gate has decided: refuse, or pick token and origin and forward."""
@@ -267,8 +389,12 @@ class RegistryProxy:
         if ex.gone:
             return
         ctx.decision = decision
-        # _catalog hook (#13); never in passthrough: the proxy's own AWS principal would list for the client
-        if self.catalog is not None and ctx.kind == routes.CATALOG and not self.config.passthrough:
+        if self.router is not None and ctx.match is not None and ctx.match.name is not None:
+            if ctx.place is None:
+                return self._fail(ex, errors.NAME_UNKNOWN)
+            ctx.up_target = self._upstream_target(ex, ctx, decision)
+        # never in passthrough: the proxy's own AWS principal would list repositories for the client
+        elif self.catalog is not None and ctx.kind == routes.CATALOG and not self.config.passthrough:
             return self._serve_catalog(ex, ctx)
         cache = self.cache
         if cache is not None and ctx.kind in _CACHEABLE:
@@ -276,7 +402,7 @@ class RegistryProxy:
             return self._act(cache.lookup(ex, ctx.match), ex, ctx)
         self._go_upstream(ex, ctx)
 
-    # -- _catalog hook (#13): the merged, filtered, paginated catalog of registry.catalog
+    # -- _catalog: the merged, filtered, paginated catalog of registry.catalog
     def _serve_catalog(self, ex: Exchange, ctx: _Ctx) -> None:
         assert self.catalog is not None and ctx.decision is not None
         d = self.catalog.answer(ex.request.target, ctx.decision.listing)
@@ -285,7 +411,6 @@ class RegistryProxy:
 
     def _catalog_answer(self, answer: Answer, ex: Exchange) -> None:
         ex.respond(answer.status, answer.fields, answer.body)
-    # -- end of the _catalog hook
 
     def _act(self, plan: Plan, ex: Exchange, ctx: _Ctx) -> None:
         """Carry out what the cache decided for a blob or manifest request."""
@@ -311,21 +436,25 @@ class RegistryProxy:
     def _go_upstream(self, ex: Exchange, ctx: _Ctx) -> None:
         decision = ctx.decision
         assert decision is not None
+        leg = ctx.leg
+        if leg is None:
+            leg = ctx.leg = self._single
         if self.config.passthrough:
-            origin = self.config.upstream
+            origin = leg.origin
             assert origin is not None
         else:
-            assert self.tokens is not None
-            token = self.tokens.token_for_request()
+            keeper = leg.tokens
+            assert keeper is not None
+            token = keeper.token_for_request()
             if token is None:
-                waiting = self.tokens.wait_for_token(self.config.request_timeout)
+                waiting = keeper.wait_for_token(self.config.request_timeout)
                 if waiting is not None:  # the first token is on its way: go on when it comes
                     waiting.addCallback(self._token_came, ex, ctx)
                     waiting.addErrback(self._bug, ex)
                     return
                 return self._no_token(ex, ctx)
             try:
-                origin = self._origin(token)
+                origin = self._origin(leg, token)
             except ValueError:
                 self.log.error("the ECR token names no usable proxyEndpoint; set --upstream")
                 return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
@@ -334,8 +463,11 @@ class RegistryProxy:
         ctx.timeout = self.config.upload_timeout if ctx.kind == routes.UPLOAD else self.config.request_timeout
         req = ex.request
         skip = req.connection_tokens() if req.get(b"connection") is not None else ()
-        # a listing the proxy must read and filter is asked for uncompressed
-        drop = REQUEST_DROP if decision.listing is None else _LISTING_DROP
+        # a listing the proxy must read and filter (or rename) is asked for uncompressed
+        drop = (
+            REQUEST_DROP if decision.listing is None and (ctx.place is None or not _renames_listing(ctx))
+            else _LISTING_DROP
+        )
         fields = [(n, v) for ln, n, v in req.fields if ln not in drop and ln not in skip]
         fields.append((b"Host", origin.netloc))
         ctx.fields = fields
@@ -351,8 +483,9 @@ class RegistryProxy:
     def _no_token(self, ex: Exchange, ctx: _Ctx) -> None:
         if self._offline(ex, ctx):
             return
-        assert self.tokens is not None  # not passthrough: there is a keeper
-        gone = errors.TOKEN_EXPIRED if self.tokens.expired() else errors.NO_TOKEN
+        keeper = ctx.leg.tokens if ctx.leg is not None else self.tokens
+        assert keeper is not None  # not passthrough: there is a keeper
+        gone = errors.TOKEN_EXPIRED if keeper.expired() else errors.NO_TOKEN
         self._fail(ex, gone, extra=[(b"Retry-After", b"5")])
 
     def _send_refusal(self, ex: Exchange, decision: Decision) -> None:
@@ -362,12 +495,31 @@ class RegistryProxy:
             ctx.reason = _refusal_reason(decision)
         extra: Fields = []
         if decision.challenge is not None:
-            extra.append((b"WWW-Authenticate", self.gate.challenge_header(decision.challenge, self._public(ex))))
+            spec = decision.challenge
+            if self.router is not None and ctx is not None and spec.startswith("repository:"):
+                spec = self._client_scope(spec, ctx)
+            extra.append((b"WWW-Authenticate", self.gate.challenge_header(spec, self._public(ex))))
             extra.append((b"Docker-Distribution-API-Version", b"registry/2.0"))
         if decision.retry_after is not None:
             extra.append((b"Retry-After", b"%d" % decision.retry_after))
         assert decision.error is not None
         self._fail(ex, decision.error, decision.detail, extra)
+
+    def _client_scope(self, spec: str, ctx: _Ctx) -> str:
+        """A challenge's `repository:<public>:<action>` scope in the client's own name (what it asks
+        `/token` for again, on the same host)."""
+        assert self.router is not None
+        scope, bar, error = spec.partition("|")
+        _, _, rest = scope.partition(":")
+        public, _, action = rest.rpartition(":")
+        place = ctx.place
+        if place is not None and place.public == public:
+            name: str | None = place.client
+        else:
+            name = self.router.client_name(ctx.host, public)
+        if name is None or name == public:
+            return spec
+        return f"repository:{name}:{action}{bar}{error}"
 
     def _peer(self, ex: Exchange) -> str:
         """The client's address for login throttling (the load balancer's view with --trust-forwarded)."""
@@ -384,6 +536,10 @@ class RegistryProxy:
         if req.method not in (b"GET", b"HEAD"):
             return self._fail(ex, errors.UNSUPPORTED)
         query = req.target.partition(b"?")[2]
+        router = self.router
+        if router is not None:  # the policy and our tokens know public names
+            host = self._host(ex).decode("latin-1")
+            query = renamed_scopes(query, lambda name: router.canonical(host, name))
         result = self.gate.issue_token(query, req.get(b"authorization"), lambda: self._peer(ex))
         if isinstance(result, Deferred):
             result.addCallback(self._token_answer, ex)
@@ -411,7 +567,8 @@ class RegistryProxy:
             assert self.cache is not None
             self.cache.finished(plan, ex.bytes_out)
         if ex.error is not None and ex.status:
-            self.metrics.upstream_errors.labels("aborted").inc()
+            leg = ctx.leg if ctx is not None else None
+            self.metrics.upstream_errors.labels("aborted", leg.spec.name if leg is not None else "default").inc()
         self._log_access(ex, ctx, status, duration, plan)
 
     def _log_access(self, ex: Exchange, ctx: _Ctx | None, status: int, duration: float, plan: Plan | None) -> None:
@@ -442,14 +599,15 @@ class RegistryProxy:
         ))
 
     # -- upstream round trips
-    def _origin(self, token: Token) -> Origin:
-        if self.config.upstream is not None:
-            return self.config.upstream
-        cached = self._token_origin
+    @staticmethod
+    def _origin(leg: Leg, token: Token) -> Origin:
+        if leg.origin is not None:
+            return leg.origin
+        cached = leg.token_origin
         if cached is not None and cached[0] == token.endpoint:
             return cached[1]
         origin = Origin.from_url(token.endpoint)
-        self._token_origin = (token.endpoint, origin)
+        leg.token_origin = (token.endpoint, origin)
         return origin
 
     def _send(self, ex: Exchange, ctx: _Ctx) -> None:
@@ -459,10 +617,11 @@ class RegistryProxy:
         ctx.target = "registry"
         fields = ctx.fields.copy()  # kept clean for a retry with a fresh token
         if ctx.token is not None:
-            fields.append((b"Authorization", ctx.token.header))
+            if ctx.token.header:  # an empty header: a registry that wants no credentials
+                fields.append((b"Authorization", ctx.token.header))
         elif ctx.decision.forward_auth is not None:
             fields.append((b"Authorization", ctx.decision.forward_auth))
-        target = ctx.decision.target or req.target
+        target = ctx.up_target or ctx.decision.target or req.target
         plan = ctx.plan
         method = req.method if plan is None or plan.method is None else plan.method
         d = ex.forward(ctx.origin, method, target, fields, ctx.timeout, pool_class(ctx.kind, method))
@@ -470,7 +629,7 @@ class RegistryProxy:
         d.addErrback(self._bug, ex)
 
     def _registry_response(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
-        self.metrics.observe_upstream("registry", self.clock.seconds() - ctx.sent_at)
+        self.metrics.observe_upstream("registry", self.clock.seconds() - ctx.sent_at, _leg_name(ctx))
         head = resp.head
         status = head.status
         ctx.upstream_id = head.get(b"x-amzn-requestid")
@@ -482,6 +641,11 @@ class RegistryProxy:
         listing = ctx.decision.listing if ctx.decision is not None else None
         if listing is not None and status == 200:
             d = Deferred.fromCoroutine(self._filter_listing(resp, ex, ctx, listing))
+            d.addErrback(self._upstream_failed, ex, ctx)
+            d.addErrback(self._bug, ex)
+            return
+        if ctx.place is not None and status == 200 and _renames_listing(ctx):
+            d = Deferred.fromCoroutine(self._rename_listing(resp, ex, ctx))
             d.addErrback(self._upstream_failed, ex, ctx)
             d.addErrback(self._bug, ex)
             return
@@ -545,19 +709,38 @@ class RegistryProxy:
         if isinstance(step, listings.NextPage):
             ctx.pages += 1
             if ctx.pages <= MAX_HIDDEN_PAGES and ctx.decision is not None:
-                ctx.decision.target = step.target
+                target = step.target
+                place = ctx.place
+                if place is not None and place.client != place.private:  # the Link was renamed for the client
+                    target = _renamed_path(target, place.client, place.private)
+                ctx.up_target = target
                 return self._send(ex, ctx)
             self.log.warn("listing {path}: {n} pages in a row hold nothing the caller may see; ending it there",
                           path=redact_url(ex.request.target), n=MAX_HIDDEN_PAGES)
             step = step.last_resort
-        ex.respond(200, step.fields, step.body)
+        body = step.body
+        if _renames_listing(ctx):
+            assert ctx.place is not None
+            body = listings.renamed(body, ctx.place.client) or body
+        ex.respond(200, step.fields, body)
+
+    async def _rename_listing(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
+        """A tags/list of a routed name: its `name` is the client's (read whole, bounded)."""
+        assert ctx.place is not None
+        fields = [(n, v) for n, v in self._response_fields(resp.head, ex, ctx) if n.lower() != b"content-encoding"]
+        body = await resp.read(MAX_LISTING, self.config.request_timeout)
+        renamed = listings.renamed(body, ctx.place.client)
+        if renamed is None:
+            raise UpstreamError("closed", "upstream listing is not JSON")
+        ex.respond(200, fields, renamed)
 
     def _refused(self, ex: Exchange, ctx: _Ctx, status: int) -> None:
         """The upstream refused our token: refresh it once (shared) and retry once when safe."""
         if not ctx.retried:
             ctx.retried = True
-            assert self.tokens is not None  # not passthrough (checked by the caller): there is a keeper
-            refreshed = self.tokens.force_refresh(ctx.token)
+            keeper = ctx.leg.tokens if ctx.leg is not None else self.tokens
+            assert keeper is not None  # not passthrough (checked by the caller): there is a keeper
+            refreshed = keeper.force_refresh(ctx.token)  # this upstream's keeper only
             if not ex.has_body:
                 refreshed.addCallback(self._retry, ex, ctx, status)
                 refreshed.addErrback(self._bug, ex)
@@ -605,7 +788,7 @@ class RegistryProxy:
         d.addErrback(self._bug, ex)
 
     def _storage_response(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
-        self.metrics.observe_upstream("storage", self.clock.seconds() - ctx.sent_at)
+        self.metrics.observe_upstream("storage", self.clock.seconds() - ctx.sent_at, _leg_name(ctx))
         head = resp.head
         status = head.status
         if status in REDIRECTS:
@@ -649,7 +832,7 @@ class RegistryProxy:
                 assert type(plan) is Forward and self.cache is not None
                 self.cache.failed(ex, plan, bool(ctx.sent_at))  # the write may have reached the registry all the same
             return  # the client left; nothing failed upstream
-        self.metrics.upstream_errors.labels(err.kind).inc()
+        self.metrics.upstream_errors.labels(err.kind, _leg_name(ctx)).inc()
         if self._offline(ex, ctx):
             return
         if ex.error is None:
@@ -696,24 +879,30 @@ class RegistryProxy:
         self._fail(ex, errors.INTERNAL)
 
     # -- responses
+    def _host(self, ex: Exchange) -> bytes:
+        """The host the client asked for: Host, or X-Forwarded-Host with --trust-forwarded."""
+        req = ex.request
+        host = req.get(b"host") or b""
+        if self.config.trust_forwarded:
+            fhost = req.get(b"x-forwarded-host")
+            if fhost:
+                host = fhost.split(b",", 1)[0].strip()
+        if not _HOST.match(host):
+            host = b"invalid-host"
+        return host
+
     def _public(self, ex: Exchange) -> bytes:
         if self.config.public_base is not None:
             return self.config.public_base
         req = ex.request
         scheme = b"https" if ex.is_tls else b"http"
-        host = req.get(b"host") or b""
         if self.config.trust_forwarded:
             proto = req.get(b"x-forwarded-proto")
             if proto:
                 proto = proto.split(b",", 1)[0].strip().lower()
                 if proto in (b"http", b"https"):
                     scheme = proto
-            fhost = req.get(b"x-forwarded-host")
-            if fhost:
-                host = fhost.split(b",", 1)[0].strip()
-        if not _HOST.match(host):
-            host = b"invalid-host"
-        return scheme + b"://" + host
+        return scheme + b"://" + self._host(ex)
 
     def _response_fields(self, head: Head, ex: Exchange, ctx: _Ctx) -> Fields:
         skip = head.connection_tokens() if head.get(b"connection") is not None else ()
@@ -727,6 +916,9 @@ class RegistryProxy:
                     assert ctx.origin is not None
                     rewrite = _rewriter(ctx.origin, self._public(ex))
                 v = (rewrite_location if ln == b"location" else rewrite_link)(v, *rewrite)
+                place = ctx.place
+                if place is not None and place.client != place.private:
+                    v = rename_location(v, rewrite[1], place.private, place.client, every=ln == b"link")
             out.append((n, v))
         return out
 

@@ -21,7 +21,7 @@ from ecr_twisted.registry import routes
 
 __all__ = [
     "KEYS", "Page", "NextPage", "Filter",
-    "filtered", "page", "read_listing", "with_names", "cursor", "with_cursor",
+    "filtered", "page", "read_listing", "with_names", "cursor", "with_cursor", "renamed",
 ]
 
 KEYS = {routes.TAGS: "tags", routes.CATALOG: "repositories"}  # where each listing holds its names
@@ -98,6 +98,20 @@ def read_listing(body: bytes, key: str) -> tuple[dict[str, Any], list[str]] | No
 def with_names(data: dict[str, Any], key: str, names: Iterable[str]) -> bytes:
     """The listing `data` (as parsed by read_listing) with only `names` under `key`."""
     data[key] = list(names)
+    return json.dumps(data, separators=(",", ":")).encode("utf-8")
+
+
+def renamed(body: bytes, name: str) -> bytes | None:
+    """A tags/list body with its `name` set to `name` (what the client calls the repository when
+    the upstream calls it otherwise); None if it is not a JSON object."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "name" in data:
+        data["name"] = name
     return json.dumps(data, separators=(",", ":")).encode("utf-8")
 
 
