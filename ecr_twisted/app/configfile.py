@@ -8,12 +8,14 @@ reported at its table's line, or without a line.
 
 `app.options` decides precedence (command line, ECRPROXY_*, this file, defaults) and runs the
 file's option values through the same checks as command-line ones; this module only knows
-their kinds. Reading a password file is done through a function passed in.
+their kinds. Reading a password file is done through a function passed in. Relative paths
+in the file are from the file's directory (`beside`).
 """
 
 from __future__ import annotations
 
 import difflib
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -26,7 +28,7 @@ from ecr_twisted.upstreams.spec import CREDENTIALS, ECR, REGISTRY, UpstreamSpec
 
 __all__ = [
     "ACCOUNT", "REGION", "FLAG", "TEXT", "INT", "FLOAT", "PORTS", "TEXT_OR_INT", "UPSTREAM_KEYS",
-    "ConfigError", "ConfigFile", "parse", "upstreams", "url_problem", "egress_proxy_problem", "redacted",
+    "ConfigError", "ConfigFile", "parse", "upstreams", "beside", "url_problem", "egress_proxy_problem", "redacted",
 ]
 
 REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+\Z")
@@ -169,9 +171,10 @@ def parse(text: str, path: str, kinds: Mapping[str, str]) -> ConfigFile:
     options: dict[str, Any] = {}
     tables: tuple[Mapping[str, Any], ...] = ()
     for key, value in document.items():
-        if key == "upstream":
+        if key == "upstream" and not isinstance(value, str):  # a string: the --upstream option
             if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-                raise shell.error("must be an array of tables: write [[upstream]] above each one", key)
+                raise shell.error("must be a registry URL (--upstream) or tables: write [[upstream]] above each one",
+                                  key)
             tables = tuple(value)
         elif key == "config":
             raise shell.error("a config file cannot name another one", key)
@@ -362,7 +365,7 @@ def _credentials(
         if ("password" in table) == ("password-file" in table):
             raise fail('credentials = "static" needs one of "password" or "password-file"')
         if "password-file" in table:
-            where = table["password-file"]
+            where = beside(config.path, table["password-file"])
             try:
                 password = read_secret(where).strip()
             except OSError as e:
@@ -376,6 +379,12 @@ def _credentials(
             if not password:
                 raise fail("is empty", "password")
     return credentials, password
+
+
+def beside(config_path: str, path: str) -> str:
+    """`path` as written in the file at `config_path`: a relative one is taken from the file's directory
+    (where it is kept with the files it names), as `config_path` itself is from the working directory."""
+    return os.path.join(os.path.dirname(config_path), path)
 
 
 def _host_name(host: str) -> bool:

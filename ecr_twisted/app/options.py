@@ -138,6 +138,8 @@ def _file_kinds() -> dict[str, str]:
 
 
 _FILE_KINDS = _file_kinds()
+# options naming files: a relative path in the --config file is taken from the file's directory
+_PATH_OPTIONS = frozenset({"tls-cert", "tls-key", "upstream-ca", "htpasswd", "policy", "token-key", "cache-dir"})
 
 
 def _numeric(option: str, kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -310,6 +312,8 @@ class Options(usage.Options):
         except configfile.ConfigError as e:
             raise usage.UsageError(str(e)) from None
         for name, value in config.options.items():
+            if name in _PATH_OPTIONS and not (name == "policy" and value in PRESETS):
+                value = configfile.beside(path, value)
             if name not in self._given:
                 self[name] = (1 if value else 0) if _FILE_KINDS[name] == configfile.FLAG else value
                 self._from_file.add(name)
@@ -337,6 +341,7 @@ class Options(usage.Options):
             raise usage.UsageError("--registry-id must be a 12-digit AWS account ID")
         if not self["region"]:
             self["region"] = _environment_region(self.environ) or _botocore_region()
+        default_region = self["region"]  # for ECR upstreams without their own
         if not self["region"] and config is not None:  # ECR upstreams may all name their own region
             self["region"] = next((t["region"] for t in config.tables if isinstance(t.get("region"), str)), None)
         if not self["region"] or not _REGION.match(self["region"]):
@@ -380,7 +385,7 @@ class Options(usage.Options):
             problem = configfile.egress_proxy_problem(self["egress-proxy"])
             if problem:
                 raise usage.UsageError(f"--egress-proxy {problem}")
-        upstreams = self._upstreams(config)
+        upstreams = self._upstreams(config, default_region)
         if not self["port"]:
             self["port"] = ["5000"]
         self._listener_options()
@@ -438,7 +443,7 @@ class Options(usage.Options):
             argv=tuple(self.argv),
         )
 
-    def _upstreams(self, config: configfile.ConfigFile | None) -> tuple[UpstreamSpec, ...]:
+    def _upstreams(self, config: configfile.ConfigFile | None, region: str | None) -> tuple[UpstreamSpec, ...]:
         """The file's [[upstream]] tables, checked; () without any (one upstream from --registry-id etc.)."""
         if config is None or not config.tables:
             return ()
@@ -449,7 +454,7 @@ class Options(usage.Options):
                     f"with them, put it in an [[upstream]] table of --config {config.path}"
                 )
         try:
-            return configfile.upstreams(config, self["region"], _read_secret)
+            return configfile.upstreams(config, region, _read_secret)
         except configfile.ConfigError as e:
             raise usage.UsageError(str(e)) from None
 
