@@ -185,7 +185,8 @@ class Options(usage.Options):
     longdesc = (
         "Publish a private AWS ECR registry on your own domain: a streaming reverse proxy "
         "that holds the AWS credentials and refreshes the ECR token itself. Every option "
-        "can also be set as ECRPROXY_<OPTION> (e.g. ECRPROXY_REGISTRY_ID); the command line wins."
+        "can also be set as ECRPROXY_<OPTION> (e.g. ECRPROXY_REGISTRY_ID) or by its name in the --config "
+        "file: the command line wins, then the environment, then the file."
     )
 
     optFlags = _FLAGS
