@@ -399,20 +399,17 @@ def _check_together(config: ConfigFile, specs: tuple[UpstreamSpec, ...]) -> None
     namespaces: list[tuple[tuple[str, ...], UpstreamSpec]] = []
     default: str | None = None
     for index, spec in enumerate(specs):
-        def fail(message: str, key: str | None = None) -> ConfigError:
-            return config.error(message, key, index)  # noqa: B023 (used at once)
-
         if spec.name in names:
             raise ConfigError(f"{config.where('name', index)}: upstream #{index + 1} key \"name\": "
                               f"{spec.name!r} is already the name of upstream #{names[spec.name] + 1}")
         names[spec.name] = index
         if spec.default:
             if default is not None:
-                raise fail(f'upstream "{default}" is already the default (at most one)', "default")
+                raise config.error(f'upstream "{default}" is already the default (at most one)', "default", index)
             default = spec.name
         for host in spec.hosts:
             if host in hosts:
-                raise fail(f"{host!r} is already a host of upstream \"{hosts[host]}\"", "hosts")
+                raise config.error(f"{host!r} is already a host of upstream \"{hosts[host]}\"", "hosts", index)
             hosts[host] = spec.name
         if not spec.default:
             mine = tuple(spec.namespace.split("/"))
@@ -420,10 +417,10 @@ def _check_together(config: ConfigFile, specs: tuple[UpstreamSpec, ...]) -> None
             for theirs, other in namespaces:
                 shorter = min(len(mine), len(theirs))
                 if mine[:shorter] == theirs[:shorter]:
-                    raise fail(
+                    raise config.error(
                         f"public names {spec.namespace}/<repository> would overlap those of upstream "
                         f"\"{other.name}\" ({other.namespace}/<repository>): every public name belongs to one "
-                        "upstream (an upstream without a prefix is named by its name)", key,
+                        "upstream (an upstream without a prefix is named by its name)", key, index,
                     )
             namespaces.append((mine, spec))
 
