@@ -1,4 +1,4 @@
-"""`twistd ecrproxy`: the command line over the ECRPROXY_* environment, checked into `ProxySettings`.
+"""`twistd ecrproxy`: the command line over ECRPROXY_* over the --config file, checked into `ProxySettings`.
 
 This is the module the twistd plugin names, so it provides `Options` and `makeService`.
 `Options` only reads and validates: every bad value is a `UsageError` naming its option,
@@ -6,16 +6,21 @@ raised before anything listens, and a successful parse leaves `Options.settings`
 values) without having bound a socket, created a file or directory, or touched a reactor.
 Files named by options (TLS, htpasswd, policy, an existing token key) are read to check
 them and let go; `build.build` opens them for use and does every side effect.
+
+Precedence, per option: the command line, then ECRPROXY_*, then the `--config` file (itself
+named on the command line or by ECRPROXY_CONFIG), then the defaults. A file's values go
+through the same checks as the command line's; an error about one of them is reported at
+its line (`configfile`).
 """
 
 from __future__ import annotations
 
 import difflib
+import getopt
 import os
 import re
 import sys
 from typing import Any, Callable, Mapping
-from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.logger import Logger
@@ -24,17 +29,18 @@ from twisted.python import usage
 from ecr_twisted.access.htpasswd import Htpasswd
 from ecr_twisted.access.gate import MODES
 from ecr_twisted.access.policy import PRESETS, PolicyError, PolicyFile
+from ecr_twisted.app import configfile
 from ecr_twisted.app.config import ProxySettings
 from ecr_twisted.app.listeners import DescriptionError, check_description, listener_spec, load_server_tls
-from ecr_twisted.http.origin import Origin
 from ecr_twisted.registry.redirects import parse_patterns
+from ecr_twisted.upstreams.spec import UpstreamSpec
 
 __all__ = ["ENV_PREFIX", "Options", "makeService", "parse_size"]
 
 ENV_PREFIX = "ECRPROXY_"
 _log = Logger()
-_REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+\Z")
-_ACCOUNT = re.compile(r"[0-9]{12}\Z")
+_REGION = configfile.REGION
+_ACCOUNT = configfile.ACCOUNT
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -109,7 +115,31 @@ _PARAMETERS: list[list[Any]] = [
     ["tag-ttl", None, 60.0, "Seconds a cached manifest by tag is served before it is revalidated upstream.", float],
     ["stale-if-error", None, 86400.0, "Seconds a manifest by tag may be served stale while the "
      "upstream cannot answer.", float],
+    ["config", None, None, "TOML file: option values (same names) and [[upstream]] tables for several "
+     "registries; the command line and ECRPROXY_* win over it."],
+    ["egress-proxy", None, None, "http://[user:password@]host:port: every upstream connection goes through "
+     "this HTTP proxy (wins over HTTPS_PROXY/HTTP_PROXY)."],
+    ["catalog-ttl", None, 30.0, "Seconds a repository listing from the ECR API (_catalog) is reused.", float],
 ]
+# the environment's outbound proxy settings, in the order curl and botocore look at them
+PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
+
+
+def _file_kinds() -> dict[str, str]:
+    """What a --config file may set, and the TOML type each takes (config itself excluded)."""
+    numbers = {int: configfile.INT, float: configfile.FLOAT}
+    kinds = {f[0]: configfile.FLAG for f in _FLAGS}
+    for p in _PARAMETERS:
+        if p[0] != "config":
+            kinds[p[0]] = numbers[p[4]] if len(p) > 4 else configfile.TEXT
+    kinds.update({"port": configfile.PORTS, "metrics-port": configfile.TEXT_OR_INT,
+                  "cache-size": configfile.TEXT_OR_INT})
+    return kinds
+
+
+_FILE_KINDS = _file_kinds()
+# options naming files: a relative path in the --config file is taken from the file's directory
+_PATH_OPTIONS = frozenset({"tls-cert", "tls-key", "upstream-ca", "htpasswd", "policy", "token-key", "cache-dir"})
 
 
 def _numeric(option: str, kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -155,7 +185,8 @@ class Options(usage.Options):
     longdesc = (
         "Publish a private AWS ECR registry on your own domain: a streaming reverse proxy "
         "that holds the AWS credentials and refreshes the ECR token itself. Every option "
-        "can also be set as ECRPROXY_<OPTION> (e.g. ECRPROXY_REGISTRY_ID); the command line wins."
+        "can also be set as ECRPROXY_<OPTION> (e.g. ECRPROXY_REGISTRY_ID) or by its name in the --config "
+        "file: the command line wins, then the environment, then the file."
     )
 
     optFlags = _FLAGS
@@ -176,6 +207,9 @@ class Options(usage.Options):
         self.argv: list[str] = []
         self["port"] = []
         self._ports_from_cli = False
+        self._given: set[str] = set()  # options set on the command line or by ECRPROXY_*: the file does not count
+        self._from_file: set[str] = set()
+        self._upstream_tables = False
         # twistd makes the Options before it can report a usage error: keep it for parseOptions
         self._env_error: usage.UsageError | None = None
         try:
@@ -193,6 +227,7 @@ class Options(usage.Options):
                     self[name] = coerce[0](value) if coerce else value
                 except ValueError:
                     raise usage.UsageError(f"{_env_name(name)}: {_not_a_number(value, coerce[0])}") from None
+                self._given.add(name)
         for name, _, _ in _FLAGS:
             value = env.get(_env_name(name))
             if value is not None:
@@ -200,9 +235,11 @@ class Options(usage.Options):
                     self[name] = 1
                 elif value.strip().lower() not in _FALSE:
                     raise usage.UsageError(f"{_env_name(name)}: expected true or false, got {value!r}")
+                self._given.add(name)  # false too: it overrides a file's true
         ports = env.get(_env_name("port"))
         if ports:
             self["port"] = ports.replace(",", " ").split()
+            self._given.add("port")
 
     def opt_port(self, value: str) -> None:
         """Listen here: a port number or a Twisted endpoint string (repeatable; default 5000)."""
@@ -228,6 +265,7 @@ class Options(usage.Options):
         try:
             if self._env_error is not None:
                 raise self._env_error
+            self._given |= self._named_on_command_line(self.argv)
             super().parseOptions(options)
         except usage.UsageError as e:
             if self.parent is None:  # called directly (tests, worker children): the caller reports it
@@ -236,13 +274,77 @@ class Options(usage.Options):
             print(f"twistd ecrproxy: {e} (see --help)", file=sys.stderr)
             sys.exit(1)
 
+    def _named_on_command_line(self, args: list[str]) -> set[str]:
+        """The options `args` sets, read as twistd's parser will read them (it reports errors itself)."""
+        try:
+            found, _ = getopt.getopt(args, self.shortOpt, self.longOpt)
+        except getopt.error:
+            return set()
+        names = set()
+        for opt, _ in found:
+            opt = opt[2:] if opt.startswith("--") else opt[1:]
+            for spelling in (opt, opt.replace("-", "_")):
+                if spelling in self.synonyms:
+                    names.add(self.synonyms[spelling])
+                    break
+        return names
+
     def postOptions(self) -> None:
+        config = self._read_config()
+        try:
+            self._check(config)
+        except usage.UsageError as e:
+            raise self._located(e, config) from None
+
+    def _read_config(self) -> configfile.ConfigFile | None:
+        """The --config file's values, set where neither the command line nor ECRPROXY_* set one."""
+        path = self["config"]
+        if not path:
+            return None
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise usage.UsageError(f"--config {path}: {e.strerror or e}") from None
+        except UnicodeDecodeError:
+            raise usage.UsageError(f"--config {path}: not UTF-8 text") from None
+        try:
+            config = configfile.parse(text, path, _FILE_KINDS)
+        except configfile.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+        for name, value in config.options.items():
+            if name in _PATH_OPTIONS and not (name == "policy" and value in PRESETS):
+                value = configfile.beside(path, value)
+            if name not in self._given:
+                self[name] = (1 if value else 0) if _FILE_KINDS[name] == configfile.FLAG else value
+                self._from_file.add(name)
+        self._upstream_tables = bool(config.tables)
+        return config
+
+    def _located(self, error: usage.UsageError, config: configfile.ConfigFile | None) -> usage.UsageError:
+        """`error` at the file line of the value it is about, if that value came from the file.
+
+        Every message names its option (`--name ...`); the first named option whose value the
+        file gave is the one the error is about.
+        """
+        message = str(error)
+        if config is None or message.startswith("--config "):
+            return error
+        for name in re.findall(r"--([a-z][a-z0-9-]*)", message):
+            if name in self._from_file:
+                return usage.UsageError(f"{config.where(name)}: key \"{name}\": {message}")
+        return error
+
+    def _check(self, config: configfile.ConfigFile | None) -> None:
         auth = self._auth_options()
         self._tls_options()
         if self["registry-id"] and not _ACCOUNT.match(self["registry-id"]):
             raise usage.UsageError("--registry-id must be a 12-digit AWS account ID")
         if not self["region"]:
             self["region"] = _environment_region(self.environ) or _botocore_region()
+        default_region = self["region"]  # for ECR upstreams without their own
+        if not self["region"] and config is not None:  # ECR upstreams may all name their own region
+            self["region"] = next((t["region"] for t in config.tables if isinstance(t.get("region"), str)), None)
         if not self["region"] or not _REGION.match(self["region"]):
             raise usage.UsageError(
                 "--region is required (e.g. eu-west-1), or set AWS_REGION or configure botocore's region"
@@ -278,6 +380,13 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--{name} must be 0 or a positive number of seconds")
         if self["min-body-rate"] < 0:
             raise usage.UsageError("--min-body-rate must be 0 (no minimum) or a number of bytes per second")
+        if not self["catalog-ttl"] >= 0:
+            raise usage.UsageError("--catalog-ttl must be 0 or a positive number of seconds")
+        if self["egress-proxy"]:
+            problem = configfile.egress_proxy_problem(self["egress-proxy"])
+            if problem:
+                raise usage.UsageError(f"--egress-proxy {problem}")
+        upstreams = self._upstreams(config, default_region)
         if not self["port"]:
             self["port"] = ["5000"]
         self._listener_options()
@@ -327,8 +436,28 @@ class Options(usage.Options):
             cache_bytes=cache_bytes,
             tag_ttl=self["tag-ttl"],
             stale_if_error=self["stale-if-error"],
+            config_file=os.path.abspath(self["config"]) if self["config"] else None,
+            upstreams=upstreams,
+            catalog_ttl=self["catalog-ttl"],
+            egress_proxy=self["egress-proxy"],
+            proxy_env=tuple((name, self.environ[name]) for name in PROXY_ENV if self.environ.get(name)),
             argv=tuple(self.argv),
         )
+
+    def _upstreams(self, config: configfile.ConfigFile | None, region: str | None) -> tuple[UpstreamSpec, ...]:
+        """The file's [[upstream]] tables, checked; () without any (one upstream from --registry-id etc.)."""
+        if config is None or not config.tables:
+            return ()
+        for name in ("registry-id", "upstream", "ecr-endpoint-url"):
+            if self[name]:
+                raise usage.UsageError(
+                    f"--{name} describes the one registry of a proxy without [[upstream]] tables: "
+                    f"with them, put it in an [[upstream]] table of --config {config.path}"
+                )
+        try:
+            return configfile.upstreams(config, region, _read_secret)
+        except configfile.ConfigError as e:
+            raise usage.UsageError(str(e)) from None
 
     def _tls_options(self) -> None:
         if bool(self["tls-cert"]) != bool(self["tls-key"]):
@@ -412,6 +541,12 @@ class Options(usage.Options):
                 raise usage.UsageError("--policy does not apply with --auth webhook: the webhook decides")
         elif self["auth-webhook"]:
             raise usage.UsageError("--auth-webhook is for --auth webhook")
+        if mode == "passthrough" and self._upstream_tables:
+            raise usage.UsageError(
+                "--auth passthrough cannot serve [[upstream]] tables: clients' own AWS credentials are for "
+                "one registry and must never be sent to another upstream; choose --auth basic, token or "
+                "webhook (the proxy then holds each upstream's credentials)"
+            )
         if mode == "passthrough" and not self["upstream"]:
             if not self["registry-id"]:
                 raise usage.UsageError(
@@ -553,16 +688,15 @@ def _token_key_problem(path: str) -> str | None:
     return None
 
 
-def _url_option(option: str, value: str, allow_path: bool = False) -> Origin:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise usage.UsageError(f"--{option} must look like https://host[:port], got {value!r}")
-    if not allow_path and (parts.path not in ("", "/") or parts.query or parts.fragment):
-        raise usage.UsageError(f"--{option} takes no path or query, got {value!r}")
-    try:
-        return Origin(parts.scheme, parts.hostname, parts.port)
-    except ValueError as e:
-        raise usage.UsageError(f"--{option}: {e}") from None
+def _url_option(option: str, value: str, allow_path: bool = False) -> None:
+    problem = configfile.url_problem(value, allow_path)
+    if problem:
+        raise usage.UsageError(f"--{option} {problem}")
+
+
+def _read_secret(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
 
 
 def _botocore_region() -> str | None:
