@@ -110,6 +110,8 @@ class Parts:
     verify: Verify | None = None  # hash_file in the reactor's thread pool
     blob_store: Callable[[str, int], BlobStore] | None = None  # BlobStore (logs compacted unless a worker child)
     fetchers: dict[str, TokenFetcher] | None = None  # per upstream name; else `fetcher` for every upstream
+    # an ECR upstream's repository names for _catalog; None: DescribeRepositories in a child, cached
+    repositories: Callable[[UpstreamSpec], Callable[[], Deferred[list[str]]]] | None = None
 
 
 class Keepers:
@@ -382,7 +384,7 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
     handler = RegistryProxy(
         config, tokens, metrics, reactor, gate, cache, redirect_rules(settings),  # type: ignore[arg-type]
         router=router, legs=legs,
-        catalog=build_catalog(settings, reactor, specs),
+        catalog=build_catalog(settings, reactor, specs, parts),
     )
     limits = Limits(
         head_timeout=settings.head_timeout,
@@ -460,7 +462,9 @@ def _child_proxy_env(settings: ProxySettings) -> dict[str, str]:
     return {}
 
 
-def build_catalog(settings: ProxySettings, reactor: Any, specs: Sequence[UpstreamSpec]) -> Catalog | None:
+def build_catalog(
+    settings: ProxySettings, reactor: Any, specs: Sequence[UpstreamSpec], parts: Parts = Parts()
+) -> Catalog | None:
     """`_catalog` from DescribeRepositories of every ECR upstream (ECR answers 405 to the registry
     API's own); never in passthrough, where the proxy's AWS principal must not list for clients."""
     if settings.auth == "passthrough":
@@ -471,10 +475,13 @@ def build_catalog(settings: ProxySettings, reactor: Any, specs: Sequence[Upstrea
             continue
         if not spec.region:
             spec = replace(spec, region=settings.region)
-        names = RepositoryCache(RepositoryLister(reactor, spec, _child_proxy_env(settings)), reactor,
-                                settings.catalog_ttl)
+        if parts.repositories is not None:
+            names = parts.repositories(spec)
+        else:
+            lister = RepositoryLister(reactor, spec, _child_proxy_env(settings))
+            names = RepositoryCache(lister, reactor, settings.catalog_ttl).names
         sources.append(Source(spec.namespace, adapted(
-            names.names, spec.name, denied=(CatalogDenied,), unavailable=(CatalogUnavailable,)), spec.name))
+            names, spec.name, denied=(CatalogDenied,), unavailable=(CatalogUnavailable,)), spec.name))
     return Catalog(sources)
 
 

@@ -246,8 +246,11 @@ class Harness:
         stale_if_error: float = 86400.0,
         storage_hosts: str = "default",
         metrics_port: str | None = None,
+        repositories: dict[str, list[str]] | None = None,
     ) -> None:
         self.reactor = MemoryReactorClock()
+        # what DescribeRepositories answers for _catalog, per upstream name ("default": the one upstream)
+        self.repositories: dict[str, list[str]] = dict(repositories or {})
         self.reactor.advance(1_000_000)
         self.fetcher = FakeTokenFetcher()
         self.upstreams = MemoryUpstreams(self.reactor)
@@ -270,6 +273,7 @@ class Harness:
             gate=make_gate,
             verify=synchronous_verify,
             blob_store=lambda root, max_bytes: BlobStore(root, max_bytes),  # looked up late: tests replace it
+            repositories=lambda spec: lambda: succeed(list(self.repositories.get(spec.name, []))),
         )
         self.built = build(settings, self.reactor, parts)
         proxy = self.built.proxy

@@ -756,61 +756,53 @@ def test_tags_list_errors_from_upstream_are_relayed_not_filtered(htpasswd: str) 
 # ---------------------------------------------------------------------------
 # _catalog filtering
 
-CATALOG = json.dumps(
-    {"repositories": ["other/y", "public/base", "team-a/app", "team-a/lib", "team-a/secret", "team-b/secret"]}
-).encode()
+REPOSITORIES = ["other/y", "public/base", "team-a/app", "team-a/lib", "team-a/secret", "team-b/secret"]
 
 
-NEXT = b"Link: <" + UPSTREAM.base + b'/v2/_catalog?last=team-b%2Fsecret&n=100>; rel="next"\r\n'
-
-
-def _catalog(h: Harness, auth: bytes | None, last: bytes = b"team-b%2Fsecret") -> Reply:
-    c = call(h, "GET", "/v2/_catalog?n=100", auth)
-    answer(h, ok(CATALOG, extra=NEXT))
-    r = c.reply()
+def _catalog(h: Harness, auth: bytes | None, n: int | None = None) -> Reply:
+    """_catalog is answered from DescribeRepositories (the Harness's `repositories`), never the registry."""
+    h.repositories["default"] = REPOSITORIES
+    before = len(upstream_requests(h))
+    r = call(h, "GET", "/v2/_catalog" + (f"?n={n}" if n is not None else ""), auth).reply()
     assert r.status == 200
-    # the cursor names the last entry the caller may see (a name-style cursor must not name a hidden one)
-    assert r.header(b"link") == b"<" + PUBLIC + b"/v2/_catalog?last=" + last + b'&n=100>; rel="next"'
+    assert len(upstream_requests(h)) == before
     return r
 
 
 def test_catalog_lists_only_what_the_caller_may_pull(htpasswd: str) -> None:
     h = make_proxy("basic", htpasswd=htpasswd)
-    r = _catalog(h, basic("carol", "carol-pw"), b"team-a%2Fsecret")
+    r = _catalog(h, basic("carol", "carol-pw"))
     assert json.loads(r.body) == {"repositories": ["team-a/app", "team-a/lib", "team-a/secret"]}
-    r = _catalog(h, None, b"public%2Fbase")
+    r = _catalog(h, None)
     assert json.loads(r.body) == {"repositories": ["public/base"]}
 
 
-def test_a_page_with_nothing_visible_is_skipped_by_the_proxy(htpasswd: str) -> None:
-    """bob may see nothing on the first page: the proxy fetches the next one itself instead of
-    handing out a cursor that names a hidden repository."""
+def test_catalog_pages_hold_only_visible_names_and_the_cursor_names_one_of_them(htpasswd: str) -> None:
+    """The policy filters before paging: a page is full and its cursor never names a hidden repository."""
     h = make_proxy("basic", htpasswd=htpasswd)
-    c = call(h, "GET", "/v2/_catalog?n=100", basic("bob", "bob-pw"))
-    answer(h, ok(CATALOG, extra=NEXT))
-    assert not c.answered
-    assert upstream_requests(h)[-1].target == b"/v2/_catalog?last=team-b%2Fsecret&n=100"
-    answer(h, ok(json.dumps({"repositories": ["team-c/x"]}).encode()))
-    r = c.reply()
-    assert json.loads(r.body) == {"repositories": []} and r.header(b"link") is None
-    assert b"secret" not in c.transport.value()
+    r = _catalog(h, basic("carol", "carol-pw"), n=2)
+    assert json.loads(r.body) == {"repositories": ["team-a/app", "team-a/lib"]}
+    assert r.header(b"link") == b'</v2/_catalog?last=team-a%2Flib&n=2>; rel="next"'
+    r = _catalog(h, basic("carol", "carol-pw"), n=2)  # the next page, after the cursor
+    r = call(h, "GET", "/v2/_catalog?last=team-a%2Flib&n=2", basic("carol", "carol-pw")).reply()
+    assert json.loads(r.body) == {"repositories": ["team-a/secret"]} and r.header(b"link") is None
 
 
 def test_catalog_drops_names_outside_the_namespace() -> None:
     h = make_proxy("none", OPEN, namespace=r"team-[a-z]+/.+", exclude=r"team-a/secret")
-    r = _catalog(h, None)  # team-b/secret is visible here: the cursor stays as the upstream wrote it
+    r = _catalog(h, None)
     assert json.loads(r.body) == {"repositories": ["team-a/app", "team-a/lib", "team-b/secret"]}
 
 
 def test_catalog_pagination_cursor_does_not_name_hidden_repositories(htpasswd: str) -> None:
     """Filtering the body is not enough if the Link cursor (`last=`) still names a hidden repository."""
     h = make_proxy("basic", htpasswd=htpasswd, namespace=r"team-a/.+")
-    c = call(h, "GET", "/v2/_catalog?n=2", basic("carol", "carol-pw"))
-    page = json.dumps({"repositories": ["team-a/app", "team-b/secret"]}).encode()
-    answer(h, ok(page, extra=b"Link: </v2/_catalog?last=team-b%2Fsecret&n=2>; rel=\"next\"\r\n"))
-    r = c.reply()
-    assert json.loads(r.body) == {"repositories": ["team-a/app"]}
-    assert b"secret" not in c.transport.value()
+    r = _catalog(h, basic("carol", "carol-pw"), n=3)
+    assert json.loads(r.body) == {"repositories": ["team-a/app", "team-a/lib", "team-a/secret"]}
+    assert r.header(b"link") is None
+    r = _catalog(h, basic("carol", "carol-pw"), n=2)
+    assert r.header(b"link") == b'</v2/_catalog?last=team-a%2Flib&n=2>; rel="next"'
+    assert b"team-b" not in r.body
 
 
 def test_tags_pagination_cursor_does_not_name_hidden_tags(htpasswd: str) -> None:
@@ -987,9 +979,8 @@ def test_token_catalog_needs_a_token_and_is_filtered_by_policy(htpasswd: str) ->
     assert r.header(b"www-authenticate") == bearer_challenge()
     token = json.loads(get_token(h, "scope=registry:catalog:*", basic("carol", "carol-pw")).body)["token"]
     assert access_of(token) == {}
-    c = call(h, "GET", "/v2/_catalog", bearer(token))
-    answer(h, ok(CATALOG))
-    assert json.loads(c.reply().body) == {"repositories": ["team-a/app", "team-a/lib", "team-a/secret"]}
+    r = _catalog(h, bearer(token))
+    assert json.loads(r.body) == {"repositories": ["team-a/app", "team-a/lib", "team-a/secret"]}
 
 
 def test_token_endpoint_exists_only_in_the_modes_with_tokens(htpasswd: str) -> None:
@@ -1152,8 +1143,8 @@ def test_webhook_catalog_asks_about_each_visible_name() -> None:
     h = make_proxy("webhook", webhook=hook, namespace=r"team-.+")
     assert_refused(h, call(h, "GET", "/v2/_catalog"), 401, "UNAUTHORIZED")
     assert hook.calls == []
+    h.repositories["default"] = REPOSITORIES
     c = call(h, "GET", "/v2/_catalog", basic("alice", "alice-pw"))
-    answer(h, ok(CATALOG))
     asked = [q["repository"] for q, _ in hook.calls]
     assert asked == ["team-a/app", "team-a/lib", "team-a/secret", "team-b/secret"]
     assert {q["action"] for q, _ in hook.calls} == {"pull"}
@@ -1175,12 +1166,12 @@ def test_an_opaque_cursor_is_passed_on_and_hidden_pages_are_bounded(htpasswd: st
     assert r.header(b"link") == b'</v2/team-c/app/tags/list?last=ZW5jcnlwdGVk&n=2>; rel="next"'
 
     before = len(upstream_requests(h))
-    c = call(h, "GET", "/v2/_catalog?n=1", basic("bob", "bob-pw"))
+    c = call(h, "GET", "/v2/team-c/app/tags/list?n=1", basic("alice", "alice-pw"))
     for i in range(MAX_HIDDEN_PAGES + 1):
-        body = json.dumps({"repositories": [f"team-z/r{i}"]}).encode()
-        answer(h, ok(body, extra=b'Link: </v2/_catalog?last=team-z%%2Fr%d&n=1>; rel="next"\r\n' % i))
+        body = json.dumps({"name": "team-c/app", "tags": [f"hidden-{i}"]}).encode()
+        answer(h, ok(body, extra=b'Link: </v2/team-c/app/tags/list?last=hidden-%d&n=1>; rel="next"\r\n' % i))
     r = c.reply()
-    assert json.loads(r.body) == {"repositories": []} and r.header(b"link") is None
+    assert json.loads(r.body)["tags"] == [] and r.header(b"link") is None
     assert len(upstream_requests(h)) - before == MAX_HIDDEN_PAGES + 1
 
 

@@ -587,8 +587,15 @@ def test_each_ecr_upstream_fetches_its_own_registry_token() -> None:
     assert args == {"prod": ["--region", "eu-west-1", "--registry-id", "111111111111"],
                     "main": ["--region", "us-east-1", "--registry-id", "333333333333"]}
     registry = UpstreamSpec("hub", "registry", url="https://registry-1.docker.io", credentials="none", prefix="hub")
-    with pytest.raises(Exception, match="not wired yet"):  # until ecr.StaticTokens is plugged in
-        build_keeper(settings, reactor, metrics, None, registry)
+    from ecr_twisted.ecr.tokens import StaticTokens
+
+    static = build_keeper(settings, reactor, metrics, None, registry)
+    assert isinstance(static, StaticTokens) and static.token_for_request().header == b""
+    role = UpstreamSpec("shared", registry_id="222222222222", region="eu-west-1", credentials="role",
+                        role_arn="arn:aws:iam::222222222222:role/pull", prefix="shared")
+    keeper = build_keeper(settings, reactor, metrics, None, role)
+    argv = keeper._fetcher._args  # type: ignore[union-attr]
+    assert argv[argv.index("--role-arn") + 1] == "arn:aws:iam::222222222222:role/pull"
 
 
 def test_a_fetcher_per_upstream_or_one_for_all() -> None:
