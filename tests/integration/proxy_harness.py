@@ -199,7 +199,14 @@ def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], fl
 
 
 def metric(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float | None:
-    return samples.get((name, tuple(sorted(labels.items()))))
+    """The sample of `name` with these labels; labels not given are summed over (the `upstream`
+    label of a proxy with one upstream is "default"). None: no such sample."""
+    exact = samples.get((name, tuple(sorted(labels.items()))))
+    if exact is not None:
+        return exact
+    wanted = labels.items()
+    found = [v for (n, have), v in samples.items() if n == name and wanted <= dict(have).items()]
+    return sum(found) if found else None
 
 
 # ---------------------------------------------------------------- the proxy process
