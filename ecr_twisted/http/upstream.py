@@ -176,7 +176,7 @@ class UpstreamConnection(Protocol):
                 continue  # interim responses are not relayed
             break
         if head.status == 407 and self.forwarded:  # the forward proxy's answer, never the origin's
-            self.abort()
+            self.abandon()  # this attempt fails here, not again when the connection is lost
             assert self.via is not None
             attempt.failed(refused_by_proxy(self.via, self.origin, 407))
             return

@@ -27,6 +27,8 @@ from ecr_twisted.http.egress import (
     EgressRules,
     NoProxy,
     absolute_form,
+    botocore_proxies,
+    child_environment,
     connect_request,
     forwarded_keep_alive,
     parse_proxy_url,
@@ -648,3 +650,16 @@ def test_a_forwarded_connection_is_reused_only_when_the_proxy_says_so(said: byte
     h.reactor.advance(0)
     assert transport.value().startswith(b"HTTP/1.1 200 ")
     assert h.pool.counts(PLAIN)[1] == kept
+
+
+def test_the_ecr_api_child_gets_the_egress_proxy_under_every_name() -> None:
+    environ = {"HTTPS_PROXY": "http://env:1", "NO_PROXY": "x", "PATH": "/bin"}
+    env = child_environment(URL, environ)
+    assert {k: env[k] for k in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")} == dict.fromkeys(
+        ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"), URL
+    )
+    assert env["NO_PROXY"] == "x" and env["PATH"] == "/bin"
+    assert environ["HTTPS_PROXY"] == "http://env:1"  # a copy
+    assert child_environment(None, environ) == environ
+    assert botocore_proxies(URL) == {"https": URL, "http": URL}
+    assert botocore_proxies(None) is None
