@@ -10,11 +10,11 @@ same variables through Python's `urllib.request`) and the data path always agree
 
 - `--egress-proxy URL` wins over the environment, for both schemes.
 - Otherwise https origins use `https_proxy`, else `HTTPS_PROXY`; http origins use
-  `http_proxy`, else `HTTP_PROXY` (the lower-case name wins, as in Python and curl).
-  An empty value counts as unset.
+  `http_proxy`, else `HTTP_PROXY` (the lower-case name wins, as in Python and curl; set
+  but empty, it means no proxy, as in Python).
 - `no_proxy`, else `NO_PROXY`, applies in both cases: comma-separated entries, matched
   case-insensitively against the origin's host name:
-  `*` alone: every origin goes direct;
+  `*` as an entry: every origin goes direct;
   `example.com`, `.example.com` and `*.example.com` all mean that host and every host under
   it (the leading `.`/`*.` is dropped, as Python and curl do; Go's "subdomains only" reading
   of `.example.com` is not followed);
@@ -210,12 +210,13 @@ class EgressRules:
     @classmethod
     def from_settings(cls, egress_proxy: str | None, proxy_env: Iterable[tuple[str, str]]) -> EgressRules:
         """From `ProxySettings.egress_proxy` and `.proxy_env`; ValueError for a bad proxy URL."""
-        env = {name: value for name, value in proxy_env if value.strip()}
+        env = dict(proxy_env)
 
         def first(names: tuple[str, str]) -> tuple[str, str] | None:
+            """The lower-case name decides when it is set at all, even to nothing (as in Python)."""
             for name in names:
                 if name in env:
-                    return name, env[name]
+                    return (name, env[name]) if env[name].strip() else None
             return None
 
         no_proxy = NoProxy((first(NO_PROXY_NAMES) or ("", ""))[1])

@@ -179,6 +179,12 @@ def test_only_https_proxy_leaves_http_origins_direct() -> None:
     assert rules
 
 
+def test_a_lower_case_name_set_to_nothing_means_no_proxy() -> None:
+    """As in Python's urllib, which the ECR API child (botocore) goes by: both legs agree."""
+    rules = EgressRules.from_settings(None, (("HTTPS_PROXY", "http://p:1"), ("https_proxy", "")))
+    assert rules.proxy_for(REGISTRY) is None
+
+
 def test_no_proxy_variables_means_no_rules() -> None:
     rules = EgressRules.from_settings(None, (("NO_PROXY", "*"), ("HTTPS_PROXY", "")))
     assert not rules
