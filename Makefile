@@ -6,9 +6,10 @@
 # make bench  ecr-twisted against nginx and direct registry access (bench/README.md; ~10 min,
 #             BENCH_ARGS=--quick for ~3 min); not part of make test
 SHELL := /bin/bash
-DEBIAN_TEST := docker-registry skopeo podman curl ca-certificates docker.io containerd buildah prometheus systemd nginx-light
+DEBIAN_TEST := docker-registry skopeo podman curl ca-certificates docker.io containerd buildah prometheus systemd nginx-light tinyproxy
 # prometheus: promtool checks and unit-tests deploy/prometheus/alerts.yaml; systemd: systemd-analyze checks
-# deploy/systemd/ecr-twisted.service (both in tests/unit/test_deploy.py)
+# deploy/systemd/ecr-twisted.service (both in tests/unit/test_deploy.py); tinyproxy: the egress proxy
+# every upstream leg goes through in tests/integration/test_egress.py
 DEBIAN_BENCH := nginx-light wrk curl docker-registry
 BENCH_ARGS ?=
 

@@ -63,6 +63,7 @@ from ecr_twisted.http.listening import (
     open_file_limit,
     somaxconn,
 )
+from ecr_twisted.http.egress import EgressRules
 from ecr_twisted.http.origin import Origin
 from ecr_twisted.http.server import Limits, RelayFactory
 from ecr_twisted.http.upstream import UpstreamConnection, UpstreamPool
@@ -368,9 +369,12 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
     else:
         keeper = build_keeper(settings, reactor, metrics, parts.fetcher)
     tls_for = client_creator_factory(settings.upstream_ca, settings.upstream_insecure)
+    egress = EgressRules.from_settings(settings.egress_proxy, settings.proxy_env)
+    if egress and not worker:
+        log.info("{line}", line=egress.describe())
     pool = UpstreamPool(
         reactor, tls_for, max_per_origin=settings.upstream_connections, connector=parts.connector,
-        wait=settings.upstream_wait,
+        wait=settings.upstream_wait, egress=egress,
     )
     services: list[service.Service] = [_TokenService(keeper, pool)]
     registry.register(PoolCollector(pool.stats))

@@ -7,6 +7,8 @@ a pool place, a connection, the request head; it retries once on a fresh connect
 pooled one turns out to be closed. `UpstreamConnection` parses the response head, holds the body
 until the handler decides, then relays it to the client, drains it, collects it (small
 JSON), or hands it to a `Sink` (the cache). `UpstreamResponse` is what the handler sees.
+With `EgressRules`, a new connection to an origin may go through a forward proxy: a CONNECT
+tunnel for https (`http.tunnel`), absolute-form requests for http (`ForwardedConnection`).
 """
 
 from __future__ import annotations
@@ -32,17 +34,19 @@ from ecr_twisted.http.http11 import (
     parse_response_head,
     split_head,
 )
+from ecr_twisted.http.egress import EgressProxy, EgressRules, absolute_form, forwarded_keep_alive
 from ecr_twisted.http.origin import Origin, UpstreamError
 from ecr_twisted.http.policy import MAX_DRAIN, may_pool, may_retry, upstream_keep_alive, worth_draining
 from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer
+from ecr_twisted.http.tunnel import TunnelEndpoint, proxy_connect_error, refused_by_proxy
 from ecr_twisted.timers import cancel
 
 if TYPE_CHECKING:
     from ecr_twisted.http.exchange import Exchange, Sink
 
 __all__ = [
-    "CLASSES", "LONG", "SHORT", "Attempt", "PoolStats", "UpstreamConnection", "UpstreamPool", "UpstreamResponse",
-    "default_reserved",
+    "CLASSES", "LONG", "SHORT", "Attempt", "ForwardedConnection", "PoolStats", "UpstreamConnection", "UpstreamPool",
+    "UpstreamResponse", "default_reserved",
 ]
 
 # Pool classes. SHORT: exchanges that need the upstream briefly (API check, manifests, HEADs,
@@ -63,6 +67,9 @@ class UpstreamConnection(Protocol):
 
     transport: Transport  # type: ignore[assignment]  # set by makeConnection before any use
     send_body: Callable[[bytes], None]  # request body bytes, set once connected
+    via: EgressProxy | None = None  # the forward proxy this connection goes through, if any
+    keep_alive = staticmethod(upstream_keep_alive)  # whether a response leaves the connection reusable
+    forwarded = False  # plain-http requests through a forward proxy: its 407 is not the origin's answer
 
     def __init__(self, pool: UpstreamPool, origin: Origin) -> None:
         self.pool = pool
@@ -168,8 +175,13 @@ class UpstreamConnection(Protocol):
                     return
                 continue  # interim responses are not relayed
             break
+        if head.status == 407 and self.forwarded:  # the forward proxy's answer, never the origin's
+            self.abandon()  # this attempt fails here, not again when the connection is lost
+            assert self.via is not None
+            attempt.failed(refused_by_proxy(self.via, self.origin, 407))
+            return
         self._mode = _U_HOLD
-        self._keep = upstream_keep_alive(head)
+        self._keep = self.keep_alive(head)
         self._reader = BodyReader(head.framing, head.length, attempt.exchange.dechunk)
         self.transport.pauseProducing()
         attempt.got_head(head, self)
@@ -389,6 +401,24 @@ class UpstreamConnection(Protocol):
                 self._collected(False)
             else:
                 self._collect_failed(UpstreamError("closed", "upstream closed mid-body"))
+
+
+class ForwardedConnection(UpstreamConnection):
+    """A connection to an http origin through a forward proxy: requests go in absolute form
+    with the proxy's credentials. Decided once per connection, so direct ones pay nothing.
+    Reused only when the proxy says keep-alive in so many words (see `forwarded_keep_alive`)."""
+
+    keep_alive = staticmethod(forwarded_keep_alive)
+    forwarded = True
+
+    def __init__(self, pool: UpstreamPool, origin: Origin, via: EgressProxy) -> None:
+        super().__init__(pool, origin)
+        self.via = via
+
+    def start(self, attempt: Attempt, head: bytes) -> None:
+        via = self.via
+        assert via is not None
+        super().start(attempt, absolute_form(head, self.origin.base, via.auth_line))
 
 
 class Attempt:
@@ -628,8 +658,10 @@ class UpstreamPool:
         connector: Callable[[Origin, UpstreamConnection], Deferred[Any]] | None = None,
         reserved: int | None = None,
         wait: float = 5.0,
+        egress: EgressRules | None = None,
     ) -> None:
         self.reactor = reactor
+        self.egress = egress if egress else None  # no proxy configured: no look-up per connection
         self._open = connector or self._open_socket
         self.tls_for = tls_for
         self.max_per_origin = max_per_origin
@@ -753,7 +785,14 @@ class UpstreamPool:
 
     def _connect(self, w: _Waiter, host: _Host) -> None:
         """Start a new connection for `w`: it holds a place of `w`'s class from now on."""
-        conn = UpstreamConnection(self, w.origin)
+        via = self.egress.proxy_for(w.origin) if self.egress is not None else None
+        if via is None:
+            conn = UpstreamConnection(self, w.origin)
+        elif w.origin.scheme == "http":
+            conn = ForwardedConnection(self, w.origin, via)
+        else:
+            conn = UpstreamConnection(self, w.origin)
+            conn.via = via  # tunnelled: the requests are the same as on a direct connection
         self._move(conn, host, w.cls)
         try:
             connecting = self._open(w.origin, conn)
@@ -844,12 +883,30 @@ class UpstreamPool:
         self._answer(w, Failure(UpstreamError("busy", f"no free upstream connection within {self.wait:g}s")))
 
     def _open_socket(self, origin: Origin, conn: UpstreamConnection) -> Deferred[Any]:
+        via = conn.via
+        if via is not None:
+            return self._open_via(origin, conn, via)
         endpoint: Any = HostnameEndpoint(self.reactor, origin.host, origin.port, timeout=self.connect_timeout)
         if origin.scheme == "https":
             if self.tls_for is None:
                 return fail(UpstreamError("unreachable", "TLS upstreams are not configured"))
             endpoint = wrapClientTLS(self.tls_for(origin), endpoint)
         return endpoint.connect(_OneConnection(conn))
+
+    def _open_via(self, origin: Origin, conn: UpstreamConnection, via: EgressProxy) -> Deferred[Any]:
+        """Through a forward proxy: a CONNECT tunnel, then TLS as on a direct connection, for
+        https; for http a plain connection to the proxy (the requests say where they go)."""
+        endpoint: Any = HostnameEndpoint(self.reactor, via.host, via.port, timeout=self.connect_timeout)
+        if origin.scheme == "https":
+            if self.tls_for is None:
+                return fail(UpstreamError("unreachable", "TLS upstreams are not configured"))
+            tunnel = TunnelEndpoint(endpoint, via, origin, self.reactor, self.connect_timeout)
+            return wrapClientTLS(self.tls_for(origin), tunnel).connect(_OneConnection(conn))
+
+        def failed(reason: Failure) -> None:
+            raise proxy_connect_error(via, reason)
+
+        return endpoint.connect(_OneConnection(conn)).addErrback(failed)
 
 
 def default_reserved(max_per_origin: int) -> int:
