@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import base64
 import ipaddress
-from typing import Iterable, Mapping
+from typing import Iterable
 from urllib.parse import unquote, urlsplit
 
 from ecr_twisted.http.http11 import Head
@@ -40,7 +40,7 @@ from ecr_twisted.http.origin import Origin
 from ecr_twisted.http.policy import upstream_keep_alive
 
 __all__ = [
-    "EgressProxy", "EgressRules", "NoProxy", "absolute_form", "botocore_proxies", "child_environment",
+    "EgressProxy", "EgressRules", "NoProxy", "absolute_form",
     "connect_request", "forwarded_keep_alive", "parse_proxy_url",
 ]
 
@@ -290,20 +290,3 @@ def forwarded_keep_alive(response: Head) -> bool:
     if b"keep-alive" in response.connection_tokens():
         return True
     return any(t.strip().lower() == b"keep-alive" for v in response.get_all(b"proxy-connection") for t in v.split(b","))
-
-
-def child_environment(egress_proxy: str | None, environ: Mapping[str, str]) -> dict[str, str]:
-    """The environment of a botocore child process (the ECR API leg): `--egress-proxy`, when
-    given, for both schemes under every name botocore reads (so it wins there too, whatever
-    the environment says); NO_PROXY stays as it is, as it does for the data path."""
-    env = dict(environ)
-    if egress_proxy:
-        for name in HTTPS_NAMES + HTTP_NAMES:
-            env[name] = egress_proxy
-    return env
-
-
-def botocore_proxies(egress_proxy: str | None) -> dict[str, str] | None:
-    """`botocore.config.Config(proxies=...)` for in-process botocore calls: `--egress-proxy`
-    for both schemes, or None to let botocore read HTTPS_PROXY/HTTP_PROXY/NO_PROXY itself."""
-    return {"https": egress_proxy, "http": egress_proxy} if egress_proxy else None

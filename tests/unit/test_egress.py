@@ -27,8 +27,6 @@ from ecr_twisted.http.egress import (
     EgressRules,
     NoProxy,
     absolute_form,
-    botocore_proxies,
-    child_environment,
     connect_request,
     forwarded_keep_alive,
     parse_proxy_url,
@@ -659,13 +657,20 @@ def test_a_forwarded_connection_is_reused_only_when_the_proxy_says_so(said: byte
 
 
 def test_the_ecr_api_child_gets_the_egress_proxy_under_every_name() -> None:
-    environ = {"HTTPS_PROXY": "http://env:1", "NO_PROXY": "x", "PATH": "/bin"}
-    env = child_environment(URL, environ)
-    assert {k: env[k] for k in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY")} == dict.fromkeys(
-        ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"), URL
-    )
+    """--egress-proxy reaches the botocore children (token, DescribeRepositories) through the
+    composition root, under every spelling botocore reads; NO_PROXY stays."""
+    from ecr_twisted.app.build import build_keeper
+    from ecr_twisted.app.config import ProxySettings
+    from ecr_twisted.ecr.child import child_env
+    from ecr_twisted.observe.metrics import Metrics
+    from prometheus_client import CollectorRegistry
+    from twisted.internet.testing import MemoryReactorClock
+
+    settings = ProxySettings(auth="none", region="eu-west-1", egress_proxy=URL)
+    keeper = build_keeper(settings, MemoryReactorClock(), Metrics(CollectorRegistry()))
+    environ = {"HTTPS_PROXY": "http://env:1", "https_proxy": "http://env:2", "NO_PROXY": "x", "PATH": "/bin"}
+    env = child_env(environ, keeper._fetcher._proxy_env)  # type: ignore[union-attr]
+    assert env["HTTPS_PROXY"] == env["HTTP_PROXY"] == URL and "https_proxy" not in env  # no other spelling wins
     assert env["NO_PROXY"] == "x" and env["PATH"] == "/bin"
     assert environ["HTTPS_PROXY"] == "http://env:1"  # a copy
-    assert child_environment(None, environ) == environ
-    assert botocore_proxies(URL) == {"https": URL, "http": URL}
-    assert botocore_proxies(None) is None
+
