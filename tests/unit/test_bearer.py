@@ -543,3 +543,34 @@ def test_tokens_and_credentials_are_never_logged() -> None:
     assert "insufficient_scope" in text and "auth.hub.example/token" in text  # the lines were written
     for secret in ("tok-secret", "s3cret-pw", BASIC.decode()[6:]):
         assert secret not in text
+
+
+def test_a_head_request_fetches_its_token_with_a_get(hub: Hub) -> None:
+    digest = "sha256:" + "cd" * 32
+    c = call(hub, "HEAD", f"/v2/hub/library/alpine/manifests/{digest}")
+    assert new(hub)[1].line.startswith(b"HEAD ")
+    answer(hub, unauthorized())
+    assert new(hub)[1].line.startswith(b"GET /token?")
+    answer(hub, token_answer())
+    to, retried = new(hub)
+    assert retried.line.startswith(b"HEAD ") and retried.header(b"authorization") == b"Bearer tok-1"
+    answer(hub, b"HTTP/1.1 200 OK\r\nDocker-Content-Digest: " + digest.encode() + b"\r\nContent-Length: 19\r\n\r\n")
+    r = c.reply()
+    assert (r.status, r.header(b"docker-content-digest"), r.body) == (200, digest.encode(), b"")
+
+
+def test_with_the_layer_cache_a_blob_is_fetched_with_the_token(tmp_path: Any) -> None:
+    from .test_cache import blob
+
+    h = Hub(cache_dir=str(tmp_path / "cache"))
+    data, digest = blob(5000)
+    c = call(h, "GET", f"/v2/hub/library/alpine/blobs/{digest}")
+    assert new(h)[1].header(b"authorization") is None
+    answer(h, unauthorized())
+    assert new(h)[0] == AUTH_ORIGIN.base
+    answer(h, token_answer())
+    assert new(h)[1].header(b"authorization") == b"Bearer tok-1"
+    answer(h, ok(data, extra=b"Docker-Content-Digest: " + digest.encode() + b"\r\n"))
+    r = c.reply()
+    assert (r.status, r.body) == (200, data)
+    h.close()
