@@ -7,9 +7,10 @@ and does it. A request's state (`_Ctx`) is written here only.
 
 A request: `handle` routes it and asks the gate; `_admitted` asks the cache (blobs and
 manifests) or goes on; `_go_upstream` picks token and origin; `_send` forwards;
-`_registry_response` refreshes a refused token, filters a listing, hands a cache's request's
-answer back to the cache, follows a blob's redirect (`_follow_redirect`, only where
-`registry.redirects` allows), or relays.
+`_registry_response` refreshes a refused token (or, for a registry that is not ECR and answers
+with a Bearer challenge, fetches one from its token server: `_bearer_refused`), filters a listing,
+hands a cache's request's answer back to the cache, follows a blob's redirect (`_follow_redirect`,
+only where `registry.redirects` allows), or relays.
 """
 
 from __future__ import annotations
@@ -804,14 +805,18 @@ class RegistryProxy:
             )
             return self._fail(ex, errors.UPSTREAM_AUTH, "the registry refused the proxy's token")
         ctx.retried = True
+        assert ctx.origin is not None
         try:
             origin = Origin.from_url(challenge.realm)
         except ValueError:  # bearer_challenge checked the realm: should not happen
+            origin = None
+        if origin is None or not bearer.realm_allowed(challenge.realm, ctx.origin.host):
+            self.log.warn("upstream {upstream}: its token server {realm} may not be asked",
+                          upstream=leg.spec.name, realm=redact_url(challenge.realm.encode("ascii")))
             return self._fail(ex, errors.UPSTREAM_AUTH, "the registry names no usable token server")
         fields: Fields = [(b"Host", origin.netloc), (b"Accept", b"application/json")]
         token = ctx.token
         if token is not None and token.header:  # static credentials: to the realm only, as docker does
-            assert ctx.origin is not None
             if not bearer.credentials_allowed(challenge.realm, ctx.origin.scheme):
                 self.log.warn(
                     "upstream {upstream}: its token server {realm} is plain http; credentials not sent",

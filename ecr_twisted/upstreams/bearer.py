@@ -12,6 +12,7 @@ Pure: values in, values out; the time is always an argument (`now`), never read 
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from urllib.parse import SplitResult, quote, urlsplit
 
 __all__ = [
     "Challenge", "BearerToken", "TokenCache", "parse_challenges", "bearer_challenge", "token_target",
-    "parse_token_answer", "request_scope", "credentials_allowed", "MAX_TOKEN_ANSWER", "MIN_LIFETIME",
+    "parse_token_answer", "request_scope", "credentials_allowed", "realm_allowed", "MAX_TOKEN_ANSWER", "MIN_LIFETIME",
     "MAX_LIFETIME", "DEFAULT_LIFETIME", "EXPIRY_MARGIN", "MAX_ENTRIES",
 ]
 
@@ -150,6 +151,29 @@ def credentials_allowed(realm: str, upstream_scheme: str) -> bool:
     """Basic credentials go to the realm in clear only when the registry itself is plain http (tests,
     a mirror on the local network): an https registry's credentials never cross a plain connection."""
     return urlsplit(realm).scheme == "https" or upstream_scheme == "http"
+
+
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+
+
+def _loopback(host: str) -> bool:
+    address = _address(host)
+    return address.is_loopback if address is not None else host.lower().rstrip(".") in ("localhost",)
+
+
+def realm_allowed(realm: str, registry_host: str) -> bool:
+    """Whether the proxy may ask a realm a registry named: never a link-local address (the cloud's
+    metadata services are there, and no token server), nor this machine unless the registry is on
+    it too. A realm is the registry's word; these are the places its word must not send the proxy."""
+    host = urlsplit(realm).hostname or ""
+    address = _address(host)
+    if address is not None and address.is_link_local:
+        return False
+    return not _loopback(host) or _loopback(registry_host)
 
 
 def parse_token_answer(body: bytes, now: float) -> BearerToken | None:

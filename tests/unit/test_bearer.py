@@ -30,6 +30,7 @@ from ecr_twisted.upstreams.bearer import (
     credentials_allowed,
     parse_challenges,
     parse_token_answer,
+    realm_allowed,
     request_scope,
     token_target,
 )
@@ -127,6 +128,28 @@ def test_credentials_go_in_clear_only_to_a_plain_http_registry() -> None:
     assert credentials_allowed("https://auth/t", "http")
     assert credentials_allowed("http://auth/t", "http")
     assert not credentials_allowed("http://auth/t", "https")
+
+
+@pytest.mark.parametrize(
+    "realm, registry, allowed",
+    [
+        ("https://auth.docker.io/token", "registry-1.docker.io", True),
+        ("https://public.ecr.aws/token/", "public.ecr.aws", True),
+        ("https://10.1.2.3/token", "harbor.internal", True),  # a private network is where mirrors live
+        # the cloud's metadata services: never
+        ("http://169.254.169.254/latest/meta-data/", "registry.example.com", False),
+        ("http://169.254.170.2/v2/credentials", "169.254.170.2", False),
+        ("http://[fe80::1]/t", "registry.example.com", False),
+        # this machine: only for a registry on this machine
+        ("http://127.0.0.1:5001/auth", "127.0.0.1", True),
+        ("http://localhost:5001/auth", "::1", True),
+        ("http://127.0.0.1:9090/token", "registry.example.com", False),
+        ("http://localhost./token", "registry.example.com", False),
+        ("http://[::1]/token", "registry.example.com", False),
+    ],
+)
+def test_realm_allowed(realm: str, registry: str, allowed: bool) -> None:
+    assert realm_allowed(realm, registry) is allowed
 
 
 @pytest.mark.parametrize(
@@ -574,3 +597,11 @@ def test_with_the_layer_cache_a_blob_is_fetched_with_the_token(tmp_path: Any) ->
     r = c.reply()
     assert (r.status, r.body) == (200, data)
     h.close()
+
+
+def test_a_realm_on_the_metadata_service_is_never_asked(hub: Hub) -> None:
+    c = call(hub, "GET", "/v2/hub/library/alpine/manifests/latest")
+    answer(hub, unauthorized(realm=b"http://169.254.169.254/latest/meta-data/iam/security-credentials/x"))
+    r = c.reply()
+    assert (r.status, r.code) == (502, "UNAUTHORIZED")
+    assert len(news(hub)) == 1
