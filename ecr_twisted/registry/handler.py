@@ -47,13 +47,13 @@ from ecr_twisted.http.http11 import Head
 from ecr_twisted.http.exchange import Exchange, Fields
 from ecr_twisted.http.origin import Origin, UpstreamError
 from ecr_twisted.http.upstream import LONG, SHORT, UpstreamResponse
-from ecr_twisted.upstreams import bearer
 from ecr_twisted.observe.accesslog import AccessLog, AccessRecord, RequestIds
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry import errors, listings, routes
 from ecr_twisted.registry.catalog import Answer, Catalog
 from ecr_twisted.registry.errors import RegistryError
 from ecr_twisted.registry.redirects import MAX_REDIRECTS, RedirectRules, Refuse
+from ecr_twisted.upstreams import bearer
 from ecr_twisted.upstreams.routing import Place, Router
 from ecr_twisted.upstreams.spec import REGISTRY, UpstreamSpec, implicit
 
@@ -133,17 +133,17 @@ class Leg:
     """One upstream as the handler uses it: its spec, its token keeper (None in passthrough) and
     the origin requests go to (`spec.url` / --upstream; None: the token's proxyEndpoint).
     A registry that is not ECR may answer with a Bearer challenge: `bearer` keeps the tokens
-    its token server gave (upstreams/bearer.py); ECR legs have none."""
+    its token server gave (`bearer_tokens`, upstreams/bearer.py); ECR legs have none."""
 
     spec: UpstreamSpec
     tokens: RequestTokens | None
     origin: Origin | None = None
     token_origin: tuple[str, Origin] | None = field(default=None, repr=False)  # the last proxyEndpoint parsed
-    bearer: bearer.TokenCache | None = field(default=None, repr=False)
+    bearer_tokens: bearer.TokenCache | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        if self.bearer is None and self.spec.kind == REGISTRY and self.tokens is not None:
-            self.bearer = bearer.TokenCache()
+        if self.bearer_tokens is None and self.spec.kind == REGISTRY and self.tokens is not None:
+            self.bearer_tokens = bearer.TokenCache()
 
 
 _CACHEABLE = frozenset({routes.BLOB, routes.MANIFEST})
@@ -473,9 +473,10 @@ class RegistryProxy:
                 self.log.error("the ECR token names no usable proxyEndpoint; set --upstream")
                 return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
             ctx.token = token
-            if leg.bearer is not None:  # a registry's token server: a token for this scope, if one is kept
+            kept = leg.bearer_tokens
+            if kept is not None:  # a registry's token server: a token for this scope, if one is kept
                 scope = ctx.scope = self._bearer_scope(ex, ctx)
-                ctx.bearer = leg.bearer.get(scope, self.clock.seconds())
+                ctx.bearer = kept.get(scope, self.clock.seconds())
         ctx.origin = origin
         ctx.timeout = self.config.upload_timeout if ctx.kind == routes.UPLOAD else self.config.request_timeout
         req = ex.request
@@ -657,7 +658,7 @@ class RegistryProxy:
             if self.config.passthrough:  # the client's own credentials were refused: its problem
                 return self._send_refusal(ex, self.gate.upstream_refused(status))
             leg = ctx.leg
-            if status == 401 and leg is not None and leg.bearer is not None:
+            if status == 401 and leg is not None and leg.bearer_tokens is not None:
                 challenge = bearer.bearer_challenge(head.get_all(b"www-authenticate"))
                 if challenge is not None:
                     return self._bearer_refused(ex, ctx, leg, challenge)
@@ -790,7 +791,7 @@ class RegistryProxy:
     def _bearer_refused(self, ex: Exchange, ctx: _Ctx, leg: Leg, challenge: bearer.Challenge) -> None:
         """The registry wants a token from its token server: fetch one and retry once, when safe
         (as `_refused`: no body); a refused token is forgotten so the next request fetches another."""
-        cache = leg.bearer
+        cache = leg.bearer_tokens
         assert cache is not None and ctx.scope is not None
         if ctx.bearer is not None:
             cache.drop(ctx.scope, ctx.bearer)
@@ -849,10 +850,10 @@ class RegistryProxy:
         token = bearer.parse_token_answer(body, self.clock.seconds())
         if token is None:
             return self._token_refused(ex, leg, challenge, "an answer without a usable token")
+        assert leg.bearer_tokens is not None and ctx.scope is not None
+        leg.bearer_tokens.put(ctx.scope, challenge.service, token)  # kept even if this client has left
         if ex.gone:
             return
-        assert leg.bearer is not None and ctx.scope is not None
-        leg.bearer.put(ctx.scope, challenge.service, token)
         ctx.bearer = token.header
         self._send(ex, ctx)
 
