@@ -7,9 +7,10 @@ and does it. A request's state (`_Ctx`) is written here only.
 
 A request: `handle` routes it and asks the gate; `_admitted` asks the cache (blobs and
 manifests) or goes on; `_go_upstream` picks token and origin; `_send` forwards;
-`_registry_response` refreshes a refused token, filters a listing, hands a cache's request's
-answer back to the cache, follows a blob's redirect (`_follow_redirect`, only where
-`registry.redirects` allows), or relays.
+`_registry_response` refreshes a refused token (or, for a registry that is not ECR and answers
+with a Bearer challenge, fetches one from its token server: `_bearer_refused`), filters a listing,
+hands a cache's request's answer back to the cache, follows a blob's redirect (`_follow_redirect`,
+only where `registry.redirects` allows), or relays.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ from ecr_twisted.registry import errors, listings, routes
 from ecr_twisted.registry.catalog import Answer, Catalog
 from ecr_twisted.registry.errors import RegistryError
 from ecr_twisted.registry.redirects import MAX_REDIRECTS, RedirectRules, Refuse
+from ecr_twisted.upstreams import bearer
 from ecr_twisted.upstreams.routing import Place, Router
-from ecr_twisted.upstreams.spec import UpstreamSpec, implicit
+from ecr_twisted.upstreams.spec import REGISTRY, UpstreamSpec, implicit
 
 __all__ = [
     "RegistryProxy", "ProxyConfig", "redact_target", "redact_url", "rewrite_location", "rewrite_link",
@@ -129,12 +131,19 @@ class RequestTokens(Protocol):
 @dataclass(eq=False)
 class Leg:
     """One upstream as the handler uses it: its spec, its token keeper (None in passthrough) and
-    the origin requests go to (`spec.url` / --upstream; None: the token's proxyEndpoint)."""
+    the origin requests go to (`spec.url` / --upstream; None: the token's proxyEndpoint).
+    A registry that is not ECR may answer with a Bearer challenge: `bearer` keeps the tokens
+    its token server gave (`bearer_tokens`, upstreams/bearer.py); ECR legs have none."""
 
     spec: UpstreamSpec
     tokens: RequestTokens | None
     origin: Origin | None = None
     token_origin: tuple[str, Origin] | None = field(default=None, repr=False)  # the last proxyEndpoint parsed
+    bearer_tokens: bearer.TokenCache | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.bearer_tokens is None and self.spec.kind == REGISTRY and self.tokens is not None:
+            self.bearer_tokens = bearer.TokenCache()
 
 
 _CACHEABLE = frozenset({routes.BLOB, routes.MANIFEST})
@@ -150,6 +159,7 @@ class _Ctx:
     __slots__ = (
         "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "pages", "timeout", "target",
         "decision", "plan", "request_id", "user", "reason", "upstream_id", "leg", "place", "up_target", "host",
+        "bearer", "scope",
     )
 
     def __init__(self, kind: str) -> None:
@@ -175,6 +185,10 @@ class _Ctx:
         self.place: Place | None = None  # the routed name (None: not routed, or nowhere to go)
         self.up_target: bytes | None = None  # the target sent upstream when it is not the client's
         self.host: str | None = None  # the Host the name was routed by
+        # a registry with a token server: the Bearer Authorization sent instead of the keeper's token,
+        # and the scope it is kept under (upstreams/bearer.py)
+        self.bearer: bytes | None = None
+        self.scope: str | None = None
 
 
 def _refusal_reason(decision: Decision) -> str:
@@ -459,6 +473,10 @@ class RegistryProxy:
                 self.log.error("the ECR token names no usable proxyEndpoint; set --upstream")
                 return self._fail(ex, errors.UPSTREAM_UNREACHABLE)
             ctx.token = token
+            kept = leg.bearer_tokens
+            if kept is not None:  # a registry's token server: a token for this scope, if one is kept
+                scope = ctx.scope = self._bearer_scope(ex, ctx)
+                ctx.bearer = kept.get(scope, self.clock.seconds())
         ctx.origin = origin
         ctx.timeout = self.config.upload_timeout if ctx.kind == routes.UPLOAD else self.config.request_timeout
         req = ex.request
@@ -616,7 +634,9 @@ class RegistryProxy:
         ctx.sent_at = self.clock.seconds()
         ctx.target = "registry"
         fields = ctx.fields.copy()  # kept clean for a retry with a fresh token
-        if ctx.token is not None:
+        if ctx.bearer is not None:  # from a registry's token server (never on ECR legs)
+            fields.append((b"Authorization", ctx.bearer))
+        elif ctx.token is not None:
             if ctx.token.header:  # an empty header: a registry that wants no credentials
                 fields.append((b"Authorization", ctx.token.header))
         elif ctx.decision.forward_auth is not None:
@@ -637,6 +657,11 @@ class RegistryProxy:
             resp.discard()
             if self.config.passthrough:  # the client's own credentials were refused: its problem
                 return self._send_refusal(ex, self.gate.upstream_refused(status))
+            leg = ctx.leg
+            if status == 401 and leg is not None and leg.bearer_tokens is not None:
+                challenge = bearer.bearer_challenge(head.get_all(b"www-authenticate"))
+                if challenge is not None:
+                    return self._bearer_refused(ex, ctx, leg, challenge)
             return self._refused(ex, ctx, status)
         listing = ctx.decision.listing if ctx.decision is not None else None
         if listing is not None and status == 200:
@@ -752,6 +777,96 @@ class RegistryProxy:
             target=redact_target(ex.request.target),
         )
         self._fail(ex, errors.UPSTREAM_AUTH if status == 401 else errors.DENIED)
+
+    # -- registries with a token server (upstreams/bearer.py)
+    def _bearer_scope(self, ex: Exchange, ctx: _Ctx) -> str:
+        """The scope a request needs on its upstream: its private name, pull or pull,push."""
+        place = ctx.place
+        if place is not None:
+            name: str | None = place.private
+        else:
+            name = ctx.match.name if ctx.match is not None else None
+        return bearer.request_scope(name, ex.request.method, ctx.kind == routes.CATALOG)
+
+    def _bearer_refused(self, ex: Exchange, ctx: _Ctx, leg: Leg, challenge: bearer.Challenge) -> None:
+        """The registry wants a token from its token server: fetch one and retry once, when safe
+        (as `_refused`: no body); a refused token is forgotten so the next request fetches another."""
+        cache = leg.bearer_tokens
+        assert cache is not None and ctx.scope is not None
+        if ctx.bearer is not None:
+            cache.drop(ctx.scope, ctx.bearer)
+        if ctx.retried or ex.has_body:
+            self.log.warn(
+                "upstream {upstream} answered 401 ({error}) to {method} {target}{how}",
+                upstream=leg.spec.name,
+                error=challenge.error or "no error given",
+                method=ex.request.method.decode("ascii"),
+                target=redact_target(ex.request.target),
+                how=" with a fresh token" if ctx.retried else " (a request with a body is not retried)",
+            )
+            return self._fail(ex, errors.UPSTREAM_AUTH, "the registry refused the proxy's token")
+        ctx.retried = True
+        assert ctx.origin is not None
+        try:
+            origin = Origin.from_url(challenge.realm)
+        except ValueError:  # bearer_challenge checked the realm: should not happen
+            origin = None
+        if origin is None or not bearer.realm_allowed(challenge.realm, ctx.origin.host):
+            self.log.warn("upstream {upstream}: its token server {realm} may not be asked",
+                          upstream=leg.spec.name, realm=redact_url(challenge.realm.encode("ascii")))
+            return self._fail(ex, errors.UPSTREAM_AUTH, "the registry names no usable token server")
+        fields: Fields = [(b"Host", origin.netloc), (b"Accept", b"application/json")]
+        token = ctx.token
+        if token is not None and token.header:  # static credentials: to the realm only, as docker does
+            if not bearer.credentials_allowed(challenge.realm, ctx.origin.scheme):
+                self.log.warn(
+                    "upstream {upstream}: its token server {realm} is plain http; credentials not sent",
+                    upstream=leg.spec.name, realm=redact_url(challenge.realm.encode("ascii")),
+                )
+                return self._fail(ex, errors.UPSTREAM_AUTH, "the registry's token server is not https")
+            fields.append((b"Authorization", token.header))
+        ctx.sent_at = self.clock.seconds()
+        ctx.target = "token"
+        d = ex.forward(origin, b"GET", bearer.token_target(challenge), fields, self.config.request_timeout, SHORT)
+        d.addCallbacks(self._token_server_response, self._upstream_failed, (ex, ctx, leg, challenge), {}, (ex, ctx))
+        d.addErrback(self._bug, ex)
+
+    def _token_server_response(
+        self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx, leg: Leg, challenge: bearer.Challenge
+    ) -> None:
+        self.metrics.observe_upstream("token", self.clock.seconds() - ctx.sent_at, _leg_name(ctx))
+        status = resp.head.status
+        if status != 200:  # its body may echo what was sent: never read, never shown
+            resp.discard()
+            return self._token_refused(ex, leg, challenge, f"status {status}")
+        d = Deferred.fromCoroutine(self._read_token(resp, ex, ctx, leg, challenge))
+        d.addErrback(self._upstream_failed, ex, ctx)
+        d.addErrback(self._bug, ex)
+
+    async def _read_token(
+        self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx, leg: Leg, challenge: bearer.Challenge
+    ) -> None:
+        body = await resp.read(bearer.MAX_TOKEN_ANSWER, self.config.request_timeout)
+        token = bearer.parse_token_answer(body, self.clock.seconds())
+        if token is None:
+            return self._token_refused(ex, leg, challenge, "an answer without a usable token")
+        assert leg.bearer_tokens is not None and ctx.scope is not None
+        leg.bearer_tokens.put(ctx.scope, challenge.service, token)  # kept even if this client has left
+        if ex.gone:
+            return
+        ctx.bearer = token.header
+        self._send(ex, ctx)
+
+    def _token_refused(self, ex: Exchange, leg: Leg, challenge: bearer.Challenge, what: str) -> None:
+        self.log.warn(
+            "upstream {upstream}: its token server {realm} gave {what} for {method} {target}",
+            upstream=leg.spec.name,
+            realm=redact_url(challenge.realm.encode("ascii")),
+            what=what,
+            method=ex.request.method.decode("ascii"),
+            target=redact_target(ex.request.target),
+        )
+        self._fail(ex, errors.UPSTREAM_AUTH, "the registry's token server refused the proxy")
 
     def _retry(self, token: Token | None, ex: Exchange, ctx: _Ctx, status: int) -> None:
         if token is None or token is ctx.token:
