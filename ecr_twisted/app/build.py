@@ -435,6 +435,9 @@ def redirect_rules(settings: ProxySettings) -> RedirectRules:
         address = listener_address(_listener("port", spec).description)
         if address is not None:
             own.append(address)
+    regions = [spec.region or settings.region for spec in settings.upstreams if spec.kind == ECR]
+    if settings.upstreams:  # only the ECR upstreams' regions have S3 names to follow redirects to
+        return RedirectRules(parse_patterns(settings.storage_hosts, "", *regions), tuple(own))
     return RedirectRules(parse_patterns(settings.storage_hosts, settings.region), tuple(own))
 
 

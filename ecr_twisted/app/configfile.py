@@ -28,7 +28,8 @@ from ecr_twisted.upstreams.spec import CREDENTIALS, ECR, REGISTRY, UpstreamSpec
 
 __all__ = [
     "ACCOUNT", "REGION", "FLAG", "TEXT", "INT", "FLOAT", "PORTS", "TEXT_OR_INT", "UPSTREAM_KEYS",
-    "ConfigError", "ConfigFile", "parse", "upstreams", "beside", "url_problem", "egress_proxy_problem", "redacted",
+    "ConfigError", "ConfigFile", "parse", "table_kind", "upstreams", "beside", "url_problem",
+    "egress_proxy_problem", "redacted",
 ]
 
 REGION = re.compile(r"[a-z]{2}(?:-[a-z]+)+-[0-9]+\Z")
@@ -241,6 +242,11 @@ def _check_table_keys(config: ConfigFile, index: int, table: Mapping[str, Any]) 
             raise config.error(f"must be {shown}, not {_what(value)}", key, index)
 
 
+def table_kind(table: Mapping[str, Any]) -> str:
+    """What an `[[upstream]]` table describes: `kind`, else ECR when it names an account or region."""
+    return table.get("kind") or (ECR if "registry-id" in table or "region" in table else REGISTRY)
+
+
 def upstreams(
     config: ConfigFile, default_region: str | None, read_secret: Callable[[str], str]
 ) -> tuple[UpstreamSpec, ...]:
@@ -266,7 +272,7 @@ def _upstream(
         raise fail('needs key "name" (lowercase letters, digits and -, up to 32)')
     if not _NAME.match(name):
         raise fail(f"{name!r} is not a name: lowercase letters, digits and - (not first), up to 32", "name")
-    kind = table.get("kind") or (ECR if "registry-id" in table or "region" in table else REGISTRY)
+    kind = table_kind(table)
     if kind not in (ECR, REGISTRY):
         raise fail(f'{kind!r} is not a kind: "ecr" or "registry"', "kind")
     if kind == REGISTRY:

@@ -33,7 +33,7 @@ from ecr_twisted.app import configfile
 from ecr_twisted.app.config import ProxySettings
 from ecr_twisted.app.listeners import DescriptionError, check_description, listener_spec, load_server_tls
 from ecr_twisted.registry.redirects import parse_patterns
-from ecr_twisted.upstreams.spec import UpstreamSpec
+from ecr_twisted.upstreams.spec import ECR, UpstreamSpec
 
 __all__ = ["ENV_PREFIX", "Options", "makeService", "parse_size"]
 
@@ -345,7 +345,12 @@ class Options(usage.Options):
         default_region = self["region"]  # for ECR upstreams without their own
         if not self["region"] and config is not None:  # ECR upstreams may all name their own region
             self["region"] = next((t["region"] for t in config.tables if isinstance(t.get("region"), str)), None)
-        if not self["region"] or not _REGION.match(self["region"]):
+        only_other_registries = config is not None and bool(config.tables) and not any(
+            configfile.table_kind(t) == ECR for t in config.tables
+        )
+        if only_other_registries and not self["region"]:
+            self["region"] = ""  # no ECR upstream: no region to know
+        elif not self["region"] or not _REGION.match(self["region"]):
             raise usage.UsageError(
                 "--region is required (e.g. eu-west-1), or set AWS_REGION or configure botocore's region"
             )

@@ -204,13 +204,15 @@ def _pattern(text: str) -> HostPattern:
     return HostPattern(scheme, "*." + name if wildcard else name, port)
 
 
-def parse_patterns(spec: str, region: str) -> tuple[HostPattern, ...]:
-    """`--storage-hosts`: patterns separated by commas or spaces, `default` for the region's S3
-    names; ValueError naming the first bad one."""
+def parse_patterns(spec: str, region: str, *more_regions: str) -> tuple[HostPattern, ...]:
+    """`--storage-hosts`: patterns separated by commas or spaces, `default` for the S3 names of
+    every region given (each ECR upstream's; none: no ECR at all); ValueError naming the first bad one."""
     out: list[HostPattern] = []
     for item in spec.replace(",", " ").split():
         if item.lower() == "default":
-            out.extend(default_patterns(region))
+            for each in dict.fromkeys((region, *more_regions)):
+                if each:
+                    out.extend(default_patterns(each))
         else:
             out.append(_pattern(item))
     return tuple(dict.fromkeys(out))

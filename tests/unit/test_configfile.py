@@ -520,3 +520,36 @@ def test_unknown_env_knows_the_new_options() -> None:
 
     assert unknown_env({"ECRPROXY_CONFIG": "x", "ECRPROXY_EGRESS_PROXY": "x", "ECRPROXY_CATALOG_TTL": "1"}) == []
     assert unknown_env({"ECRPROXY_CONFG": "x"}) == ["ECRPROXY_CONFG (did you mean ECRPROXY_CONFIG?)"]
+
+
+def test_a_file_of_registries_only_needs_no_region(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No ECR upstream, no region to know: neither --region nor AWS_REGION is asked for (an ECR
+    upstream without one still is)."""
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))  # botocore's own config names no region
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_DEFAULT_REGION", raising=False)
+    text = 'auth = "none"\n[[upstream]]\nname = "hub"\nurl = "https://registry.example.net"\nprefix = "hub"\n'
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    o = Options(environ={})
+    o.parseOptions(["--config", str(path)])
+    assert o.settings.region == "" and [u.name for u in o.settings.upstreams] == ["hub"]
+    path.write_text(text + '[[upstream]]\nname = "prod"\nregistry-id = "111111111111"\nprefix = "prod"\n')
+    with pytest.raises(UsageError, match="region"):
+        Options(environ={}).parseOptions(["--config", str(path)])
+
+
+def test_blob_redirects_may_lead_to_the_s3_of_every_ecr_upstreams_region() -> None:
+    from ecr_twisted.app.build import redirect_rules
+    from ecr_twisted.app.config import ProxySettings
+
+    specs = (
+        UpstreamSpec("prod", registry_id="111111111111", region="eu-west-1", default=True),
+        UpstreamSpec("shared", registry_id="222222222222", prefix="shared"),  # --region's
+        UpstreamSpec("hub", "registry", url="https://registry.example.net", prefix="hub"),
+    )
+    rules = redirect_rules(ProxySettings(auth="none", region="us-east-2", upstreams=specs))
+    hosts = {p.host for p in rules.patterns}
+    assert {"*.s3.eu-west-1.amazonaws.com", "*.s3.us-east-2.amazonaws.com"} <= hosts
+    only_hub = redirect_rules(ProxySettings(auth="none", region="", upstreams=specs[2:]))
+    assert not only_hub.patterns  # no ECR: no S3 by default (--storage-hosts names a CDN)
