@@ -75,6 +75,7 @@ from ecr_twisted.registry.handler import Leg, ProxyConfig, RegistryProxy
 from ecr_twisted.registry.catalog import Catalog, Source, adapted
 from ecr_twisted.registry.errors import bad_request_body
 from ecr_twisted.registry.redirects import RedirectRules, parse_patterns
+from ecr_twisted.timers import cancel
 from ecr_twisted.upstreams.routing import Router
 from ecr_twisted.upstreams.spec import ECR, UpstreamSpec, implicit
 
@@ -119,9 +120,15 @@ class Keepers:
     """The token keepers of several upstreams, as one keeper for the process: started and stopped
     together, ready (and holding a first token) when every required (not optional) one is."""
 
-    def __init__(self, keepers: dict[str, Any], optional: frozenset[str] = frozenset()) -> None:
+    FIRST_TOKEN_WAIT = 30.0  # seconds a --workers child waits for every required upstream's first token
+
+    def __init__(
+        self, keepers: dict[str, Any], optional: frozenset[str] = frozenset(), clock: Any = None
+    ) -> None:
         self.keepers = keepers  # upstream name -> TokenKeeper (or another keeper)
         self.optional = optional
+        self.clock = clock  # for first_token's bound (None: no bound)
+        self._waits: list[Any] = []  # first_token's timers, cancelled by stop
 
     def _required(self) -> list[Any]:
         return [k for name, k in self.keepers.items() if name not in self.optional]
@@ -132,12 +139,36 @@ class Keepers:
     def stop(self) -> None:
         for k in self.keepers.values():
             k.stop()
+        for call in self._waits:
+            cancel(call)
+        self._waits.clear()
 
     def ready(self, now: float | None = None) -> bool:
         return all(k.ready(now) for k in self._required())
 
     def first_token(self) -> Deferred[Any]:
-        return gatherResults([k.first_token() for k in self._required()], consumeErrors=True)
+        """Fires when every required upstream holds a token, or after FIRST_TOKEN_WAIT seconds
+        anyway: one upstream with broken credentials must not keep a worker from serving the
+        others (its requests get 503 and /readyz names it)."""
+        every = gatherResults([k.first_token() for k in self._required()], consumeErrors=True)
+        if self.clock is None:
+            return every
+        d: Deferred[Any] = Deferred()
+
+        def waited() -> None:
+            if not d.called:
+                d.callback(None)
+
+        call = self.clock.callLater(self.FIRST_TOKEN_WAIT, waited)
+        self._waits.append(call)
+
+        def done(result: Any) -> None:
+            cancel(call)
+            if not d.called:
+                d.callback(None)
+
+        every.addBoth(done)
+        return d
 
 
 @dataclass(frozen=True)
@@ -357,7 +388,7 @@ def build_proxy(settings: ProxySettings, reactor: Any, parts: Parts = Parts(), *
             spec.name: build_keeper(settings, reactor, metrics, fetchers.get(spec.name, parts.fetcher), spec)
             for spec in settings.upstreams
         }
-        keeper = Keepers(keepers, frozenset(spec.name for spec in settings.upstreams if spec.optional))
+        keeper = Keepers(keepers, frozenset(spec.name for spec in settings.upstreams if spec.optional), reactor)
         passthrough = settings.auth == "passthrough"  # refused with an upstream list by the options
         legs = {
             spec.name: Leg(

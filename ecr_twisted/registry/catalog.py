@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 MAX_ENTRIES = 10000  # names on one page at most, whatever `n` asks for
+Visible = Callable[[str, str], "str | None"]  # (upstream, public name) -> the caller's name for it, or None
 PAGINATION_NUMBER_INVALID = RegistryError("PAGINATION_NUMBER_INVALID", "invalid number of results requested", 400)
 CATALOG_UNAVAILABLE = RegistryError("UNAVAILABLE", "the repository list could not be read from any upstream", 503)
 RETRY_AFTER = b"5"
@@ -190,48 +191,56 @@ class Catalog:
         self.sources = [s if isinstance(s, Source) else Source(*s) for s in sources]
         self.cap = cap
 
-    def answer(self, target: bytes, keep: Filter | None = None) -> "Deferred[Answer]":
+    def answer(self, target: bytes, keep: Filter | None = None, visible: Visible | None = None) -> "Deferred[Answer]":
         """The answer to `GET <target>` (path and query) for a caller who may see `keep(names)`
-        (None: everything)."""
-        return Deferred.fromCoroutine(self._answer(target, keep))
+        (None: everything) of the public names, each shown as `visible(upstream, public)` names it
+        where the caller asked (None: as is; a name it maps to None cannot be reached from there)."""
+        return Deferred.fromCoroutine(self._answer(target, keep, visible))
 
-    async def _answer(self, target: bytes, keep: Filter | None) -> Answer:
+    async def _answer(self, target: bytes, keep: Filter | None, visible: Visible | None) -> Answer:
         page = pagination(target.partition(b"?")[2], self.cap)
         if page is None:
             return _error(PAGINATION_NUMBER_INVALID, "n must be a non-negative integer")
         listed, failed = await self._gather()
         if self.sources and len(failed) == len(self.sources):
             return self._all_failed(failed)
-        names = merge(listed)
+        if visible is None:
+            names = merge((ns, names) for ns, _, names in listed)
+        else:  # what each repository is called on the caller's host, when it can be reached from there
+            upstream_of = {public_name(ns, n): up for ns, up, names in listed for n in names}
+            names = sorted(upstream_of)
         if keep is not None:
             kept = keep(names)
             if isinstance(kept, Deferred):
                 kept = await kept
             names = sorted(kept)  # a filter keeps order; sorted again so pagination never depends on it
+        if visible is not None:
+            shown_as = (visible(upstream_of[public], public) for public in names)
+            names = sorted({name for name in shown_as if name is not None})
         shown, link = paginate(names, page)
         fields = [(b"Content-Type", b"application/json"), (b"Docker-Distribution-API-Version", b"registry/2.0")]
         if link is not None:
             fields.append((b"Link", link))
-        fields.extend((b"Warning", warning_value(e.upstream, e.message)) for e in failed)
+        fields.extend((b"Warning", warning_value(e.upstream, _shown(e))) for e in failed)
         body = json.dumps({"repositories": shown}, separators=(",", ":")).encode("utf-8")
         return Answer(200, fields, body)
 
-    async def _gather(self) -> tuple[list[tuple[str, list[str]]], list[CatalogError]]:
-        """Every source asked at once; (namespace, names) of those that answered, and the failures."""
+    async def _gather(self) -> tuple[list[tuple[str, str, list[str]]], list[CatalogError]]:
+        """Every source asked at once; (namespace, upstream, names) of those that answered, and the failures."""
         started: list[tuple[Source, Deferred[list[str]] | CatalogError]] = []
         for source in self.sources:
             try:
                 started.append((source, source.names()))
             except Exception as e:
                 started.append((source, self._as_error(source, Failure(e))))
-        listed: list[tuple[str, list[str]]] = []
+        listed: list[tuple[str, str, list[str]]] = []
         failed: list[CatalogError] = []
         for source, pending in started:
             if isinstance(pending, CatalogError):
                 failed.append(pending)
                 continue
             try:
-                listed.append((source.namespace, list(await pending)))
+                listed.append((source.namespace, source.label, list(await pending)))
             except Exception as e:
                 failed.append(self._as_error(source, Failure(e)))
         return listed, failed
@@ -248,8 +257,14 @@ class Catalog:
             names = ", ".join(e.upstream for e in failed)
             detail = f"the proxy's AWS principal lacks ecr:DescribeRepositories on upstream {names}"
             return _error(errors.DENIED, detail)
-        detail = "; ".join(f"upstream {e.upstream}: {e.message}" for e in failed)
+        detail = "; ".join(f"upstream {e.upstream}: {_shown(e)}" for e in failed)
         return _error(CATALOG_UNAVAILABLE, detail, [(b"Retry-After", RETRY_AFTER)])
+
+
+def _shown(err: CatalogError) -> str:
+    """What a client is told of a failed listing: never AWS's own text, which names the proxy's
+    principal (its ARN and account); that is for the operator's log (the ECR helper logs it)."""
+    return "ecr:DescribeRepositories denied" if err.denied else "listing unavailable"
 
 
 def _error(err: RegistryError, detail: str, extra: list[tuple[bytes, bytes]] | None = None) -> Answer:

@@ -262,12 +262,6 @@ def _renamed_path(target: bytes, client: str, private: str) -> bytes:
     return target
 
 
-def _leg_name(ctx: _Ctx) -> str:
-    """The metrics label of the upstream a request went to."""
-    leg = ctx.leg
-    return leg.spec.name if leg is not None else "default"
-
-
 def _renames_listing(ctx: _Ctx) -> bool:
     """A tags/list whose `name` the client calls otherwise than the upstream does."""
     place = ctx.place
@@ -416,10 +410,21 @@ class RegistryProxy:
             return self._act(cache.lookup(ex, ctx.match), ex, ctx)
         self._go_upstream(ex, ctx)
 
+    def _leg_name(self, ctx: _Ctx | None) -> str:
+        """The metrics label of the upstream a request went to (a request answered here, such as
+        `_catalog` or `/token`, counts under the upstream of `/v2/`): always a configured name."""
+        leg = ctx.leg if ctx is not None else None
+        return (leg if leg is not None else self._single).spec.name
+
     # -- _catalog: the merged, filtered, paginated catalog of registry.catalog
     def _serve_catalog(self, ex: Exchange, ctx: _Ctx) -> None:
         assert self.catalog is not None and ctx.decision is not None
-        d = self.catalog.answer(ex.request.target, ctx.decision.listing)
+        visible = None
+        router = self.router
+        if router is not None:  # names as the caller's host calls them (and only those it reaches)
+            host = self._host(ex).decode("latin-1")
+            visible = lambda upstream, public: router.client_name(host, public, upstream)  # noqa: E731
+        d = self.catalog.answer(ex.request.target, ctx.decision.listing, visible)
         d.addCallback(self._catalog_answer, ex)
         d.addErrback(self._bug, ex)
 
@@ -585,8 +590,7 @@ class RegistryProxy:
             assert self.cache is not None
             self.cache.finished(plan, ex.bytes_out)
         if ex.error is not None and ex.status:
-            leg = ctx.leg if ctx is not None else None
-            self.metrics.upstream_errors.labels("aborted", leg.spec.name if leg is not None else "default").inc()
+            self.metrics.upstream_errors.labels("aborted", self._leg_name(ctx)).inc()
         self._log_access(ex, ctx, status, duration, plan)
 
     def _log_access(self, ex: Exchange, ctx: _Ctx | None, status: int, duration: float, plan: Plan | None) -> None:
@@ -649,7 +653,7 @@ class RegistryProxy:
         d.addErrback(self._bug, ex)
 
     def _registry_response(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
-        self.metrics.observe_upstream("registry", self.clock.seconds() - ctx.sent_at, _leg_name(ctx))
+        self.metrics.observe_upstream("registry", self.clock.seconds() - ctx.sent_at, self._leg_name(ctx))
         head = resp.head
         status = head.status
         ctx.upstream_id = head.get(b"x-amzn-requestid")
@@ -834,7 +838,7 @@ class RegistryProxy:
     def _token_server_response(
         self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx, leg: Leg, challenge: bearer.Challenge
     ) -> None:
-        self.metrics.observe_upstream("token", self.clock.seconds() - ctx.sent_at, _leg_name(ctx))
+        self.metrics.observe_upstream("token", self.clock.seconds() - ctx.sent_at, self._leg_name(ctx))
         status = resp.head.status
         if status != 200:  # its body may echo what was sent: never read, never shown
             resp.discard()
@@ -903,7 +907,7 @@ class RegistryProxy:
         d.addErrback(self._bug, ex)
 
     def _storage_response(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
-        self.metrics.observe_upstream("storage", self.clock.seconds() - ctx.sent_at, _leg_name(ctx))
+        self.metrics.observe_upstream("storage", self.clock.seconds() - ctx.sent_at, self._leg_name(ctx))
         head = resp.head
         status = head.status
         if status in REDIRECTS:
@@ -947,7 +951,7 @@ class RegistryProxy:
                 assert type(plan) is Forward and self.cache is not None
                 self.cache.failed(ex, plan, bool(ctx.sent_at))  # the write may have reached the registry all the same
             return  # the client left; nothing failed upstream
-        self.metrics.upstream_errors.labels(err.kind, _leg_name(ctx)).inc()
+        self.metrics.upstream_errors.labels(err.kind, self._leg_name(ctx)).inc()
         if self._offline(ex, ctx):
             return
         if ex.error is None:

@@ -9,6 +9,11 @@ Rules (issue #13): a host listed in an upstream's `hosts` sends the whole name t
 on any other host, the longest prefix (whole path components) picks an upstream and the rest of
 the name is its repository (a name that is just the prefix names nothing); else the default
 upstream takes the whole name; else the name is not routable (None).
+
+Every public name belongs to one repository: an upstream reached by host names only is also
+reached on other hosts under its namespace (its name), as if that were its prefix, and the
+default upstream's repositories whose names start with another upstream's namespace are not
+reachable at all (on its own hosts either), since their public names are the other's.
 """
 
 from __future__ import annotations
@@ -52,7 +57,6 @@ class Router:
 
     def __init__(self, upstreams: Sequence[UpstreamSpec]) -> None:
         self.upstreams = tuple(upstreams)
-        self._by_name = {u.name: u for u in self.upstreams}
         self._hosts: dict[str, UpstreamSpec] = {}
         self._prefixes: dict[str, UpstreamSpec] = {}
         self.default: UpstreamSpec | None = None
@@ -61,6 +65,8 @@ class Router:
                 self._hosts.setdefault(h.lower(), u)
             if u.prefix:
                 self._prefixes.setdefault(u.prefix.strip("/"), u)
+            elif not u.default:  # host names only: its namespace (its name) is a prefix elsewhere
+                self._prefixes.setdefault(u.namespace, u)
             if u.default and self.default is None:
                 self.default = u
         # prefix lengths in path components, longest first (longest match wins)
@@ -69,9 +75,6 @@ class Router:
         self.identity = (
             len(self.upstreams) == 1 and self.default is not None and not self._hosts and not self._prefixes
         )
-
-    def spec(self, upstream: str) -> UpstreamSpec:
-        return self._by_name[upstream]
 
     def _host_upstream(self, host: str | None) -> UpstreamSpec | None:
         if not self._hosts or not host:
@@ -82,6 +85,8 @@ class Router:
         """Where `name`, asked for on `host` (a Host header, port allowed), leads; None: nowhere."""
         up = self._host_upstream(host)
         if up is not None:
+            if not up.namespace and self._under_prefix(name):
+                return None  # the default upstream's name that is another upstream's public name
             return Place(up.name, name, _join(up.namespace, name), "")
         if self._depths:
             parts = name.split("/")
@@ -100,36 +105,30 @@ class Router:
             return None
         return Place(default.name, name, _join(default.namespace, name), "")
 
+    def _under_prefix(self, name: str) -> bool:
+        parts = name.split("/")
+        return any(len(parts) > d and "/".join(parts[:d]) in self._prefixes for d in self._depths)
+
     def canonical(self, host: str | None, name: str) -> str:
         """The public name of `name` on `host` (the name itself when it leads nowhere)."""
         place = self.resolve(host, name)
         return place.public if place is not None else name
 
-    def client_name(self, host: str | None, public: str) -> str | None:
-        """What a client on `host` calls the repository with public name `public` (None: it cannot
-        reach it from there). The inverse of `canonical`, checked by routing the answer again."""
+    def client_name(self, host: str | None, public: str, upstream: str | None = None) -> str | None:
+        """What a client on `host` calls the repository with public name `public` (of `upstream`, when
+        given); None: it cannot reach it from there. The inverse of `canonical`, checked by routing
+        the answer again."""
         up = self._host_upstream(host)
-        candidates: list[str] = []
-        if up is not None:
-            ns = up.namespace
-            if not ns:
-                candidates.append(public)
-            elif public.startswith(ns + "/"):
-                candidates.append(public[len(ns) + 1 :])
-        else:
-            for u in self.upstreams:
-                ns = u.namespace
-                if ns and u.prefix and public.startswith(ns + "/"):
-                    candidates.append(u.prefix.strip("/") + public[len(ns) :])
-            if self.default is not None:
-                candidates.append(public)
-                if self.default.prefix:
-                    candidates.append(self.default.prefix.strip("/") + "/" + public)
-        for name in candidates:
-            place = self.resolve(host, name)
-            if place is not None and place.public == public:
-                return name
-        return None
+        name: str | None = public
+        if up is not None and up.namespace:
+            ns = up.namespace + "/"
+            name = public[len(ns) :] if public.startswith(ns) else None
+        if name is None:
+            return None
+        place = self.resolve(host, name)
+        if place is None or place.public != public or (upstream is not None and place.upstream != upstream):
+            return None
+        return name
 
 
 def _join(namespace: str, private: str) -> str:

@@ -202,7 +202,7 @@ def test_one_upstream_failing_leaves_the_others_listed_with_a_warning() -> None:
     ])
     a = ask(catalog)
     assert a.status == 200 and repos(a) == ["a", "b"]
-    assert field(a, b"warning") == [b'199 - "catalog incomplete: upstream prod: DescribeRepositories timed out"']
+    assert field(a, b"warning") == [b'199 - "catalog incomplete: upstream prod: listing unavailable"']
 
 
 def test_a_denied_upstream_among_others_is_a_warning_too() -> None:
@@ -212,7 +212,7 @@ def test_a_denied_upstream_among_others_is_a_warning_too() -> None:
     ])
     a = ask(catalog)
     assert a.status == 200 and repos(a) == ["prod/x"]
-    assert field(a, b"warning") == [b'199 - "catalog incomplete: upstream shared: AccessDeniedException"']
+    assert field(a, b"warning") == [b'199 - "catalog incomplete: upstream shared: ecr:DescribeRepositories denied"']
 
 
 def test_every_upstream_denied_says_which_permission_is_missing() -> None:
@@ -238,7 +238,7 @@ def test_every_upstream_failing_is_unavailable_with_a_retry_after() -> None:
     assert a.status == 503
     assert field(a, b"retry-after") == [b"5"]
     assert error(a)["code"] == "UNAVAILABLE"
-    assert error(a)["detail"] == "upstream a: no; upstream b: endpoint unreachable"
+    assert error(a)["detail"] == "upstream a: ecr:DescribeRepositories denied; upstream b: listing unavailable"
 
 
 def test_an_unexpected_exception_counts_as_that_upstream_unavailable(caplog: Any) -> None:
@@ -249,8 +249,8 @@ def test_an_unexpected_exception_counts_as_that_upstream_unavailable(caplog: Any
     a = ask(catalog)
     assert a.status == 200 and repos(a) == ["a"]
     assert field(a, b"warning") == [
-        b'199 - "catalog incomplete: upstream x: listing failed"',
-        b'199 - "catalog incomplete: upstream y: listing failed"',
+        b'199 - "catalog incomplete: upstream x: listing unavailable"',
+        b'199 - "catalog incomplete: upstream y: listing unavailable"',
     ]
     assert b"internals" not in b"".join(v for _, v in a.fields) + a.body
 
@@ -369,8 +369,8 @@ def test_adapted_turns_the_ecr_helpers_exceptions_into_catalog_errors() -> None:
                      Source("", adapted(names("ok"), "default", (Denied,)))]))
     assert a.status == 200 and repos(a) == ["ok"]
     assert field(a, b"warning") == [
-        b'199 - "catalog incomplete: upstream u-Denied: AccessDeniedException"',
-        b'199 - "catalog incomplete: upstream u-Unavailable: timed out"',
+        b'199 - "catalog incomplete: upstream u-Denied: ecr:DescribeRepositories denied"',
+        b'199 - "catalog incomplete: upstream u-Unavailable: listing unavailable"',
     ]
     a = ask(Catalog([source(Denied("x", "AccessDeniedException"))]))
     assert a.status == 403 and "ecr:DescribeRepositories on upstream u-Denied" in error(a)["detail"]

@@ -255,6 +255,58 @@ def test_catalog_is_answered_from_the_upstreams_listings_with_public_names(h: Mu
     assert sent_to(h) == []  # no registry's own _catalog was asked
 
 
+def test_catalog_names_what_the_callers_host_reaches_as_it_calls_it(h: Multi) -> None:
+    """On a host-routed name the catalog lists that upstream's repositories as clients there write
+    them (and its cursor too); the default upstream's names that are another's public names are
+    out of reach, so never listed (review of #13)."""
+    from twisted.internet.defer import succeed
+
+    from ecr_twisted.registry.catalog import Catalog, Source
+
+    h.handler.catalog = Catalog([
+        Source("mirror", lambda: succeed(["lib/app", "lib/b"]), "mirror"),
+        Source("", lambda: succeed(["base", "mirror/shadowed", "prod/shadowed"]), "main"),
+        Source("prod", lambda: succeed(["app"]), "prod"),
+    ])
+    r = call(h, "GET", "/v2/_catalog?n=1", MIRROR_HOST).reply()
+    assert json.loads(r.body) == {"repositories": ["lib/app"]}
+    assert r.header(b"link") == b'</v2/_catalog?last=lib%2Fapp&n=1>; rel="next"'
+    r = call(h, "GET", "/v2/_catalog?last=lib%2Fapp", MIRROR_HOST).reply()
+    assert json.loads(r.body) == {"repositories": ["lib/b"]}
+    r = call(h, "GET", "/v2/_catalog").reply()
+    assert json.loads(r.body) == {"repositories": ["base", "mirror/lib/app", "mirror/lib/b", "prod/app"]}
+
+
+def test_a_catalog_failure_tells_the_client_no_aws_text(h: Multi) -> None:
+    """AWS's error text names the proxy's principal (ARN, account): logged, never sent."""
+    from twisted.internet.defer import fail, succeed
+
+    from ecr_twisted.registry.catalog import Catalog, CatalogError, Source
+
+    arn = "User: arn:aws:iam::999999999999:user/ecr-proxy is not authorized"
+    h.handler.catalog = Catalog([
+        Source("prod", lambda: fail(CatalogError("prod", arn, denied=True)), "prod"),
+        Source("", lambda: succeed(["base"]), "main"),
+    ])
+    c = call(h, "GET", "/v2/_catalog")
+    r = c.reply()
+    assert r.status == 200 and b"999999999999" not in c.transport.value() and b"arn:aws" not in c.transport.value()
+    assert r.header(b"warning") == b'199 - "catalog incomplete: upstream prod: ecr:DescribeRepositories denied"'
+    h.handler.catalog = Catalog([Source("prod", lambda: fail(CatalogError("prod", arn)), "prod")])
+    c = call(h, "GET", "/v2/_catalog")
+    assert c.reply().status == 503 and b"999999999999" not in c.transport.value()
+
+
+def test_a_request_answered_here_counts_under_a_configured_upstream(h: Multi) -> None:
+    """No upstream is called "default" here: metrics of requests with no upstream of their own
+    (`_catalog`, `/token`) use the upstream of `/v2/`, never a label the metrics refuse."""
+    from ecr_twisted.registry.handler import _Ctx
+
+    assert h.handler._leg_name(_Ctx("catalog")) in {"prod", "mirror", "main"}
+    assert h.handler._leg_name(None) in {"prod", "mirror", "main"}
+    h.handler.metrics.upstream_errors.labels("aborted", h.handler._leg_name(None)).inc()
+
+
 # ---------------------------------------------------------------------------
 # names rewritten on the way back
 
@@ -616,3 +668,25 @@ def test_host_routing_follows_x_forwarded_host_only_when_trusted() -> None:
         call(h, "GET", "/v2/lib/app/manifests/1", HOST, headers=forwarded)
         assert last(h)[0] == origin.base
         h.close()
+
+
+def test_a_worker_serves_after_a_bounded_wait_when_one_upstream_has_no_token() -> None:
+    """`--workers` children listen once every required upstream holds a token; one upstream with
+    broken credentials must not keep the others from being served (review of #13)."""
+    reactor = MemoryReactorClock()
+    good, broken = FakeTokenFetcher(), FakeTokenFetcher()
+    settings = ProxySettings(auth="none", region="eu-west-1", upstreams=(PROD, MAIN))
+    built = build(settings, reactor, Parts(fetchers={"prod": good, "main": broken}))
+    keepers = built.keeper
+    assert isinstance(keepers, Keepers)
+    fired: list[object] = []
+    keepers.first_token().addCallback(fired.append)
+    keepers.keepers["prod"].current = make_token(now=reactor.seconds())
+    reactor.advance(Keepers.FIRST_TOKEN_WAIT - 1)
+    assert fired == []
+    reactor.advance(1)
+    assert fired == [None]
+    keepers.first_token()
+    assert any(c.active() for c in reactor.getDelayedCalls())
+    keepers.stop()  # every bound's timer is cancelled with the keepers
+    assert not any(c.active() for c in reactor.getDelayedCalls())

@@ -40,8 +40,10 @@ ROUTER = Router([PROD, DEEP, HOSTED, BOTH, DEFAULT])
         # anything else: the default upstream, whole name, public as is
         ("registry.example", "app", Place("main", "app", "app", "")),
         (None, "team/app", Place("main", "team/app", "team/app", "")),
-        # a host-only upstream is not reachable by its name as a prefix
-        ("registry.example", "mirror/alpine", Place("main", "mirror/alpine", "mirror/alpine", "")),
+        # a host-only upstream is reached elsewhere under its namespace (its name), as by a prefix,
+        # so its public names are never also the default upstream's (review of #13: a policy for
+        # mirror/* would otherwise have opened the default upstream's mirror/... repositories)
+        ("registry.example", "mirror/alpine", Place("mirror", "alpine", "mirror/alpine", "mirror/")),
     ],
 )
 def test_resolve(host: str | None, name: str, expected: Place | None) -> None:
@@ -50,6 +52,27 @@ def test_resolve(host: str | None, name: str, expected: Place | None) -> None:
         assert expected.client == name
         assert ROUTER.canonical(host, name) == expected.public
         assert ROUTER.client_name(host, expected.public) in (name, None)
+
+
+def test_no_public_name_is_two_repositories() -> None:
+    """The default upstream's repositories named like another upstream's public names are out of
+    reach, on its own hosts too; every public name the router gives names one (upstream, private)."""
+    main_hosted = UpstreamSpec("main", registry_id="333333333333", region="us-east-1", default=True,
+                               hosts=("main.registry.example",))
+    r = Router([PROD, HOSTED, main_hosted])
+    assert r.resolve("main.registry.example", "mirror/secret") is None
+    assert r.resolve("main.registry.example", "prod/app") is None
+    assert r.resolve("main.registry.example", "app") == Place("main", "app", "app", "")
+    seen: dict[str, tuple[str, str]] = {}
+    for host in (None, "registry.example", "mirror.registry.example", "main.registry.example"):
+        for name in ("app", "x/y", "mirror/secret", "prod/app", "mirror/prod/app", "secret"):
+            place = r.resolve(host, name)
+            if place is not None:
+                assert seen.setdefault(place.public, (place.upstream, place.private)) == (place.upstream, place.private)
+    # the inverse names the upstream too
+    assert r.client_name(None, "mirror/secret", "mirror") == "mirror/secret"
+    assert r.client_name(None, "mirror/secret", "main") is None
+    assert r.client_name("mirror.registry.example", "mirror/secret", "mirror") == "secret"
 
 
 def test_without_default_unknown_names_lead_nowhere() -> None:
