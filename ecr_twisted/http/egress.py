@@ -36,7 +36,7 @@ from typing import Iterable
 from urllib.parse import unquote, urlsplit
 
 from ecr_twisted.http.http11 import Head
-from ecr_twisted.http.origin import Origin
+from ecr_twisted.http.origin import Origin, ip_literal
 from ecr_twisted.http.policy import upstream_keep_alive
 
 __all__ = [
@@ -145,7 +145,7 @@ class NoProxy:
         if self.everything:
             return True
         host = host.lower().rstrip(".")
-        address = _address(host)
+        address = ip_literal(host)
         for e in self.entries:
             if e.port is not None and e.port != port:
                 continue
@@ -155,13 +155,6 @@ class NoProxy:
             elif e.name is not None and (host == e.name or host.endswith("." + e.name)):
                 return True
         return False
-
-
-def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
 
 
 def _parse_entry(item: str) -> _Entry | None:
