@@ -211,7 +211,8 @@ def test_the_data_path_reads_the_environment_as_python_does(
     proxies = urllib.request.getproxies_environment()
     for origin in (REGISTRY, Origin("http", "registry.example")):
         python = proxies.get(origin.scheme)
-        if python is not None and urllib.request.proxy_bypass_environment(origin.host, proxies):
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # not in typeshed
+        if python is not None and bypass(origin.host, proxies):
             python = None
         assert rules.proxy_for(origin) == (parse_proxy_url(python) if python else None), origin
 
