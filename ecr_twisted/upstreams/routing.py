@@ -52,7 +52,6 @@ class Router:
 
     def __init__(self, upstreams: Sequence[UpstreamSpec]) -> None:
         self.upstreams = tuple(upstreams)
-        self._by_name = {u.name: u for u in self.upstreams}
         self._hosts: dict[str, UpstreamSpec] = {}
         self._prefixes: dict[str, UpstreamSpec] = {}
         self.default: UpstreamSpec | None = None
@@ -69,9 +68,6 @@ class Router:
         self.identity = (
             len(self.upstreams) == 1 and self.default is not None and not self._hosts and not self._prefixes
         )
-
-    def spec(self, upstream: str) -> UpstreamSpec:
-        return self._by_name[upstream]
 
     def _host_upstream(self, host: str | None) -> UpstreamSpec | None:
         if not self._hosts or not host:
