@@ -703,7 +703,7 @@ def test_the_ecr_api_child_gets_the_egress_proxy_under_every_name() -> None:
     settings = ProxySettings(auth="none", region="eu-west-1", egress_proxy=URL)
     keeper = build_keeper(settings, MemoryReactorClock(), Metrics(CollectorRegistry()))
     environ = {"HTTPS_PROXY": "http://env:1", "https_proxy": "http://env:2", "NO_PROXY": "x", "PATH": "/bin"}
-    env = child_env(environ, keeper._fetcher._proxy_env)  # type: ignore[union-attr]
+    env = child_env(environ, keeper._fetcher.child.proxy_env)  # type: ignore[union-attr]
     assert env["HTTPS_PROXY"] == env["HTTP_PROXY"] == URL and "https_proxy" not in env  # no other spelling wins
     assert env["NO_PROXY"] == "x" and env["PATH"] == "/bin"
     assert environ["HTTPS_PROXY"] == "http://env:1"  # a copy
