@@ -121,7 +121,8 @@ _PARAMETERS: list[list[Any]] = [
      "this HTTP proxy (wins over HTTPS_PROXY/HTTP_PROXY)."],
     ["catalog-ttl", None, 30.0, "Seconds a repository listing from the ECR API (_catalog) is reused.", float],
 ]
-# the environment's outbound proxy settings, in the order curl and botocore look at them
+# the environment's outbound proxy settings, in the order curl and botocore look at them; one set
+# to nothing is kept: an empty https_proxy means "no proxy" to botocore (see http.egress)
 PROXY_ENV = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy")
 
 
@@ -445,7 +446,7 @@ class Options(usage.Options):
             upstreams=upstreams,
             catalog_ttl=self["catalog-ttl"],
             egress_proxy=self["egress-proxy"],
-            proxy_env=tuple((name, self.environ[name]) for name in PROXY_ENV if self.environ.get(name)),
+            proxy_env=tuple((name, self.environ[name]) for name in PROXY_ENV if name in self.environ),
             argv=tuple(self.argv),
         )
 

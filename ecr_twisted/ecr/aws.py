@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "AwsAccess",
     "ClientMaker",
     "add_arguments",
+    "child_main",
     "error_code",
     "fail",
     "make_client_maker",
@@ -160,3 +162,26 @@ def fail(exc: BaseException, out: IO[str] | None = None, err: IO[str] | None = N
     json.dump({"error": error_code(exc), "message": message}, out)
     out.flush()
     return 1
+
+
+def child_main(
+    prog: str,
+    argv: list[str] | None,
+    session_factory: Callable[[str | None], Any] | None,
+    answer: Callable[[ClientMaker, argparse.Namespace], Any],
+    more_arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None,
+) -> int:
+    """A child's `main`: the options of `add_arguments` (and `more_arguments`), one call of
+    `answer` with the client maker they describe, its result as JSON on stdout; whatever goes
+    wrong, `fail` (exit status 1, the reason on stderr and stdout)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    add_arguments(parser)
+    more_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        result = answer(make_client_maker(AwsAccess.from_args(args, os.environ), session_factory), args)
+    except Exception as e:  # one line for the parent's log, whatever went wrong
+        return fail(e)
+    json.dump(result, sys.stdout)
+    sys.stdout.flush()
+    return 0

@@ -9,7 +9,9 @@ calls go through it), over the proxy's own environment.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Mapping
+import os
+import sys
+from typing import Any, Callable, Mapping, Sequence
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone
@@ -19,7 +21,7 @@ from twisted.python.failure import Failure
 from ecr_twisted.ecr.aws import EXTERNAL_ID_ENV
 from ecr_twisted.upstreams.spec import ECR, UpstreamSpec
 
-__all__ = ["ChildFailed", "child_args", "child_env", "run_child"]
+__all__ = ["ChildFailed", "EcrChild", "child_args", "child_env", "run_child"]
 
 
 class ChildFailed(Exception):
@@ -123,3 +125,40 @@ def run_child(
 
     d.addTimeout(timeout, reactor, onTimeoutCancel=timed_out)
     return d
+
+
+class EcrChild:
+    """One ECR API child of one upstream, run anew at each `run()`: `python -m <module>` with the
+    upstream's options (`child_args`) and `extra`; its environment made at each run from the
+    proxy's own (`child_env`: `proxy_env` over it, the role's external ID); killed after
+    `timeout`. A failure is `error(reason, code)`, its messages naming the child as `what`."""
+
+    def __init__(
+        self,
+        reactor: Any,
+        module: str,
+        spec: UpstreamSpec,
+        error: Callable[[str, str | None], ChildFailed],
+        what: str,
+        *,
+        extra: Sequence[str] = (),
+        proxy_env: Mapping[str, str] = {},  # noqa: B006 (read only)
+        timeout: float = 60.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.reactor = reactor
+        self.python = python
+        self.args = [python, "-m", module, *child_args(spec), *extra]
+        self.proxy_env = dict(proxy_env)
+        self.external_id = spec.external_id if spec.credentials == "role" else None
+        self.timeout = timeout
+        self.error = error
+        self.what = what
+
+    def __repr__(self) -> str:  # the external ID stays out
+        return f"<EcrChild {' '.join(self.args[1:])}>"
+
+    def run(self) -> Deferred[bytes]:
+        """The child's stdout when it exits 0, else a failure with `error`."""
+        env = child_env(os.environ, self.proxy_env, self.external_id)
+        return run_child(self.reactor, self.python, self.args, env, self.timeout, self.error, self.what)

@@ -14,13 +14,10 @@ must refresh before that. Errors: exit status 1, one line on stderr and
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from typing import Any, Callable
 
-from ecr_twisted.ecr.aws import AwsAccess, ClientMaker, add_arguments, fail, make_client_maker, timestamp
+from ecr_twisted.ecr.aws import AwsAccess, ClientMaker, child_main, make_client_maker, timestamp
 
 __all__ = ["answer", "fetch_authorization_data", "main"]
 
@@ -66,16 +63,7 @@ def answer(maker: ClientMaker) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None, session_factory: Callable[[str | None], Any] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ecr_twisted.ecr.fetch_token")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    try:
-        result = answer(make_client_maker(AwsAccess.from_args(args, os.environ), session_factory))
-    except Exception as e:  # one line for the parent's log, whatever went wrong
-        return fail(e)
-    json.dump(result, sys.stdout)
-    sys.stdout.flush()
-    return 0
+    return child_main("python -m ecr_twisted.ecr.fetch_token", argv, session_factory, lambda maker, args: answer(maker))
 
 
 if __name__ == "__main__":

@@ -10,12 +10,10 @@ and credentials. All pages are read (botocore's paginator); the answer is the so
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import Any, Callable
 
-from ecr_twisted.ecr.aws import AwsAccess, ClientMaker, add_arguments, fail, make_client_maker
+from ecr_twisted.ecr.aws import ClientMaker, child_main
 
 __all__ = ["main", "repository_names"]
 
@@ -35,18 +33,12 @@ def repository_names(maker: ClientMaker, page_size: int | None = None) -> list[s
 
 
 def main(argv: list[str] | None = None, session_factory: Callable[[str | None], Any] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ecr_twisted.ecr.list_repositories")
-    add_arguments(parser)
+    return child_main("python -m ecr_twisted.ecr.list_repositories", argv, session_factory,
+                      lambda maker, args: repository_names(maker, args.page_size), _page_size)
+
+
+def _page_size(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-size", type=int, help="repositories per DescribeRepositories call (max 1000)")
-    args = parser.parse_args(argv)
-    try:
-        names = repository_names(make_client_maker(AwsAccess.from_args(args, os.environ), session_factory),
-                                 args.page_size)
-    except Exception as e:
-        return fail(e)
-    json.dump(names, sys.stdout)
-    sys.stdout.flush()
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ and concurrent callers share one call. When a refresh fails the last good listin
 from __future__ import annotations
 
 import json
-import os
 import sys
 from typing import Any, Mapping, Protocol
 
@@ -19,7 +18,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ecr_twisted.ecr.child import ChildFailed, child_args, child_env, run_child
+from ecr_twisted.ecr.child import ChildFailed, EcrChild
 from ecr_twisted.upstreams.spec import UpstreamSpec
 
 __all__ = [
@@ -80,8 +79,8 @@ class Lister(Protocol):
 
 
 class RepositoryLister:
-    """Runs DescribeRepositories (all pages) for one ECR upstream in a short-lived child process,
-    with the upstream's credentials and `proxy_env` as `ProcessTokenFetcher.for_upstream` does."""
+    """Runs DescribeRepositories (all pages) for one ECR upstream in a short-lived child process
+    (`EcrChild`: the upstream's credentials, `proxy_env`), as `ProcessTokenFetcher` runs its token's."""
 
     def __init__(
         self,
@@ -93,19 +92,12 @@ class RepositoryLister:
         page_size: int | None = None,
     ) -> None:
         self.name = spec.name
-        self._reactor = reactor
-        self._timeout = timeout
-        self._python = python
-        self._args = [python, "-m", "ecr_twisted.ecr.list_repositories", *child_args(spec)]
-        if page_size:
-            self._args += ["--page-size", str(page_size)]
-        self._proxy_env = dict(proxy_env)
-        self._external_id = spec.external_id if spec.credentials == "role" else None
+        extra = ["--page-size", str(page_size)] if page_size else []
+        self.child = EcrChild(reactor, "ecr_twisted.ecr.list_repositories", spec, ListingError, "repository lister",
+                              extra=extra, proxy_env=proxy_env, timeout=timeout, python=python)
 
     def fetch(self) -> Deferred[list[str]]:
-        env = child_env(os.environ, self._proxy_env, self._external_id)
-        d = run_child(self._reactor, self._python, self._args, env, self._timeout, ListingError, "repository lister")
-        return d.addCallback(self._parse)
+        return self.child.run().addCallback(self._parse)
 
     @staticmethod
     def _parse(out: bytes) -> list[str]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import random
 import sys
 from dataclasses import dataclass, field
@@ -22,8 +21,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ecr_twisted.ecr.child import ChildFailed, child_args, child_env, run_child
-from ecr_twisted.upstreams.spec import DEFAULT_NAME, ECR, UpstreamSpec
+from ecr_twisted.ecr.child import ChildFailed, EcrChild
+from ecr_twisted.upstreams.spec import DEFAULT_NAME, ECR, UpstreamSpec, implicit
 
 __all__ = [
     "READY_MARGIN",
@@ -124,19 +123,16 @@ class ProcessTokenFetcher:
         endpoint_url: str | None = None,
         timeout: float = 60.0,
         python: str = sys.executable,
+        *,
+        spec: UpstreamSpec | None = None,
+        proxy_env: Mapping[str, str] = {},  # noqa: B006 (read only)
     ) -> None:
+        """`region`, `registry_id`, `endpoint_url`: the one implicit upstream's, when no `spec` is given."""
+        if spec is None:
+            spec = implicit(registry_id, region, None, endpoint_url)
         self._reactor = reactor
-        self._timeout = timeout
-        self._python = python
-        self._args = [python, "-m", "ecr_twisted.ecr.fetch_token"]
-        if region:
-            self._args += ["--region", region]
-        if registry_id:
-            self._args += ["--registry-id", registry_id]
-        if endpoint_url:
-            self._args += ["--ecr-endpoint-url", endpoint_url]
-        self._proxy_env: Mapping[str, str] = {}
-        self._external_id: str | None = None
+        self.child = EcrChild(reactor, "ecr_twisted.ecr.fetch_token", spec, TokenFetchError, "token fetcher",
+                              proxy_env=proxy_env, timeout=timeout, python=python)
 
     @classmethod
     def for_upstream(
@@ -149,16 +145,10 @@ class ProcessTokenFetcher:
     ) -> ProcessTokenFetcher:
         """The fetcher of one ECR upstream: its account, region, credentials (default chain, profile
         or role) and endpoints; `proxy_env` (HTTPS_PROXY, ...) goes into the child's environment."""
-        fetcher = cls(reactor, None, timeout=timeout, python=python)
-        fetcher._args = [python, "-m", "ecr_twisted.ecr.fetch_token", *child_args(spec)]
-        fetcher._proxy_env = dict(proxy_env)
-        fetcher._external_id = spec.external_id if spec.credentials == "role" else None
-        return fetcher
+        return cls(reactor, None, timeout=timeout, python=python, spec=spec, proxy_env=proxy_env)
 
     def fetch(self) -> Deferred[Token]:
-        env = child_env(os.environ, self._proxy_env, self._external_id)
-        d = run_child(self._reactor, self._python, self._args, env, self._timeout, TokenFetchError, "token fetcher")
-        return d.addCallback(self._parse)
+        return self.child.run().addCallback(self._parse)
 
     def _parse(self, out: bytes) -> Token:
         try:

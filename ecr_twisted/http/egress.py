@@ -6,12 +6,15 @@ the pool then tunnels https origins with `CONNECT` (`http.tunnel`) and sends req
 http origins in absolute form (`absolute_form`). Pure: no I/O, no reactor.
 
 Conventions, chosen so that the ECR API leg (botocore in a child process, which reads the
-same variables through Python's `urllib.request`) and the data path always agree:
+same variables through Python's `urllib.request.getproxies_environment`) and the data path
+pick the same proxy:
 
 - `--egress-proxy URL` wins over the environment, for both schemes.
 - Otherwise https origins use `https_proxy`, else `HTTPS_PROXY`; http origins use
-  `http_proxy`, else `HTTP_PROXY` (the lower-case name wins, as in Python and curl; set
-  but empty, it means no proxy, as in Python).
+  `http_proxy`, else `HTTP_PROXY`: the lower-case name wins, as in Python and curl. Set but
+  empty, the lower-case name means no proxy for that scheme whatever the upper-case one says
+  (Python's second pass drops the scheme); an empty upper-case one means none when the
+  lower-case name is not set. `Options` therefore keeps a variable set to nothing.
 - `no_proxy`, else `NO_PROXY`, applies in both cases: comma-separated entries, matched
   case-insensitively against the origin's host name:
   `*` as an entry: every origin goes direct;
@@ -22,6 +25,9 @@ same variables through Python's `urllib.request`) and the data path always agree
   every address literal inside it (as curl and Go; host names are never resolved for this);
   `host:port` or `[v6]:port` matches that host on that port only (as Go).
   Loopback addresses are NOT exempt by themselves (Go exempts them; curl and Python do not).
+  NO_PROXY on the data path is a superset of Python's, not the same: Python knows no CIDR
+  blocks nor the `*.` form (`proxy_bypass_environment` compares names and name suffixes as
+  text), so such an entry sends the data path direct while botocore still uses the proxy.
 - A proxy URL is `http://[user:password@]host[:port]` (port 80 when left out, as Go; a URL
   without a scheme is taken as http, as curl and Go do). Credentials are percent-decoded and
   sent as `Proxy-Authorization: Basic`; they appear nowhere else (`shown`, `repr`, errors).
@@ -36,7 +42,7 @@ from typing import Iterable
 from urllib.parse import unquote, urlsplit
 
 from ecr_twisted.http.http11 import Head
-from ecr_twisted.http.origin import Origin
+from ecr_twisted.http.origin import Origin, ip_literal
 from ecr_twisted.http.policy import upstream_keep_alive
 
 __all__ = [
@@ -145,7 +151,7 @@ class NoProxy:
         if self.everything:
             return True
         host = host.lower().rstrip(".")
-        address = _address(host)
+        address = ip_literal(host)
         for e in self.entries:
             if e.port is not None and e.port != port:
                 continue
@@ -155,13 +161,6 @@ class NoProxy:
             elif e.name is not None and (host == e.name or host.endswith("." + e.name)):
                 return True
         return False
-
-
-def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
 
 
 def _parse_entry(item: str) -> _Entry | None:

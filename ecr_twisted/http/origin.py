@@ -7,9 +7,19 @@ sits apart from the connection classes and depends on nothing.
 
 from __future__ import annotations
 
+import ipaddress
 from urllib.parse import urlsplit
 
-__all__ = ["Origin", "UpstreamError"]
+__all__ = ["Origin", "UpstreamError", "ip_literal"]
+
+
+def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `host` is written as (an IPv6 one with or without brackets), else None:
+    a name, or a number only a resolver reads as an address (`127.1`: see `upstreams.bearer`)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
 
 
 class UpstreamError(Exception):

@@ -161,8 +161,8 @@ def _check(upstream: str, known: frozenset[str]) -> None:
 
 
 class _PerUpstream:
-    """`upstream_errors`: `.labels(kind, upstream="default")` gives the counter's child, cached, so
-    callers written before the upstream label (`.labels(kind).inc()`) keep counting under "default"."""
+    """`upstream_errors`: `.labels(kind, upstream)` gives the counter's child, cached; the upstream
+    is always named (the one implicit upstream's is "default"), so no count lands under a guess."""
 
     __slots__ = ("counter", "_known", "_children")
 
@@ -171,7 +171,7 @@ class _PerUpstream:
         self._known = known
         self._children: dict[tuple[str, str], Counter] = {}
 
-    def labels(self, kind: str, upstream: str = DEFAULT_UPSTREAM) -> Counter:
+    def labels(self, kind: str, upstream: str) -> Counter:
         key = (kind, upstream)
         child = self._children.get(key)
         if child is None:

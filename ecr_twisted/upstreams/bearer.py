@@ -15,9 +15,12 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
+import socket
 from dataclasses import dataclass, field
 from typing import Iterable
 from urllib.parse import SplitResult, quote, urlsplit
+
+from ecr_twisted.http.origin import ip_literal
 
 __all__ = [
     "Challenge", "BearerToken", "TokenCache", "parse_challenges", "bearer_challenge", "token_target",
@@ -153,27 +156,63 @@ def credentials_allowed(realm: str, upstream_scheme: str) -> bool:
     return urlsplit(realm).scheme == "https" or upstream_scheme == "http"
 
 
-def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return None
+_Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+_AWS_METADATA_V6 = ipaddress.IPv6Network("fd00:ec2::/64")  # the IPv6 instance metadata service (fd00:ec2::254)
+_NUMBER = re.compile(r"(?:0[xX][0-9a-fA-F]*|[0-9]+)\Z")  # a label inet_aton reads as a number
+_INET_ATON = re.compile(r"[0-9a-fA-FxX.]+\Z")  # no white space: glibc's inet_aton ignores what follows one
 
 
-def _loopback(host: str) -> bool:
-    address = _address(host)
-    return address.is_loopback if address is not None else host.lower().rstrip(".") in ("localhost",)
+def _host_address(host: str) -> _Address | None:
+    """The address a host stands for, as the system's resolver reads it before any DNS: a literal,
+    or a number `inet_aton` takes (`127.1`, `2852039166`, `0xa9.254.169.254`), an IPv4-mapped
+    IPv6 address unwrapped; None for a name. ValueError for a number that is no address
+    (`1.2.3.4.5`: what a resolver makes of it is its own affair)."""
+    name = host.strip("[]").rstrip(".")
+    address = ip_literal(name)
+    if address is None and _NUMBER.match(name.rsplit(".", 1)[-1]):  # a DNS name never ends in a number
+        if not _INET_ATON.match(name):
+            raise ValueError(host)
+        try:
+            address = ipaddress.IPv4Address(socket.inet_aton(name))
+        except OSError:
+            raise ValueError(host) from None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address
+
+
+def _this_machine(address: _Address | None, host: str) -> bool:
+    if address is None:
+        name = host.lower().rstrip(".")
+        return name == "localhost" or name.endswith(".localhost")
+    return address.is_loopback or address.is_unspecified
 
 
 def realm_allowed(realm: str, registry_host: str) -> bool:
-    """Whether the proxy may ask a realm a registry named: never a link-local address (the cloud's
-    metadata services are there, and no token server), nor this machine unless the registry is on
-    it too. A realm is the registry's word; these are the places its word must not send the proxy."""
+    """Whether the proxy may ask a realm a registry named: never a link-local address nor AWS's
+    fd00:ec2::/64 (the cloud's metadata services are there, and no token server), nor this
+    machine unless the registry is on it too. A realm is the registry's word; these are the
+    places its word must not send the proxy. Every spelling of an address the resolver takes
+    counts (`127.1`, `0xa9fea9fe`, `[::ffff:169.254.169.254]`); a number that is no address is refused.
+
+    Known limit: a DNS name is not resolved here, so a name that resolves to such an address
+    (a registry's own zone can say anything) is asked. What the proxy does with the answer
+    bounds the harm: the body is never relayed to the client, only its `token` field is sent on
+    as the upstream's Authorization header (`parse_token_answer` takes nothing else)."""
     host = urlsplit(realm).hostname or ""
-    address = _address(host)
-    if address is not None and address.is_link_local:
+    try:
+        address = _host_address(host)
+    except ValueError:
         return False
-    return not _loopback(host) or _loopback(registry_host)
+    if address is not None and (address.is_link_local or address in _AWS_METADATA_V6):
+        return False
+    if not _this_machine(address, host):
+        return True
+    try:
+        return _this_machine(_host_address(registry_host), registry_host)
+    except ValueError:
+        return False
 
 
 def parse_token_answer(body: bytes, now: float) -> BearerToken | None:

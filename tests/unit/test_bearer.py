@@ -146,6 +146,35 @@ def test_credentials_go_in_clear_only_to_a_plain_http_registry() -> None:
         ("http://127.0.0.1:9090/token", "registry.example.com", False),
         ("http://localhost./token", "registry.example.com", False),
         ("http://[::1]/token", "registry.example.com", False),
+        # the forms of those addresses the system's resolver accepts too (inet_aton, IPv4-mapped)
+        ("http://2852039166/latest/meta-data/", "registry.example.com", False),  # 169.254.169.254
+        ("http://0xa9.254.169.254/", "registry.example.com", False),
+        ("http://0251.0376.0251.0376/", "registry.example.com", False),
+        ("http://169.254.43518/", "registry.example.com", False),
+        ("http://127.1/token", "registry.example.com", False),
+        ("http://0x7f000001/token", "registry.example.com", False),
+        ("http://[::ffff:169.254.169.254]/", "registry.example.com", False),
+        ("http://[::ffff:a9fe:a9fe]/", "registry.example.com", False),
+        ("http://[::ffff:127.0.0.1]/token", "registry.example.com", False),
+        ("http://[fd00:ec2::254]/latest/meta-data/", "registry.example.com", False),  # AWS's IPv6 IMDS
+        ("http://[fd00:ec2::23]/", "registry.example.com", False),
+        ("http://0.0.0.0/token", "registry.example.com", False),  # connects to this machine
+        ("http://0/token", "registry.example.com", False),
+        ("http://[::]/token", "registry.example.com", False),
+        ("http://auth.localhost/token", "registry.example.com", False),
+        # numeric-looking but no address the resolver would take: refused rather than guessed
+        ("http://1.2.3.4.5/token", "registry.example.com", False),
+        ("http://169.254.169.256/", "registry.example.com", False),
+        ("http://example.0x10/token", "registry.example.com", False),
+        # this machine spelt otherwise, for a registry on this machine
+        ("http://127.1:5001/auth", "127.0.0.1", True),
+        ("http://127.0.0.1:5001/auth", "[::ffff:127.0.0.1]", True),
+        # names that only look like numbers are names
+        ("https://cafe.de/token", "registry.example.com", True),
+        ("https://0x7f.example.com/token", "registry.example.com", True),
+        ("http://[fd00:ec3::1]/token", "registry.example.com", True),
+        ("http://8.8.8.8/token", "registry.example.com", True),
+        ("http://134744072/token", "registry.example.com", True),  # 8.8.8.8
     ],
 )
 def test_realm_allowed(realm: str, registry: str, allowed: bool) -> None:

@@ -130,7 +130,9 @@ def test_relative_paths_in_the_file_are_taken_from_its_directory(
 def test_proxy_environment_is_kept_for_the_egress_legs(tmp_path: Path) -> None:
     env = {"HTTPS_PROXY": "http://p:3128", "no_proxy": "169.254.169.254", "HTTP_PROXY": "", "OTHER": "x"}
     o = load(tmp_path, 'auth = "none"\n', env=env)
-    assert o.settings.proxy_env == (("HTTPS_PROXY", "http://p:3128"), ("no_proxy", "169.254.169.254"))
+    # HTTP_PROXY set to nothing is kept: an empty lower-case one would override an upper-case one
+    assert o.settings.proxy_env == (
+        ("HTTPS_PROXY", "http://p:3128"), ("HTTP_PROXY", ""), ("no_proxy", "169.254.169.254"))
     assert o.settings.egress_proxy is None
 
 

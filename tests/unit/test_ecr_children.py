@@ -281,3 +281,29 @@ def test_the_children_run_as_modules(module: str, tmp_path: Path) -> None:
     assert done.returncode == 1
     assert json.loads(done.stdout)["error"] == "ProfileNotFound"
     assert done.stderr.decode().count("\n") == 1 and b"absent" in done.stderr
+
+
+def test_both_children_share_one_main(capsys: pytest.CaptureFixture[str]) -> None:
+    """`aws.child_main`: the shared options and any more, the answer as JSON, a failure as `fail` tells it."""
+    from ecr_twisted.ecr.aws import child_main
+
+    seen: list[Any] = []
+
+    def answer(maker: Any, args: Any) -> Any:
+        seen.append((maker.access.region, maker.access.registry_id, args.extra))
+        return {"ok": [1, 2]}
+
+    def more(parser: Any) -> None:
+        parser.add_argument("--extra", type=int)
+
+    status = child_main("prog", ["--region", REGION, "--registry-id", HOME, "--extra", "3"], None, answer, more)
+    out, err = capsys.readouterr()
+    assert (status, json.loads(out), err, seen) == (0, {"ok": [1, 2]}, "", [(REGION, HOME, 3)])
+
+    def broken(maker: Any, args: Any) -> Any:
+        raise ValueError("no way\nat all")
+
+    status = child_main("prog", [], None, broken)
+    out, err = capsys.readouterr()
+    assert (status, json.loads(out), err) == (1, {"error": "ValueError", "message": "ValueError: no way at all"},
+                                              "ValueError: no way at all\n")

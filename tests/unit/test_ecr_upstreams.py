@@ -15,7 +15,7 @@ from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.python.failure import Failure
 
 from ecr_twisted.ecr.aws import EXTERNAL_ID_ENV
-from ecr_twisted.ecr.child import child_env
+from ecr_twisted.ecr.child import child_args, child_env
 from ecr_twisted.ecr.repositories import (
     STALE_FACTOR,
     CatalogDenied,
@@ -174,6 +174,38 @@ def test_lister_timeout_kills_the_child() -> None:
     reactor.advance(30)
     assert reactor.signals == ["KILL"] and got[0].check(ListingError) and "30 s" in str(got[0].value)
 
+
+
+def test_one_child_runner_serves_both_children() -> None:
+    """EcrChild: command line, environment made at each run (the proxy's own may change), the
+    caller's error class and name in failures; the token fetcher and the lister are built on it."""
+    from ecr_twisted.ecr.child import ChildFailed, EcrChild
+
+    class Failed(ChildFailed):
+        pass
+
+    reactor = FakeProcessReactor()
+    child = EcrChild(reactor, "some.module", role_spec(), Failed, "some child", extra=["--x", "1"],
+                     proxy_env={"HTTPS_PROXY": PROXY}, timeout=5, python="/py")
+    assert child.args == ["/py", "-m", "some.module", *child_args(role_spec()), "--x", "1"]
+    assert "ext-secret-42" not in repr(child) and "ext-secret-42" not in child.args
+    got: list[Any] = []
+    child.run().addBoth(got.append)
+    proto, executable, args, env = reactor.spawned[0]
+    assert executable == "/py" and args == child.args
+    assert env[EXTERNAL_ID_ENV] == "ext-secret-42" and env["HTTPS_PROXY"] == PROXY
+    ended(proto, b'{"error": "ThrottlingException"}', 1, b"ClientError: slow down\n")
+    assert got[0].check(Failed) and got[0].value.code == "ThrottlingException"
+    assert str(got[0].value) == "ClientError: slow down"
+    child.run().addBoth(got.append)
+    reactor.advance(5)
+    assert got[1].check(Failed) and str(got[1].value) == "some child gave no answer in 5 s"
+    fetcher = ProcessTokenFetcher.for_upstream(reactor, role_spec(), {"HTTPS_PROXY": PROXY}, timeout=7)
+    lister = RepositoryLister(reactor, role_spec(), {"HTTPS_PROXY": PROXY}, timeout=7)
+    for runner, module in ((fetcher.child, "ecr_twisted.ecr.fetch_token"),
+                           (lister.child, "ecr_twisted.ecr.list_repositories")):
+        assert runner.args[1:] == ["-m", module, *child_args(role_spec())]
+        assert (runner.proxy_env, runner.external_id, runner.timeout) == ({"HTTPS_PROXY": PROXY}, "ext-secret-42", 7)
 
 # ---------------------------------------------------------------- the cache
 

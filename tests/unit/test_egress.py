@@ -4,7 +4,9 @@ tunnel, over in-memory transports. Credentials never appear in what is shown or 
 from __future__ import annotations
 
 import base64
+import os
 import pathlib
+import urllib.request
 from dataclasses import replace
 from typing import Any, cast
 
@@ -181,6 +183,38 @@ def test_a_lower_case_name_set_to_nothing_means_no_proxy() -> None:
     """As in Python's urllib, which the ECR API child (botocore) goes by: both legs agree."""
     rules = EgressRules.from_settings(None, (("HTTPS_PROXY", "http://p:1"), ("https_proxy", "")))
     assert rules.proxy_for(REGISTRY) is None
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"HTTPS_PROXY": "http://upper:1", "https_proxy": ""},  # lower case set to nothing: no proxy
+        {"HTTPS_PROXY": "", "https_proxy": "http://lower:2"},
+        {"HTTPS_PROXY": "http://upper:1"},
+        {"HTTPS_PROXY": ""},
+        {"https_proxy": ""},
+        {"HTTP_PROXY": "http://upper:3", "http_proxy": "", "HTTPS_PROXY": "http://upper:1"},
+        {"HTTP_PROXY": "http://upper:3", "NO_PROXY": "registry.example", "no_proxy": ""},
+        {"HTTP_PROXY": "http://upper:3", "NO_PROXY": "registry.example"},
+        {"HTTP_PROXY": "http://upper:3", "no_proxy": "registry.example", "NO_PROXY": ""},
+    ],
+)
+def test_the_data_path_reads_the_environment_as_python_does(
+    environ: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the environment through Options to the rules, as botocore (urllib) in the ECR API
+    child reads the same variables: an empty lower-case one must reach the rules, not be dropped."""
+    o = Options(environ=environ)
+    o.parseOptions(["--anonymous", "--region", "eu-west-1", "--registry-id", "123456789012"])
+    rules = EgressRules.from_settings(None, o.settings.proxy_env)
+    monkeypatch.setattr(os, "environ", dict(environ))
+    proxies = urllib.request.getproxies_environment()
+    for origin in (REGISTRY, Origin("http", "registry.example")):
+        python = proxies.get(origin.scheme)
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]  # not in typeshed
+        if python is not None and bypass(origin.host, proxies):
+            python = None
+        assert rules.proxy_for(origin) == (parse_proxy_url(python) if python else None), origin
 
 
 def test_no_proxy_variables_means_no_rules() -> None:
@@ -669,7 +703,7 @@ def test_the_ecr_api_child_gets_the_egress_proxy_under_every_name() -> None:
     settings = ProxySettings(auth="none", region="eu-west-1", egress_proxy=URL)
     keeper = build_keeper(settings, MemoryReactorClock(), Metrics(CollectorRegistry()))
     environ = {"HTTPS_PROXY": "http://env:1", "https_proxy": "http://env:2", "NO_PROXY": "x", "PATH": "/bin"}
-    env = child_env(environ, keeper._fetcher._proxy_env)  # type: ignore[union-attr]
+    env = child_env(environ, keeper._fetcher.child.proxy_env)  # type: ignore[union-attr]
     assert env["HTTPS_PROXY"] == env["HTTP_PROXY"] == URL and "https_proxy" not in env  # no other spelling wins
     assert env["NO_PROXY"] == "x" and env["PATH"] == "/bin"
     assert environ["HTTPS_PROXY"] == "http://env:1"  # a copy

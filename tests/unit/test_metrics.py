@@ -16,7 +16,7 @@ def test_callers_naming_no_upstream_count_under_default() -> None:
     r = CollectorRegistry()
     m = Metrics(r)
     m.observe_upstream("registry", 0.02)
-    m.upstream_errors.labels("timeout").inc()
+    m.upstream_errors.labels("timeout", DEFAULT_UPSTREAM).inc()
     m.token_result("success", 1234.0)
     assert DEFAULT_UPSTREAM == "default"
     assert sample(r, "ecrproxy_upstream_response_seconds_count", target="registry", upstream="default") == 1
@@ -64,6 +64,13 @@ def test_an_unconfigured_upstream_is_a_wiring_error_not_a_new_series(call: str) 
         else:
             m.token_result("success", 1.0, "evil")
     assert 'upstream="evil"' not in generate_latest(r).decode()
+
+
+def test_an_upstream_error_always_names_its_upstream() -> None:
+    """The handler names the leg's upstream; a call without one is a wiring error, not "default"."""
+    m = Metrics(CollectorRegistry(), upstreams=("prod",))
+    with pytest.raises(TypeError):
+        m.upstream_errors.labels("timeout")  # type: ignore[call-arg]
 
 
 def test_label_children_are_looked_up_once() -> None:

@@ -635,7 +635,7 @@ def test_each_ecr_upstream_fetches_its_own_registry_token() -> None:
     metrics = Metrics(CollectorRegistry())
     reactor = MemoryReactorClock()
     made = {spec.name: build_keeper(settings, reactor, metrics, None, spec) for spec in (PROD, MAIN)}
-    args = {name: k._fetcher._args[3:] for name, k in made.items()}  # type: ignore[union-attr]
+    args = {name: k._fetcher.child.args[3:] for name, k in made.items()}  # type: ignore[union-attr]
     assert args == {"prod": ["--region", "eu-west-1", "--registry-id", "111111111111"],
                     "main": ["--region", "us-east-1", "--registry-id", "333333333333"]}
     registry = UpstreamSpec("hub", "registry", url="https://registry-1.docker.io", credentials="none", prefix="hub")
@@ -646,7 +646,7 @@ def test_each_ecr_upstream_fetches_its_own_registry_token() -> None:
     role = UpstreamSpec("shared", registry_id="222222222222", region="eu-west-1", credentials="role",
                         role_arn="arn:aws:iam::222222222222:role/pull", prefix="shared")
     keeper = build_keeper(settings, reactor, metrics, None, role)
-    argv = keeper._fetcher._args  # type: ignore[union-attr]
+    argv = keeper._fetcher.child.args  # type: ignore[union-attr]
     assert argv[argv.index("--role-arn") + 1] == "arn:aws:iam::222222222222:role/pull"
 
 
