@@ -133,6 +133,7 @@ class RepositoryCache:
         self._failed: CatalogError | None = None
         self._failed_at = float("-inf")
         self._serving_stale = False
+        self._failing = False  # a failure has been logged and no listing has worked since
         self._waiters: list[Deferred[list[str]]] | None = None  # not None: a call is under way
 
     def names(self) -> Deferred[list[str]]:
@@ -157,8 +158,8 @@ class RepositoryCache:
         now = self._clock.seconds()
         self._good, self._good_at = list(names), now
         self._failed = None
-        if self._serving_stale:
-            self._serving_stale = False
+        if self._serving_stale or self._failing:
+            self._serving_stale = self._failing = False
             self.log.info("repository listing of upstream {upstream} works again", upstream=self.upstream)
         self._settle(lambda d: d.callback(list(names)))
 
@@ -166,6 +167,13 @@ class RepositoryCache:
         now = self._clock.seconds()
         error = catalog_error(self.upstream, reason.value or Exception(reason.getErrorMessage()))
         self._failed, self._failed_at = error, now
+        if not self._failing and self._stale(error, now) is None:
+            # once per run of failures: AWS's own words are for the operator (clients get a fixed text)
+            self._failing = True
+            self.log.warn(
+                "repository listing of upstream {upstream} failed: {message}", upstream=self.upstream,
+                message=error.message,
+            )
         self._settle(lambda d: self._answer_failure(d, error, now))
 
     def _settle(self, fire: Any) -> None:

@@ -790,7 +790,7 @@ class RegistryProxy:
             name: str | None = place.private
         else:
             name = ctx.match.name if ctx.match is not None else None
-        return bearer.request_scope(name, ex.request.method, ctx.kind == routes.CATALOG)
+        return bearer.request_scope(name, ex.request.method)
 
     def _bearer_refused(self, ex: Exchange, ctx: _Ctx, leg: Leg, challenge: bearer.Challenge) -> None:
         """The registry wants a token from its token server: fetch one and retry once, when safe

@@ -236,10 +236,11 @@ def parse_token_answer(body: bytes, now: float) -> BearerToken | None:
     return BearerToken(b"Bearer " + token.encode("ascii"), now + lifetime)
 
 
-def request_scope(name: str | None, method: bytes, catalog: bool = False) -> str:
-    """The scope a request needs on the upstream (its private name): what a token is kept under."""
+def request_scope(name: str | None, method: bytes) -> str:
+    """The scope a request needs on the upstream (its private name): what a token is kept under
+    (`_catalog` never goes to a registry upstream: the proxy answers it)."""
     if name is None:
-        return "registry:catalog:*" if catalog else ""
+        return ""
     if method in (b"GET", b"HEAD"):
         return "repository:" + name + ":pull"
     return "repository:" + name + ":pull,push"

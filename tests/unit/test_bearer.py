@@ -223,20 +223,19 @@ def test_unusable_token_answers(body: bytes) -> None:
 
 
 @pytest.mark.parametrize(
-    "name, method, catalog, scope",
+    "name, method, scope",
     [
-        ("library/alpine", b"GET", False, "repository:library/alpine:pull"),
-        ("library/alpine", b"HEAD", False, "repository:library/alpine:pull"),
-        ("team/app", b"POST", False, "repository:team/app:pull,push"),
-        ("team/app", b"PATCH", False, "repository:team/app:pull,push"),
-        ("team/app", b"PUT", False, "repository:team/app:pull,push"),
-        ("team/app", b"DELETE", False, "repository:team/app:pull,push"),
-        (None, b"GET", False, ""),
-        (None, b"GET", True, "registry:catalog:*"),
+        ("library/alpine", b"GET", "repository:library/alpine:pull"),
+        ("library/alpine", b"HEAD", "repository:library/alpine:pull"),
+        ("team/app", b"POST", "repository:team/app:pull,push"),
+        ("team/app", b"PATCH", "repository:team/app:pull,push"),
+        ("team/app", b"PUT", "repository:team/app:pull,push"),
+        ("team/app", b"DELETE", "repository:team/app:pull,push"),
+        (None, b"GET", ""),
     ],
 )
-def test_request_scope(name: str | None, method: bytes, catalog: bool, scope: str) -> None:
-    assert request_scope(name, method, catalog) == scope
+def test_request_scope(name: str | None, method: bytes, scope: str) -> None:
+    assert request_scope(name, method) == scope
 
 
 def test_cache_keeps_a_token_per_scope_until_just_before_it_expires() -> None:

@@ -426,3 +426,24 @@ def test_the_implicit_upstreams_log_lines_are_as_before() -> None:
     keeper.start()
     assert formatEvent(events[0]).startswith("ECR token refreshed; expires in")
     keeper.stop()
+
+
+def test_a_failed_listing_is_logged_once_per_run_of_failures_with_aws_words() -> None:
+    """Clients are told only "denied" or "unavailable" (registry.catalog): AWS's own text, which
+    names the principal, goes to the operator's log, once until listing works again."""
+    clock, lister, c, events = cache(ttl=30, retry_after=5)
+    c.names()
+    lister.calls[0].errback(ListingError("User: arn:aws:iam::1:user/p is not authorized", "AccessDeniedException"))
+    clock.advance(5)
+    c.names()
+    lister.calls[1].errback(unavailable())
+    lines = [formatEvent(e) for e in events]
+    assert len(lines) == 1 and "prod" in lines[0] and "arn:aws:iam::1:user/p" in lines[0]
+    clock.advance(5)
+    c.names()
+    lister.calls[2].callback(["x"])
+    assert "works again" in formatEvent(events[-1])
+    clock.advance(60)
+    c.names()
+    lister.calls[3].errback(unavailable())
+    assert len(events) == 3 and "ThrottlingException" in formatEvent(events[-1])
