@@ -202,7 +202,8 @@ def config_file(ecr_prod: EmulatedECR, ecr_shared: EmulatedECR, moto_repos: None
 @pytest.fixture(scope="module")
 def mproxy(ecr_prod: EmulatedECR, config_file: pathlib.Path, module_proxy_factory: ProxyFactory) -> Proxy:
     """Anonymous proxy on the three upstreams; the AWS environment is account A's keys and nothing else."""
-    return module_proxy_factory.from_config(ecr_prod, config_file, token_keepers=len(UPSTREAMS))
+    # prod and mirror may share one keeper (same account, region and credentials): at least two per process
+    return module_proxy_factory.from_config(ecr_prod, config_file, token_keepers=2)
 
 
 @pytest.fixture(scope="module")
@@ -238,7 +239,7 @@ def policy_proxy(ecr_prod: EmulatedECR, config_file: pathlib.Path, module_proxy_
                  auth_files: dict[str, pathlib.Path]) -> Proxy:
     return module_proxy_factory.from_config(
         ecr_prod, config_file, "--auth", "basic", "--htpasswd", str(auth_files["htpasswd"]),
-        "--policy", str(auth_files["policy"]), anonymous=False, token_keepers=len(UPSTREAMS))
+        "--policy", str(auth_files["policy"]), anonymous=False, token_keepers=2)
 
 
 # ---------------------------------------------------------------- the emulators themselves
@@ -629,7 +630,9 @@ def test_readme_example_config_loads_and_starts(
     # AWS calls go to moto (botocore's endpoint variables): the example's accounts are not reachable here.
     # --port/--metrics-port on the command line win over the file's.
     env = {"AWS_ENDPOINT_URL_ECR": ecr_prod.ecr_endpoint_url, "AWS_ENDPOINT_URL_STS": ecr_prod.sts_endpoint_url}
-    p = proxy_factory.from_config(ecr_prod, path, wait="healthz", env_extra=env, env_drop=())
+    # who may use the proxy is the example's choice when it makes one; else anonymous (the proxy insists on one)
+    anonymous = "auth" not in data and "anonymous" not in data
+    p = proxy_factory.from_config(ecr_prod, path, wait="healthz", anonymous=anonymous, env_extra=env, env_drop=())
     assert p.alive()
     r = p.request("/v2/")
     assert r.status in (200, 401), (r.status, r.body)
@@ -672,9 +675,12 @@ def test_bad_config_file_one_clear_message(case: str, tmp_path: pathlib.Path) ->
     path = tmp_path / f"{case}.toml"
     path.write_text(text, encoding="utf-8")
     port = free_port()
+    argv = [str(TWISTD), "-n", "--pidfile=", "ecrproxy", "--config", str(path), "--port",
+            f"tcp:{port}:interface=127.0.0.1"]
+    if "auth =" not in text:
+        argv.append("--anonymous")  # the file is what is wrong, not a missing --auth choice
     proc = subprocess.run(
-        [str(TWISTD), "-n", "--pidfile=", "ecrproxy", "--config", str(path), "--port",
-         f"tcp:{port}:interface=127.0.0.1"],
+        argv,
         env=twistd_env(), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out
