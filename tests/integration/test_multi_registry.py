@@ -611,28 +611,34 @@ def test_tokens_of_both_upstreams_rotate(
 # ---------------------------------------------------------------- the config file itself
 def readme_example() -> str:
     text = (REPO_ROOT / "README.md").read_text("utf-8")
-    parts = text.split("<!-- example-config -->")
-    assert len(parts) == 3, "README.md must hold one example between two <!-- example-config --> markers"
-    m = re.search(r"```toml\n(.*?)```", parts[1], re.DOTALL)
-    assert m, "the example-config block holds no ```toml fence"
+    m = re.search(r"<!-- example-config -->\n```toml\n(.*?)```\n<!-- /example-config -->", text, re.DOTALL)
+    assert m, "README.md must hold its example config between <!-- example-config --> and <!-- /example-config -->"
     return m.group(1)
 
 
 def test_readme_example_config_loads_and_starts(
     ecr_prod: EmulatedECR, proxy_factory: ProxyFactory, tmp_path: pathlib.Path
 ) -> None:
-    """The annotated example, as is: valid TOML with an upstream list, accepted by twistd, the proxy listens."""
+    """The annotated example, as is, beside the files it names: twistd accepts it and the proxy listens."""
     example = readme_example()
     data = tomllib.loads(example)
     assert len(data.get("upstream", [])) >= 2, data
-    path = tmp_path / "example.toml"
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = etc / "ecrproxy.toml"
     path.write_text(example, encoding="utf-8")
-    # AWS calls go to moto (botocore's endpoint variables): the example's accounts are not reachable here.
-    # --port/--metrics-port on the command line win over the file's.
+    # the files it names beside itself (relative paths are from the file's directory)
+    write_htpasswd(str(etc / "htpasswd"), USERS)
+    (etc / "policy.toml").write_text(POLICY, encoding="utf-8")
+    (etc / "mirror-password").write_text("robot-secret\n", encoding="utf-8")
+    # the command line wins over the file: local ports, a cache directory here, and an egress proxy on
+    # 127.0.0.1 (nothing leaves the machine; the example's AWS accounts are not reachable anyway)
+    extra = ["--cache-dir", str(tmp_path / "cache"), "--egress-proxy", f"http://127.0.0.1:{free_port()}"]
     env = {"AWS_ENDPOINT_URL_ECR": ecr_prod.ecr_endpoint_url, "AWS_ENDPOINT_URL_STS": ecr_prod.sts_endpoint_url}
     # who may use the proxy is the example's choice when it makes one; else anonymous (the proxy insists on one)
     anonymous = "auth" not in data and "anonymous" not in data
-    p = proxy_factory.from_config(ecr_prod, path, wait="healthz", anonymous=anonymous, env_extra=env, env_drop=())
+    p = proxy_factory.from_config(ecr_prod, path, *extra, wait="healthz", anonymous=anonymous, env_extra=env,
+                                  env_drop=())
     assert p.alive()
     r = p.request("/v2/")
     assert r.status in (200, 401), (r.status, r.body)
