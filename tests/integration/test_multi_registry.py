@@ -452,7 +452,7 @@ def test_policy_allows_a_user_one_upstream_only(
     with pytest.raises(RuntimeError) as e:
         skopeo_copy(f"oci:{prod.layout_dir}:{prod.tag}", f"docker://{p.host}/shared/evil:{prod.tag}",
                     dest_creds=f"alice:{USERS['alice']}")
-    assert "denied" in str(e.value).lower(), e.value
+    assert "denied" in str(e.value).lower() or "403 (forbidden)" in str(e.value).lower(), e.value
     assert registry_tags(ecr_shared, "evil") == []
 
     # _catalog: alice sees prod only, bob shared and mirror only; the pages (n=2) never show the others
@@ -467,8 +467,9 @@ def test_policy_allows_a_user_one_upstream_only(
     skopeo_copy(f"docker://{p.host}/shared/lib/base:2.0", f"oci:{pull_dest}:2.0", src_creds=f"bob:{USERS['bob']}")
     assert_layout_matches(pull_dest, "2.0", shared)
     assert p.request("/v2/prod/app/manifests/1.0", headers={**bob, "Accept": MANIFEST_ACCEPT}).status == 403
-    # nobody anonymous
-    assert p.request("/v2/_catalog").status == 401
+    # anonymous may pull nothing here: an empty catalog
+    r = p.request("/v2/_catalog")
+    assert r.status == 200 and r.json()["repositories"] == [], (r.status, r.body)
 
 
 # ---------------------------------------------------------------- _catalog from DescribeRepositories
@@ -664,11 +665,11 @@ BAD_CONFIGS = {
     "two-defaults": (
         '[[upstream]]\nname = "a"\nregistry-id = "111111111111"\nregion = "us-east-1"\ndefault = true\n\n'
         '[[upstream]]\nname = "b"\nregistry-id = "222222222222"\nregion = "us-east-1"\ndefault = true\n',
-        (7, 8, 10), ["default"]),
+        (7, 8, 11), ["default"]),
     "duplicate-prefix": (
         '[[upstream]]\nname = "a"\nregistry-id = "111111111111"\nregion = "us-east-1"\nprefix = "x"\n\n'
         '[[upstream]]\nname = "b"\nregistry-id = "222222222222"\nregion = "us-east-1"\nprefix = "x"\n',
-        (7, 8, 10), ["prefix"]),
+        (7, 8, 11), ["prefix"]),
     "passthrough-with-upstreams": (
         'auth = "passthrough"\n\n[[upstream]]\nname = "a"\nregistry-id = "111111111111"\nregion = "us-east-1"\n'
         'prefix = "a"\n', (1,), ["passthrough"]),
