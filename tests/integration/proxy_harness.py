@@ -307,7 +307,7 @@ class Proxy:
             if wait == "healthz":
                 return self.ops("/healthz").status == 200
             if wait == "token":
-                return (self.metric("ecrproxy_token_refresh_total", result="success") or 0) >= 1
+                return self.metric_sum("ecrproxy_token_refresh_total", result="success") >= 1
             raise ValueError(wait)
 
         try:
@@ -374,6 +374,10 @@ class Proxy:
 
     def metric(self, name: str, **labels: str) -> float | None:
         return metric(self.metrics(), name, **labels)
+
+    def metric_sum(self, name: str, **labels: str) -> float:
+        """Summed over the labels not given (e.g. ``upstream`` of the token and upstream series)."""
+        return metric_sum(self.metrics(), name, **labels)
 
     def request(self, path: str, method: str = "GET", **kw: Any) -> Response:
         return http_request(self.url + path, method, **kw)

@@ -375,6 +375,59 @@ def test_host_routed_upstream_with_curl(
     assert c.status == 404 and error_code(c.body) == "NAME_UNKNOWN", (c.status, c.body)
 
 
+def test_without_the_role_account_b_refuses(
+    ecr_prod: EmulatedECR, ecr_shared: EmulatedECR, pushed: dict[str, ImageInfo], proxy_factory: ProxyFactory,
+    tmp_path: pathlib.Path,
+) -> None:
+    """The control of the role tests: the same upstream with the default chain (account A's keys) gets
+    account A's token, which B's registry refuses; so a pull through the role upstream used the role."""
+    upstreams = [ecr_upstream(ecr_prod, "prod", prefix="prod"), ecr_upstream(ecr_shared, "shared", prefix="shared")]
+    config = write_config(tmp_path / "no-role.toml", {"storage-hosts": TEST_STORAGE_HOSTS}, upstreams)
+    p = proxy_factory.from_config(ecr_prod, config, token_keepers=2)
+    r = p.request("/v2/shared/lib/base/manifests/2.0", headers={"Accept": MANIFEST_ACCEPT})
+    assert r.status >= 400 and r.body != pushed["shared"].manifest, (r.status, r.body)
+    r = p.request("/v2/prod/app/manifests/1.0", headers={"Accept": MANIFEST_ACCEPT})
+    assert r.status == 200 and r.body == pushed["prod"].manifest
+
+
+def test_layer_cache_stores_once_and_serves_only_what_each_upstream_confirms(
+    ecr_prod: EmulatedECR, ecr_shared: EmulatedECR, config_file: pathlib.Path, proxy_factory: ProxyFactory,
+    tmp_path: pathlib.Path,
+) -> None:
+    common = make_tar_layer({"common.txt": b"a layer both accounts hold\n", "data": os.urandom(200_000)})
+    a = make_oci_layout(tmp_path / "a", [common, os.urandom(50_000)], "1.0")
+    b = make_oci_layout(tmp_path / "b", [common, os.urandom(60_000)], "1.0")
+    push_direct(ecr_prod, a, "base/one")
+    push_direct(ecr_shared, b, "lib/common")
+    layer = a.layer_digests[0]
+    assert layer == b.layer_digests[0]
+    data = a.blob_path(layer).read_bytes()
+    cache = tmp_path / "cache"
+    # one process: what it fetched, it holds (X-Cache says so)
+    p = proxy_factory.from_config(ecr_prod, config_file, "--cache-dir", str(cache), "--workers", "1",
+                                  env_drop=("AWS_ENDPOINT_URL_ECR", "ECRPROXY_WORKERS"), token_keepers=2)
+    r = p.request(f"/v2/shared/lib/common/blobs/{layer}")
+    assert r.status == 200 and r.body == data
+    stored = cache / "blobs" / "sha256" / layer.split(":", 1)[1]
+    wait_for(lambda: stored.is_file() and stored.read_bytes() == data, 10, "the layer in the cache")
+    # account A's app does not hold it: never served from the cache, by prefix or by host
+    for method in ("GET", "HEAD"):
+        r = p.request(f"/v2/prod/app/blobs/{layer}", method)
+        assert r.status == 404 and r.header("X-Cache") != "HIT", (method, r.status, r.body)
+    c = curl(p, f"/v2/app/blobs/{layer}", host=MIRROR_HOST)
+    assert c.status == 404 and b"both accounts" not in c.body, (c.status, c.body)
+    # account A's base/one holds it: A confirms, and the one stored copy is served
+    r = p.request(f"/v2/prod/base/one/blobs/{layer}")
+    assert r.status == 200 and r.body == data and r.header("X-Cache") == "HIT", (r.status, r.header("X-Cache"))
+    copies = [q for q in cache.rglob("*") if q.is_file() and q.stat().st_size == len(data) and q.read_bytes() == data]
+    assert copies == [stored], copies
+    # what each repository was confirmed for is kept under public names
+    known = set((cache / "known").read_text("ascii").splitlines())
+    assert {f"shared/lib/common {layer}", f"prod/base/one {layer}"} <= known, known
+    assert not any(line.endswith(layer) and line.split()[0] in ("lib/common", "base/one", "app", "prod/app",
+                                                                 "mirror/app") for line in known), known
+
+
 # ---------------------------------------------------------------- mounts
 def test_mount_across_upstreams_becomes_a_plain_upload(
     mproxy: Proxy, ecr_prod: EmulatedECR, ecr_shared: EmulatedECR, pushed: dict[str, ImageInfo]
