@@ -606,6 +606,19 @@ class RssSampler:
         return max(self.samples) if self.samples else 0
 
 
+def ensure_repositories(ecr: EmulatedECR, *names: str) -> None:
+    """Create repositories in the emulator's ECR API (moto): what DescribeRepositories, so _catalog, lists.
+
+    Pushing to the emulated registry does not create them there, as a real ECR push needs them first.
+    """
+    client = ecr.client("ecr")
+    for name in names:
+        try:
+            client.create_repository(repositoryName=name)
+        except client.exceptions.RepositoryAlreadyExistsException:
+            pass
+
+
 # ---------------------------------------------------------------- images
 def push_direct(ecr: EmulatedECR, info: ImageInfo, repo: str, timeout: float = 300) -> None:
     """Push straight to the emulated registry (setup for tests that only pull)."""
