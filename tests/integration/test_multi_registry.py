@@ -41,6 +41,7 @@ from proxy_harness import (
     assert_layout_matches,
     assert_no_secret,
     ecr_upstream,
+    ensure_repositories,
     free_port,
     http_request,
     label_values,
@@ -171,13 +172,8 @@ def twistd_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def moto_repos(ecr_prod: EmulatedECR, ecr_shared: EmulatedECR) -> None:
     """Repositories in each account's ECR API (not in the registries): what _catalog must come from."""
-    for ecr, names in ((ecr_prod, PROD_REPOS), (ecr_shared, SHARED_REPOS)):
-        client = ecr.client("ecr")
-        for name in names:
-            try:
-                client.create_repository(repositoryName=name)
-            except client.exceptions.RepositoryAlreadyExistsException:
-                pass
+    ensure_repositories(ecr_prod, *PROD_REPOS)
+    ensure_repositories(ecr_shared, *SHARED_REPOS)
 
 
 def multi_upstreams(ecr_prod: EmulatedECR, ecr_shared: EmulatedECR, **shared_keys: Any) -> list[dict[str, Any]]:
@@ -553,7 +549,8 @@ def collect_catalog(p: Proxy, n: int, headers: Mapping[str, str] | None = None) 
 
 
 def test_catalog_comes_from_describe_repositories(
-    mproxy: Proxy, ecr_prod: EmulatedECR, pushed: dict[str, ImageInfo], tmp_path: pathlib.Path
+    mproxy: Proxy, ecr_prod: EmulatedECR, ecr_shared: EmulatedECR, pushed: dict[str, ImageInfo],
+    tmp_path: pathlib.Path,
 ) -> None:
     # a repository only in the registry (pushed straight to it, never created in the ECR API)
     push_direct(ecr_prod, pushed["prod"], "only-in-registry")
@@ -577,6 +574,14 @@ def test_catalog_comes_from_describe_repositories(
     assert r.json()["repositories"] == [n for n in CATALOG if n > "prod/app"][:2]
     r = mproxy.request(f"/v2/_catalog?n=100&last={CATALOG[-1]}")
     assert r.status == 200 and r.json()["repositories"] == [] and r.header("Link") is None
+
+    # the listing is reused for a short TTL (catalog-ttl = 2 in the file), then asked again
+    ensure_repositories(ecr_shared, "lib/late")
+    try:
+        wait_for(lambda: "shared/lib/late" in mproxy.request("/v2/_catalog").json()["repositories"], 20,
+                 "a new repository in _catalog after the TTL")
+    finally:
+        ecr_shared.client("ecr").delete_repository(repositoryName="lib/late")
 
 
 # ---------------------------------------------------------------- failures and rotation
