@@ -352,7 +352,8 @@ def test_tags_list_pagination_link_keeps_the_public_name(
 def test_host_routed_upstream_with_curl(
     mproxy: Proxy, pushed: dict[str, ImageInfo]
 ) -> None:
-    """mirror.localhost/<repo> is account A's <repo>; the same path on another host names no upstream."""
+    """mirror.localhost/<repo> is account A's <repo>, also reached as mirror/<repo> on the proxy's other names;
+    <repo> alone there names no upstream (no default)."""
     info = pushed["prod"]
     c = curl(mproxy, "/v2/app/manifests/1.0", host=MIRROR_HOST, headers={"Accept": MANIFEST_ACCEPT})
     assert c.status == 200, (c.status, c.body[:300])
@@ -368,9 +369,14 @@ def test_host_routed_upstream_with_curl(
     # no default upstream: a first component that is no prefix is unknown on the proxy's own name
     c = curl(mproxy, "/v2/app/manifests/1.0", headers={"Accept": MANIFEST_ACCEPT})
     assert c.status == 404 and error_code(c.body) == "NAME_UNKNOWN", (c.status, c.body)
-    # and the host-only upstream has no path prefix on another host
+    # on another host the host-only upstream is reached under its name: its public name, one repository
     c = curl(mproxy, "/v2/mirror/app/manifests/1.0", headers={"Accept": MANIFEST_ACCEPT})
-    assert c.status == 404 and error_code(c.body) == "NAME_UNKNOWN", (c.status, c.body)
+    assert c.status == 200 and c.body == info.manifest, (c.status, c.body)
+    c = curl(mproxy, "/v2/mirror/app/tags/list")
+    assert c.status == 200 and json.loads(c.body) == {"name": "mirror/app", "tags": ["1.0"]}
+    # _catalog names repositories as the host it is asked on calls them: there, only mirror's, bare
+    c = curl(mproxy, "/v2/_catalog", host=MIRROR_HOST)
+    assert c.status == 200 and json.loads(c.body) == {"repositories": sorted(PROD_REPOS)}, c.body
 
 
 def test_without_the_role_account_b_refuses(
@@ -425,6 +431,35 @@ def test_layer_cache_stores_once_and_serves_only_what_each_upstream_confirms(
     assert {f"shared/lib/common {layer}", f"prod/base/one {layer}"} <= known, known
     assert not any(line.endswith(layer) and line.split()[0] in ("lib/common", "base/one", "app", "prod/app",
                                                                  "mirror/app") for line in known), known
+
+
+def test_default_upstream_never_shadows_a_prefix(
+    ecr_prod: EmulatedECR, ecr_shared: EmulatedECR, pushed: dict[str, ImageInfo], proxy_factory: ProxyFactory,
+    tmp_path: pathlib.Path,
+) -> None:
+    """With a default upstream, bare names go there; a default-upstream repository whose name starts with
+    another upstream's prefix is out of reach, so no public name means two repositories (nor in _catalog)."""
+    hidden = make_oci_layout(tmp_path / "hidden", [os.urandom(40_000)], "9.9")
+    push_direct(ecr_prod, hidden, "shared/lib/base")  # account A's "shared/lib/base": shadowed by the prefix
+    ensure_repositories(ecr_prod, "shared/lib/base")
+    try:
+        upstreams = multi_upstreams(ecr_prod, ecr_shared)[:2]
+        upstreams[0] = ecr_upstream(ecr_prod, "prod", default=True)
+        config = write_config(tmp_path / "default.toml", {"storage-hosts": TEST_STORAGE_HOSTS}, upstreams)
+        p = proxy_factory.from_config(ecr_prod, config, token_keepers=2)
+        r = p.request("/v2/app/manifests/1.0", headers={"Accept": MANIFEST_ACCEPT})
+        assert r.status == 200 and r.body == pushed["prod"].manifest, (r.status, r.body)
+        # shared/lib/base is account B's lib/base, never account A's repository of that name
+        r = p.request("/v2/shared/lib/base/tags/list")
+        assert r.status == 200 and "9.9" not in r.json()["tags"] and "2.0" in r.json()["tags"], r.body
+        r = p.request("/v2/shared/lib/base/manifests/9.9", headers={"Accept": MANIFEST_ACCEPT})
+        assert r.status == 404 and r.body != hidden.manifest, (r.status, r.body)
+        r = p.request("/v2/_catalog")
+        assert r.status == 200
+        names = r.json()["repositories"]
+        assert names.count("shared/lib/base") == 1 and "app" in names and "prod/app" not in names, names
+    finally:
+        ecr_prod.client("ecr").delete_repository(repositoryName="shared/lib/base", force=True)
 
 
 # ---------------------------------------------------------------- mounts
