@@ -6,7 +6,13 @@ wrapper patches it to return the token described by a JSON file that is re-read
 on every call, so a test fixture can rotate the token (and its expiry) while the
 server keeps running::
 
-    {"password": "...", "expires_at": 1700000000.0}
+    {"password": "...", "expires_at": 1700000000.0,
+     "accounts": {"222222222222": {"password": "...", "expires_at": 1700000000.0}}}
+
+``accounts`` (optional) gives another token to the callers moto counts as that account: moto
+derives the account from the request's access key unless MOTO_ACCOUNT_ID is set, so the
+credentials STS's AssumeRole hands out for a role in account B get account B's token, and a
+test registry accepting only that token proves the role's credentials were used.
 
 Usage: ``python -m ecr_twisted.testing._motoserver --port N --token-file F [--host H]``
 """
@@ -25,10 +31,16 @@ __all__ = ["DEFAULT_ACCOUNT", "install_token_patch", "main", "read_token_file"]
 DEFAULT_ACCOUNT = "123456789012"
 
 
-def read_token_file(path: pathlib.Path) -> tuple[str, float]:
-    """Return (password, expires_at) from the token file; re-read on each call so rotation is live."""
+def read_token_file(path: pathlib.Path, account: str | None = None) -> tuple[str, float]:
+    """Return (password, expires_at) for ``account`` (its own entry, else the top-level one).
+
+    Re-read on each call so rotation is live.
+    """
     data = json.loads(path.read_text(encoding="utf-8"))
-    return str(data["password"]), float(data["expires_at"])
+    entry = (data.get("accounts") or {}).get(account) if account is not None else None
+    if entry is None:
+        entry = data
+    return str(entry["password"]), float(entry["expires_at"])
 
 
 def install_token_patch(token_file: pathlib.Path) -> None:
@@ -38,7 +50,9 @@ def install_token_patch(token_file: pathlib.Path) -> None:
 
     def get_authorization_token(self: Any) -> Any:
         registry_ids = self._get_param("registryIds") or [self.current_account or DEFAULT_ACCOUNT]
-        password, expires_at = read_token_file(token_file)
+        # the caller's account (from its access key), not the registryIds it asks for: ECR answers
+        # with the caller's own token whatever registry it names
+        password, expires_at = read_token_file(token_file, self.current_account)
         token = b64encode(f"AWS:{password}".encode("utf-8")).decode("ascii")
         expires = datetime.fromtimestamp(expires_at, tz=timezone.utc)
         auth_data = [

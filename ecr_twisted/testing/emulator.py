@@ -14,6 +14,13 @@ Rotating the token rewrites both the moto token file and the htpasswd file by
 atomic rename; distribution stats the htpasswd file on every authenticated
 request and reloads it when its mtime changes, so no restart is needed.
 
+Several accounts on one moto (``multi_account=True`` on the first emulator, ``moto_of=first`` on
+the others): moto then derives the caller's account from its access key instead of
+``MOTO_ACCOUNT_ID``, each emulator gets an IAM access key of its own account (``env()``,
+:meth:`EmulatedECR.client`), each its own registry, bucket and password, and the shared token file
+holds one token per account. STS's AssumeRole for :meth:`EmulatedECR.role_arn` hands out
+credentials moto counts as that account, so only they get that account's token.
+
 Two switches exist for benchmarks only (``bench/run.py``); tests keep the defaults,
 which behave like ECR:
 
@@ -236,7 +243,13 @@ class EmulatedECR:
         storage: str = "s3",
         auth: str = "htpasswd",
         delete: bool = False,
+        multi_account: bool = False,
+        moto_of: EmulatedECR | None = None,
     ) -> None:
+        """``multi_account``: moto tells accounts apart by access key (several emulators on it);
+        ``moto_of``: use that started ``multi_account`` emulator's moto instead of starting one."""
+        if moto_of is not None and not moto_of.multi_account:
+            raise ValueError("moto_of needs an emulator started with multi_account=True")
         if storage not in STORAGE_DRIVERS:
             raise ValueError(f"storage must be one of {STORAGE_DRIVERS}, not {storage!r}")
         if auth not in AUTH_MODES:
@@ -248,13 +261,26 @@ class EmulatedECR:
         self.delete = delete  # distribution's storage.delete.enabled (ECR takes manifest deletes)
         self.region = region
         self.registry_id = account
+        self.multi_account: bool = multi_account or moto_of is not None
+        self.moto_of = moto_of
+        #: Credentials moto counts as ``account`` (an IAM key of that account in multi-account mode,
+        #: known after start(); else the dummy key, which MOTO_ACCOUNT_ID makes this account).
+        self.access_key_id = DUMMY_KEY
+        self.secret_access_key = DUMMY_KEY
+        #: The owner of a shared moto: every account's (password, expiry), written as one token file.
+        self._moto_tokens: dict[str, tuple[str, float]] = {}
+        self._started = False
         self.token_lifetime = token_lifetime
         #: The password the registry currently accepts (htpasswd).
         self.password: str = password if password is not None else random_password()
         #: The password moto currently hands out, and its expiry (unix seconds).
         self.moto_password: str = self.password
         self.moto_expires_at: float = 0.0
-        self.bucket = f"prod-{region}-starport-layer-bucket"
+        # several registries on one moto S3 must not share a bucket (nor its repositories)
+        self.bucket = (
+            f"prod-{region}-{account}-starport-layer-bucket" if self.multi_account
+            else f"prod-{region}-starport-layer-bucket"
+        )
         self.ca_file: pathlib.Path | None = None
         self._cert_file: pathlib.Path | None = None
         self._key_file: pathlib.Path | None = None
@@ -268,11 +294,11 @@ class EmulatedECR:
         self._lock = threading.RLock()
         self._atexit_registered = False
 
-        self.token_file = self.workdir / "moto-token.json"
+        self.token_file: pathlib.Path = moto_of.token_file if moto_of is not None else self.workdir / "moto-token.json"
         self.htpasswd_file = self.workdir / "htpasswd"
         self.registry_config = self.workdir / "registry-config.yml"
         self.registry_log = self.workdir / "registry.log"
-        self.moto_log = self.workdir / "moto.log"
+        self.moto_log: pathlib.Path = moto_of.moto_log if moto_of is not None else self.workdir / "moto.log"
         #: Where the ``filesystem`` storage driver keeps blobs and manifests.
         self.storage_dir = self.workdir / "registry-storage"
 
@@ -281,6 +307,29 @@ class EmulatedECR:
     def ecr_endpoint_url(self) -> str:
         """ECR API endpoint (moto), for botocore's ``endpoint_url``."""
         return f"http://127.0.0.1:{self._need(self._moto_port)}"
+
+    @property
+    def sts_endpoint_url(self) -> str:
+        """STS endpoint (the same moto port): AssumeRole for the multi-account tests."""
+        return self.ecr_endpoint_url
+
+    def role_arn(self, name: str = "ecr-twisted-test") -> str:
+        """A role in this emulator's account; moto's STS lets anyone assume it (it need not exist)."""
+        return f"arn:aws:iam::{self.registry_id}:role/{name}"
+
+    def client(self, service: str, **kwargs: Any) -> Any:
+        """A botocore client on this emulator's moto that moto counts as this emulator's account."""
+        import botocore.session
+
+        session = botocore.session.get_session()
+        options: dict[str, Any] = {
+            "region_name": self.region,
+            "endpoint_url": self.ecr_endpoint_url,
+            "aws_access_key_id": self.access_key_id,
+            "aws_secret_access_key": self.secret_access_key,
+            **kwargs,
+        }
+        return session.create_client(service, **options)
 
     @property
     def s3_endpoint_url(self) -> str:
@@ -317,8 +366,8 @@ class EmulatedECR:
         deliberately not included.  Meant to be overlaid on ``os.environ``.
         """
         return {
-            "AWS_ACCESS_KEY_ID": DUMMY_KEY,
-            "AWS_SECRET_ACCESS_KEY": DUMMY_KEY,
+            "AWS_ACCESS_KEY_ID": self.access_key_id,
+            "AWS_SECRET_ACCESS_KEY": self.secret_access_key,
             "AWS_DEFAULT_REGION": self.region,
             "AWS_REGION": self.region,
             "AWS_EC2_METADATA_DISABLED": "true",
@@ -349,8 +398,10 @@ class EmulatedECR:
     def start(self) -> None:
         """Start moto, create the bucket, then start the registry; wait until both answer."""
         with self._lock:
-            if self._moto is not None:
+            if self._started:
                 raise RuntimeError("already started")
+            if self.moto_of is not None and not self.moto_of._started:
+                raise RuntimeError("start the emulator named by moto_of first")
             if not os.access(REGISTRY_BINARY, os.X_OK):
                 raise RuntimeError(f"{REGISTRY_BINARY} not found (apt-get install docker-registry)")
             self.workdir.mkdir(parents=True, exist_ok=True)
@@ -364,7 +415,13 @@ class EmulatedECR:
                 expires_at = self.moto_expires_at or time.time() + self.token_lifetime
                 self.set_moto_token(self.moto_password, expires_at)
                 self._write_htpasswd(self.password)
-                self._start_moto()
+                if self.moto_of is None:
+                    self._start_moto()
+                else:
+                    self._moto_port = self.moto_of._moto_port
+                self._started = True
+                if self.multi_account:
+                    self._create_access_key()
                 if self.storage == "s3":
                     self._create_bucket()
                 self._registry_port = None
@@ -381,6 +438,7 @@ class EmulatedECR:
                     _terminate(proc)
             self._registry = None
             self._moto = None
+            self._started = False
             for f in self._logs:
                 with contextlib.suppress(OSError):
                     f.close()
@@ -401,7 +459,7 @@ class EmulatedECR:
     def start_registry(self) -> None:
         """(Re)start the registry, on the same port as before if it ran already; waits for readiness."""
         with self._lock:
-            if self._moto is None:
+            if not self._started:
                 raise RuntimeError("start() first")
             if self._registry is not None and self._registry.poll() is None:
                 return
@@ -445,12 +503,22 @@ class EmulatedECR:
         self.set_registry_password(password)
 
     def set_moto_token(self, password: str, expires_at: float) -> None:
-        """Change only what GetAuthorizationToken returns (moto re-reads the file on each call)."""
-        body = json.dumps({"password": password, "expires_at": float(expires_at)}).encode("utf-8")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.token_file, body)
+        """Change only what GetAuthorizationToken returns to this account (moto re-reads the file on each call)."""
+        owner = self.moto_of or self
+        owner._write_moto_token(self.registry_id, password, float(expires_at))
         self.moto_password = password
         self.moto_expires_at = float(expires_at)
+
+    def _write_moto_token(self, account: str, password: str, expires_at: float) -> None:
+        """One token file for every account on this moto: the owner's token on top, each account's under it."""
+        with self._lock:
+            self._moto_tokens[account] = (password, expires_at)
+            top = self._moto_tokens.get(self.registry_id, (password, expires_at))
+            data: dict[str, Any] = {"password": top[0], "expires_at": top[1]}
+            if self.multi_account:
+                data["accounts"] = {a: {"password": p, "expires_at": e} for a, (p, e) in self._moto_tokens.items()}
+            self.workdir.mkdir(parents=True, exist_ok=True)
+            _atomic_write(self.token_file, json.dumps(data).encode("utf-8"))
 
     def set_registry_password(self, password: str) -> None:
         """Change only the password the registry accepts; waits until the running registry applies it.
@@ -498,7 +566,10 @@ class EmulatedECR:
         src_root = str(pathlib.Path(__file__).resolve().parents[2])  # the directory holding ecr_twisted/
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH", "")) if p)
-        env["MOTO_ACCOUNT_ID"] = self.registry_id
+        if self.multi_account:
+            env.pop("MOTO_ACCOUNT_ID", None)  # the account comes from each request's access key
+        else:
+            env["MOTO_ACCOUNT_ID"] = self.registry_id
         env["PYTHONUNBUFFERED"] = "1"
         for attempt in range(3):
             self._moto_port = _free_port()
@@ -532,6 +603,28 @@ class EmulatedECR:
             return True
         finally:
             conn.close()
+
+    def _create_access_key(self) -> None:
+        """An IAM user and access key in this account: moto counts requests signed with it as this account."""
+        import botocore.session
+
+        iam = botocore.session.get_session().create_client(
+            "iam", region_name="us-east-1", endpoint_url=self.ecr_endpoint_url,
+            aws_access_key_id=DUMMY_KEY, aws_secret_access_key=DUMMY_KEY,
+        )
+
+        def in_account(request: Any, **_: Any) -> None:
+            request.headers["x-moto-account-id"] = self.registry_id
+
+        iam.meta.events.register("before-sign.iam", in_account)
+        user = f"ecr-twisted-{self.registry_id}"
+        try:
+            iam.create_user(UserName=user)
+        except iam.exceptions.EntityAlreadyExistsException:
+            pass
+        key = iam.create_access_key(UserName=user)["AccessKey"]
+        self.access_key_id = key["AccessKeyId"]
+        self.secret_access_key = key["SecretAccessKey"]
 
     def _create_bucket(self) -> None:
         import botocore.config

@@ -1,6 +1,9 @@
 """Fixtures for the integration tests: the emulated ECR and real ``twistd ecrproxy`` processes.
 
 * ``ecr``: one EmulatedECR for the whole session (tests that break it get their own);
+* ``ecr_prod`` / ``ecr_shared``: two emulated ECR registries of two accounts and regions on one moto
+  (multi-registry tests): only credentials moto counts as account B (STS AssumeRole of
+  ``ecr_shared.role_arn()``) get the token ``ecr_shared``'s registry accepts;
 * ``proxy_factory``: start proxies with extra arguments, stopped after the test;
 * ``module_proxy_factory``: the same, stopped after the module;
 * ``proxy``: one default proxy (stream mode) per module on ``ecr``;
@@ -48,6 +51,27 @@ def pytest_runtest_makereport(
 def ecr(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedECR]:
     """The shared emulated ECR. Tests that change its token must put it back."""
     with EmulatedECR(tmp_path_factory.mktemp("ecr")) as emu:
+        yield emu
+
+
+#: the two accounts of the multi-registry tests (and their regions: cross-account and cross-region at once)
+PROD_ACCOUNT, PROD_REGION = "111111111111", "us-east-1"
+SHARED_ACCOUNT, SHARED_REGION = "222222222222", "eu-west-1"
+
+
+@pytest.fixture(scope="session")
+def ecr_prod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedECR]:
+    """Account A's registry; its moto (account by access key) serves ``ecr_shared`` too. Put tokens back."""
+    with EmulatedECR(tmp_path_factory.mktemp("ecr-prod"), account=PROD_ACCOUNT, region=PROD_REGION,
+                     multi_account=True) as emu:
+        yield emu
+
+
+@pytest.fixture(scope="session")
+def ecr_shared(ecr_prod: EmulatedECR, tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmulatedECR]:
+    """Account B's registry on ``ecr_prod``'s moto, with its own password, bucket and IAM key."""
+    with EmulatedECR(tmp_path_factory.mktemp("ecr-shared"), account=SHARED_ACCOUNT, region=SHARED_REGION,
+                     moto_of=ecr_prod) as emu:
         yield emu
 
 

@@ -209,6 +209,17 @@ def metric(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], nam
     return sum(found) if found else None
 
 
+def metric_sum(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+    """The sum of every ``name`` sample having at least ``labels`` (others, like ``upstream``, summed over)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
+
+
+def label_values(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], label: str) -> set[str]:
+    """Every value ``label`` takes in an exposition (e.g. the ``upstream`` names of a multi-registry proxy)."""
+    return {v for (_, ls) in samples for k, v in ls if k == label}
+
+
 # ---------------------------------------------------------------- the proxy process
 class Proxy:
     """One ``twistd -n ecrproxy`` process, its log file and its ports."""
@@ -233,6 +244,8 @@ class Proxy:
         self.scheme = scheme
         self.name = name
         self.argv0 = list(argv0) if argv0 is not None else [str(TWISTD)]
+        #: how many token keepers each process has (a proxy with an upstream list: one per upstream)
+        self.token_keepers = 1
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -295,11 +308,13 @@ class Proxy:
                     return False
                 # under ECRTEST_WORKERS=N a proxy is ready when every process holds a token
                 # (children listen only then); tests that count refreshes start from there
-                return (self.metric("ecrproxy_token_refresh_total", result="success") or 0) >= TEST_WORKERS
+                # (summed over the upstream label of a proxy with several upstreams: one token each)
+                refreshed = metric_sum(self.metrics(), "ecrproxy_token_refresh_total", result="success")
+                return refreshed >= TEST_WORKERS * self.token_keepers
             if wait == "healthz":
                 return self.ops("/healthz").status == 200
             if wait == "token":
-                return (self.metric("ecrproxy_token_refresh_total", result="success") or 0) >= 1
+                return self.metric_sum("ecrproxy_token_refresh_total", result="success") >= 1
             raise ValueError(wait)
 
         try:
@@ -366,6 +381,10 @@ class Proxy:
 
     def metric(self, name: str, **labels: str) -> float | None:
         return metric(self.metrics(), name, **labels)
+
+    def metric_sum(self, name: str, **labels: str) -> float:
+        """Summed over the labels not given (e.g. ``upstream`` of the token and upstream series)."""
+        return metric_sum(self.metrics(), name, **labels)
 
     def request(self, path: str, method: str = "GET", **kw: Any) -> Response:
         return http_request(self.url + path, method, **kw)
@@ -472,10 +491,81 @@ class ProxyFactory:
             proxy.start(wait=wait)
         return proxy
 
+    def from_config(
+        self,
+        ecr: EmulatedECR,
+        config: pathlib.Path,
+        *extra: str,
+        token_keepers: int = 1,
+        anonymous: bool = True,
+        wait: str | None = "ready",
+        env_extra: Mapping[str, str] | None = None,
+        env_drop: Iterable[str] = ("AWS_ENDPOINT_URL_ECR",),
+    ) -> Proxy:
+        """A proxy configured by ``--config FILE`` (its upstream list) rather than --registry-id/--upstream.
+
+        ``ecr`` gives the environment (its account's AWS keys); its ECR endpoint variable is dropped by
+        default, so the upstreams' own ``ecr-endpoint-url`` keys are what reach moto.
+        """
+        self._n += 1
+        name = f"proxy{self._n}"
+        port, metrics_port = free_port(), free_port()
+        args = ["-n", "--pidfile=", "ecrproxy", "--config", str(config),
+                "--port", f"tcp:{port}:interface=127.0.0.1",
+                "--metrics-port", f"tcp:{metrics_port}:interface=127.0.0.1"]
+        if anonymous:
+            args.append("--anonymous")
+        args += list(extra)
+        proxy = Proxy(args, proxy_env(ecr, extra=env_extra, drop=env_drop), self.tmp_dir / f"{name}.log",
+                      port=port, metrics_port=metrics_port, name=name)
+        proxy.token_keepers = token_keepers
+        self.proxies.append(proxy)
+        proxy.start(wait=wait)
+        return proxy
+
     def close(self) -> None:
         for p in self.proxies:
             p.stop()
         self.proxies.clear()
+
+
+# ---------------------------------------------------------------- config files (--config)
+def toml_value(value: Any) -> str:
+    """One TOML value (strings, booleans, numbers, lists of them): enough for test config files."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def write_config(
+    path: pathlib.Path, settings: Mapping[str, Any], upstreams: Sequence[Mapping[str, Any]]
+) -> pathlib.Path:
+    """Write a ``--config`` file: top-level options (names as on the command line), then ``[[upstream]]`` tables."""
+    lines = [f"{k} = {toml_value(v)}" for k, v in settings.items()]
+    for table in upstreams:
+        lines += ["", "[[upstream]]", *(f"{k} = {toml_value(v)}" for k, v in table.items())]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def ecr_upstream(ecr: EmulatedECR, name: str, **keys: Any) -> dict[str, Any]:
+    """An ``[[upstream]]`` table for an emulated ECR registry: its account, region, registry URL (the token's
+    proxyEndpoint names a fake AWS host) and moto's ECR endpoint; ``keys`` (underscores for dashes) add to it."""
+    table: dict[str, Any] = {
+        "name": name,
+        "registry-id": ecr.registry_id,
+        "region": ecr.region,
+        "url": ecr.upstream_url,
+        "ecr-endpoint-url": ecr.ecr_endpoint_url,
+    }
+    table.update({k.replace("_", "-"): v for k, v in keys.items()})
+    return table
 
 
 def run_twistd(args: Sequence[str], env: Mapping[str, str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -521,6 +611,19 @@ class RssSampler:
     @property
     def peak(self) -> int:
         return max(self.samples) if self.samples else 0
+
+
+def ensure_repositories(ecr: EmulatedECR, *names: str) -> None:
+    """Create repositories in the emulator's ECR API (moto): what DescribeRepositories, so _catalog, lists.
+
+    Pushing to the emulated registry does not create them there, as a real ECR push needs them first.
+    """
+    client = ecr.client("ecr")
+    for name in names:
+        try:
+            client.create_repository(repositoryName=name)
+        except client.exceptions.RepositoryAlreadyExistsException:
+            pass
 
 
 # ---------------------------------------------------------------- images

@@ -24,6 +24,7 @@ from proxy_harness import (
     RecordingRelay,
     Response,
     connection,
+    ensure_repositories,
     http_request,
     raw_exchange,
     target_of,
@@ -273,15 +274,24 @@ def test_public_url_option(public_proxy: Proxy) -> None:
     assert hashlib.sha256(got.body).hexdigest() == digest.split(":", 1)[1]
 
 
-def test_catalog_link_passes_through(proxy: Proxy, ecr: EmulatedECR) -> None:
-    _upload_monolithic(proxy, "proto/catalog-a", b"a")  # make sure there are a few repositories
-    _upload_monolithic(proxy, "proto/catalog-b", b"b")
-    direct = http_request(f"{ecr.upstream_url}/v2/_catalog?n=1", password=ecr.password)
+def test_catalog_from_the_ecr_api_with_its_own_link(proxy: Proxy, ecr: EmulatedECR) -> None:
+    """ECR answers 405 to _catalog: the proxy lists DescribeRepositories (moto), paginated with a Link of its own."""
+    _upload_monolithic(proxy, "proto/only-in-registry", b"a")  # the registry's own catalog lists it, ECR's not
+    assert "proto/only-in-registry" in http_request(
+        f"{ecr.upstream_url}/v2/_catalog", password=ecr.password).json()["repositories"]
+    ensure_repositories(ecr, "proto/catalog-a", "proto/catalog-b")
+    names = sorted(r["repositoryName"] for r in ecr.client("ecr").describe_repositories()["repositories"])
+    assert len(names) >= 2
     via = proxy.request("/v2/_catalog?n=1")
-    assert via.status == direct.status == 200
-    assert via.json() == direct.json()
-    assert direct.header("Link") is not None
-    assert via.header("Link") == direct.header("Link")  # relative: nothing to rewrite
+    assert via.status == 200 and via.json() == {"repositories": names[:1]}, via.body
+    m = re.fullmatch(r'<([^>]+)>;\s*rel="next"', via.header("Link") or "")
+    assert m, via.header("Link")
+    link = urllib.parse.urlsplit(m.group(1))
+    assert link.path == "/v2/_catalog" and not link.netloc  # relative: the client's own host
+    assert urllib.parse.parse_qs(link.query) == {"last": [names[0]], "n": ["1"]}
+    assert proxy.request(m.group(1)).json() == {"repositories": names[1:2]}
+    full = proxy.request("/v2/_catalog")
+    assert full.status == 200 and full.json()["repositories"] == names and full.header("Link") is None
 
 
 def test_expect_100_continue_upload(proxy: Proxy) -> None:

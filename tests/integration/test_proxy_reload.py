@@ -75,8 +75,12 @@ def test_renewed_certificate_is_served_without_a_restart(
     users.write_bytes(users.read_bytes() + b"bob:" + bcrypt.hashpw(b"pw2", bcrypt.gensalt(4)) + b"\n")
     _install(key, first_key.read_bytes())
     os.kill(pid, signal.SIGHUP)
-    wait_for(lambda: "SIGHUP: re-read" in p.log_text(), 10, "the SIGHUP reload line")
-    line = [ln for ln in p.log_text().splitlines() if "SIGHUP: re-read" in ln][-1]
+    # "SIGHUP: re-reading ..." comes first (the signal); the line naming what changed follows it
+    def changed_lines() -> list[str]:
+        return [ln for ln in p.log_text().splitlines() if "SIGHUP: re-read " in ln]
+
+    wait_for(changed_lines, 10, "the SIGHUP reload line")
+    line = changed_lines()[-1]
     assert str(cert) in line and str(users) in line, line
     assert _served_certificate(port) == _der(first_cert.read_bytes())
     os.kill(pid, signal.SIGHUP)

@@ -21,7 +21,7 @@ from proxy_harness import (
     Response,
     assert_layout_matches,
     assert_no_secret,
-    metric,
+    metric_sum,
     pull_via,
     push_direct,
     push_via,
@@ -56,8 +56,8 @@ WORKERS = TEST_WORKERS
 def _refreshes(p: Proxy) -> tuple[float, float]:
     s = p.metrics()
     return (
-        metric(s, "ecrproxy_token_refresh_total", result="success") or 0,
-        metric(s, "ecrproxy_token_refresh_total", result="failure") or 0,
+        metric_sum(s, "ecrproxy_token_refresh_total", result="success"),
+        metric_sum(s, "ecrproxy_token_refresh_total", result="failure"),
     )
 
 
@@ -114,7 +114,7 @@ def test_rotation_without_restart(
     assert_layout_matches(tmp_path / "after", "r2", extra)
     ok1, failed1 = _refreshes(p)
     assert failed1 == failed0 and ok0 + 1 <= ok1 <= ok0 + WORKERS, "one refresh per process for the whole rotation"
-    assert p.metric("ecrproxy_token_expiry_timestamp_seconds") == pytest.approx(new_expiry, abs=1.0)
+    assert p.metric_sum("ecrproxy_token_expiry_timestamp_seconds") == pytest.approx(new_expiry, abs=1.0)
 
     assert p.alive() and p.pid == pid, "the proxy was not restarted"
     assert_no_secret(p.log_text(), passwords, "proxy log")

@@ -40,7 +40,7 @@ def test_two_workers_serve_pull_and_push_and_share_metrics(
     p = proxy_factory(ecr, "--workers", "2")
     [child] = wait_for(lambda: children_of(p.pid))
     # both processes hold a token: one refresh each, summed in one scrape
-    wait_for(lambda: p.metric("ecrproxy_token_refresh_total", result="success") == 2)
+    wait_for(lambda: p.metric_sum("ecrproxy_token_refresh_total", result="success") == 2)
     info = make_oci_layout(tmp_path / "src", [os.urandom(300_000), os.urandom(700_000)], "w1")
     push_via(p, info, "workers/app")
     pull_via(p, "workers/app", "w1", tmp_path / "dest")
