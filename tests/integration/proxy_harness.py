@@ -210,9 +210,8 @@ def metric(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], nam
 
 
 def metric_sum(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
-    """The sum of every ``name`` sample having at least ``labels`` (others, like ``upstream``, summed over)."""
-    wanted = set(labels.items())
-    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= set(ls))
+    """`metric`, 0 when there is no such sample."""
+    return metric(samples, name, **labels) or 0.0
 
 
 def label_values(samples: Mapping[tuple[str, tuple[tuple[str, str], ...]], float], label: str) -> set[str]:
