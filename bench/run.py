@@ -61,8 +61,13 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 BENCH_DIR = REPO / "bench"
 NGINX_TEMPLATE = BENCH_DIR / "nginx.conf.tmpl"
 STUB_TEMPLATE = BENCH_DIR / "stub.conf.tmpl"
+STATIC_TEMPLATE = BENCH_DIR / "static.conf.tmpl"
 SMALL_LUA = BENCH_DIR / "small.lua"
 TWISTD = pathlib.Path(sys.executable).parent / "twistd"
+
+if "--source" in sys.argv[1:]:
+    # (before the imports below) the working tree's ecr_twisted, for run.py as for twistd; see --source
+    sys.path.insert(0, str(REPO))
 
 from ecr_twisted.testing.emulator import EmulatedECR, _parent_death_preexec  # noqa: E402  (installed in .venv)
 from ecr_twisted.testing import doubles as testing  # noqa: E402
@@ -83,7 +88,12 @@ NGINX_BUFFER = "256k"
 #: wrk 4.1 cannot count HEAD responses (it waits for the Content-Length body), so the small
 #: request is a GET of the same manifest (bench/small.lua; see bench/README.md).
 SMALL_METHOD = "GET"
-SCENARIOS = ("pull", "slow", "push", "small", "cache", "tls", "stub")
+SCENARIOS = ("pull", "slow", "push", "small", "small-full", "cache", "cache-digest", "conns", "tls", "stub")
+#: the conns scenario: this many concurrent keep-alive connections (wrk -c)
+CONNS_CONNECTIONS = 1000
+#: the small-full scenario's client login (htpasswd with a bcrypt hash; the client repeats it every request)
+FULL_USER = "bench"
+FULL_PASSWORD = "bench-password-0123456789"
 #: --cache-size for the cache scenario: far above the blob, so nothing is evicted
 CACHE_SIZE = "50GiB"
 #: how long the cache scenario waits after the miss for the fill to be committed (tmp/ -> blobs/)
@@ -94,6 +104,11 @@ PULL_PLAIN_VS_NGINX = 0.9
 PULL_TLS_VS_NGINX = 0.6
 PUSH_VS_NGINX = 0.9
 SMALL_VS_NGINX = 0.5
+SMALL_FULL_VS_NGINX = 0.4
+CACHE_DIGEST_VS_NGINX = 0.5
+CACHE_HIT_VS_DISK = 0.9
+CACHE_MISS_VS_NGINX = 0.9
+RSS_CONNS_LIMIT_MIB = 128.0
 P99_LIMIT_MS = 20.0
 RSS_PER_WORKER_LIMIT_MIB = 64.0
 
@@ -127,6 +142,65 @@ def _stat_fields(pid: int) -> list[str] | None:
 def start_time(pid: int) -> int | None:
     fields = _stat_fields(pid)
     return int(fields[19]) if fields else None  # field 22 of stat: starttime
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(pids: Sequence[int]) -> dict[int, tuple[int, int, int]]:
+    """pid -> (start time, utime, stime) in clock ticks, from /proc/PID/stat (gone pids left out)."""
+    out = {}
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields:
+            out[pid] = (int(fields[19]), int(fields[11]), int(fields[12]))  # stat fields 22, 14, 15
+    return out
+
+
+class CpuMeter:
+    """user+sys CPU of a contender's process tree (all its processes) between entry and exit.
+
+    A process that started in between counts from zero; one that ended in between is lost (its
+    ticks cannot be read any more): none do in a steady wrk run."""
+
+    def __init__(self, roots: Sequence[int]) -> None:
+        self.roots = list(roots)
+        self.before: dict[int, tuple[int, int, int]] = {}
+        self.used: dict[int, tuple[float, float]] = {}  # pid -> (user s, sys s)
+
+    def __enter__(self) -> CpuMeter:
+        self.before = cpu_ticks(process_tree(self.roots))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for pid, (started, user, system) in cpu_ticks(process_tree(self.roots)).items():
+            b = self.before.get(pid)
+            if b is not None and b[0] == started:
+                user, system = user - b[1], system - b[2]
+            self.used[pid] = (user / CLK_TCK, system / CLK_TCK)
+
+    def as_json(self, requests: int | None) -> dict[str, Any]:
+        """Totals, µs per request, and each process's share (the spread across workers)."""
+        user = sum(u for u, _ in self.used.values())
+        system = sum(s for _, s in self.used.values())
+        total = user + system
+        per = [{"pid": pid, "role": "main" if pid in self.roots else "child", "cpu_s": round(u + s, 2),
+                "share": round((u + s) / total, 3) if total else None}
+               for pid, (u, s) in sorted(self.used.items(), key=lambda kv: (kv[0] not in self.roots, kv[0]))]
+        n = requests or 0
+        return {
+            "user_s": round(user, 2), "sys_s": round(system, 2), "requests": n,
+            "us_per_request": round(total * 1e6 / n, 1) if n else None,
+            "user_us_per_request": round(user * 1e6 / n, 1) if n else None,
+            "sys_us_per_request": round(system * 1e6 / n, 1) if n else None,
+            "clock_ticks_per_s": CLK_TCK, "processes": per,
+        }
+
+
+def spread_text(cpu: dict[str, Any]) -> str:
+    """'main 52%, child 48%': each process's share of the contender's CPU."""
+    return ", ".join(f"{p['role']} {100 * p['share']:.0f}%" for p in cpu.get("processes", [])
+                     if p["share"] is not None)
 
 
 def process_tree(roots: Sequence[int]) -> list[int]:
@@ -515,17 +589,45 @@ def start_stub(ecr: EmulatedECR, workdir: pathlib.Path, label: str, *, blob: pat
     return up
 
 
-def proxy_env(ecr: EmulatedECR) -> dict[str, str]:
+def start_static(workdir: pathlib.Path, label: str, *, blob: pathlib.Path, blob_digest: str,
+                 manifest: bytes, manifest_digest: str) -> Endpoint:
+    """nginx (1 worker, sendfile) serving the manifest and the blob from disk by digest, as a contender:
+    what a cache hit is compared with (bench/static.conf.tmpl)."""
+    directory = fresh_dir(workdir / f"static-{label}")
+    manifest_file = directory / "manifest.json"
+    manifest_file.write_bytes(manifest)
+    port = free_port()
+    text = render(STATIC_TEMPLATE, {
+        "DIR": str(directory), "PORT": str(port),
+        "MANIFEST_DIGEST": manifest_digest, "MANIFEST_FILE": str(manifest_file),
+        "BLOB_DIGEST": blob_digest, "BLOB_FILE": str(blob.resolve()),
+    })
+    proc = spawn_nginx(f"static-{label}", directory, text)
+    ep = Endpoint("nginx", f"http://127.0.0.1:{port}", roots=[proc.pid], proc=proc, log_path=directory / "error.log")
+    try:
+        wait_ready(ep)
+    except BaseException:
+        PROCS.stop(proc)
+        raise
+    return ep
+
+
+def proxy_env(ecr: EmulatedECR | None, source: pathlib.Path | None = None) -> dict[str, str]:
+    """twistd's environment: the emulator's AWS variables; ``source``: PYTHONPATH=<repo> (--source)."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("ECRPROXY_", "AWS_")) and k not in ("PYTHONPATH", "HTTP_PROXY", "HTTPS_PROXY",
                                                                        "http_proxy", "https_proxy")}
-    env.update(ecr.env())
+    if ecr is not None:
+        env.update(ecr.env())
+    if source is not None:
+        env["PYTHONPATH"] = str(source)  # the tree's ecr_twisted and twisted/plugins, like the integration tests
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
-def twistd_command(up: Upstream, port: int, workers: int, extra: Sequence[str] = ()) -> list[str]:
-    argv = [str(TWISTD), "-n", "--pidfile=", "ecrproxy", "--anonymous",
+def twistd_command(up: Upstream, port: int, workers: int, extra: Sequence[str] = (),
+                   auth: Sequence[str] = ("--anonymous",)) -> list[str]:
+    argv = [str(TWISTD), "-n", "--pidfile=", "ecrproxy", *auth,
             "--port", f"tcp:{port}:interface=127.0.0.1",
             "--region", up.ecr.region, "--registry-id", up.ecr.registry_id,
             "--upstream", up.url, "--ecr-endpoint-url", up.ecr.ecr_endpoint_url,
@@ -539,13 +641,17 @@ def twistd_command(up: Upstream, port: int, workers: int, extra: Sequence[str] =
 
 
 def start_ecr_twisted(up: Upstream, workers: int, workdir: pathlib.Path, label: str,
-                      extra: Sequence[str] = ()) -> Endpoint:
+                      extra: Sequence[str] = (), *, auth: Sequence[str] = ("--anonymous",),
+                      basic_user: str | None = None, source: pathlib.Path | None = None) -> Endpoint:
+    """twistd ecrproxy; its stdout (the access log among the rest) goes to a file, as in production.
+    ``basic_user`` ("user:password"): the login the readiness check and wrk send (--auth basic)."""
     directory = fresh_dir(workdir / f"ecr-twisted-{label}")
     port = free_port()
     log = directory / "twistd.log"
-    proc = PROCS.spawn(f"ecr-twisted-{label}", twistd_command(up, port, workers, extra), log_path=log,
-                       env=proxy_env(up.ecr), cwd=directory)
-    ep = Endpoint("ecr-twisted", f"http://127.0.0.1:{port}", roots=[proc.pid], proc=proc, log_path=log)
+    proc = PROCS.spawn(f"ecr-twisted-{label}", twistd_command(up, port, workers, extra, auth), log_path=log,
+                       env=proxy_env(up.ecr, source), cwd=directory)
+    ep = Endpoint("ecr-twisted", f"http://127.0.0.1:{port}", basic_user=basic_user, roots=[proc.pid], proc=proc,
+                  log_path=log)
     try:
         wait_ready(ep, consecutive=4 * workers)
     except BaseException:
@@ -558,10 +664,10 @@ def direct_endpoint(up: Upstream) -> Endpoint:
     return Endpoint("direct", up.url, basic_user=f"AWS:{up.ecr.password}", cacert=up.ca_file)
 
 
-def twistd_has_workers() -> tuple[bool, str]:
+def twistd_has_workers(source: pathlib.Path | None) -> tuple[bool, str]:
     try:
         out = subprocess.run([str(TWISTD), "ecrproxy", "--help"], capture_output=True, text=True, timeout=120,
-                             cwd=BENCH_DIR)
+                             cwd=BENCH_DIR, env=proxy_env(None, source))
     except (OSError, subprocess.TimeoutExpired) as e:
         return False, f"twistd ecrproxy --help failed: {e!r}"
     text = out.stdout + out.stderr
@@ -706,22 +812,35 @@ def parse_wrk(text: str) -> dict[str, Any]:
         "p90_ms": latency("90"),
         "p99_ms": latency("99"),
         "socket_errors": sum(int(x) for x in sock.groups()) if sock else 0,
+        "socket_errors_detail": dict(zip(("connect", "read", "write", "timeout"),
+                                         (int(x) for x in sock.groups()))) if sock else {},
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
     }
 
 
-def run_wrk(ep: Endpoint, path: str, duration: int) -> dict[str, Any]:
+def _more_files() -> None:
+    """wrk's process: open-file soft limit up to the hard one (the conns scenario keeps 1,000 sockets)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+
+
+def run_wrk(ep: Endpoint, path: str, duration: int, *, connections: int = WRK_CONNECTIONS,
+            allow_errors: bool = False) -> dict[str, Any]:
+    """wrk against ``ep``; with ``allow_errors`` non-2xx answers and socket errors are counted, not failures."""
     env = dict(os.environ, BENCH_AUTHORIZATION=ep.authorization(), BENCH_METHOD=SMALL_METHOD)
-    cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{WRK_CONNECTIONS}", f"-d{duration}s", "--latency", "--timeout", "5s",
+    cmd = ["wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{duration}s", "--latency", "--timeout", "5s",
            "-s", str(SMALL_LUA), ep.url(path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, env=env,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, preexec_fn=_more_files)
     if proc.returncode != 0:
         raise RuntimeError(f"wrk exit {proc.returncode}: {proc.stderr.strip()[:300]}")
     res = parse_wrk(proc.stdout)
     if not res["rps"] or not res["requests"]:
         raise RuntimeError(f"wrk output not understood:\n{proc.stdout[-800:]}")
-    if res["non_2xx"] or res["socket_errors"]:
+    if (res["non_2xx"] or res["socket_errors"]) and not allow_errors:
         # a benchmark of error responses is no benchmark: report it as a failure
         raise RuntimeError(f"wrk: {res['non_2xx']} non-2xx responses, {res['socket_errors']} socket errors "
                            f"of {res['requests']} requests")
@@ -856,7 +975,7 @@ def row_status(row: Row) -> str:
 def fmt(x: float | None, unit: str) -> str:
     if x is None:
         return "FAILED"
-    if unit in ("MB/s", "req/s", "bytes"):
+    if unit in ("MB/s", "req/s", "bytes", "count"):
         return f"{x:,.0f}"
     if unit == "ms":
         return f"{x:.2f}"
@@ -917,10 +1036,11 @@ def write_chart(rows: Sequence[Row], path: pathlib.Path, title: str) -> None:
         ("Throughput (MB/s, higher is better)", "MB/s"),
         ("Small requests (req/s, higher is better)", "req/s"),
         ("p99 latency of small requests (ms, lower is better)", "ms"),
+        ("CPU per small request, user+sys of all the contender's processes (µs, lower is better)", "µs"),
         ("Peak RSS of the proxy (MiB, lower is better)", "MiB"),
     ]
     colors = {"direct": "#9e9e9e", "nginx": "#2e7d32", "ecr-twisted": "#1565c0"}
-    fig, axes = plt.subplots(4, 1, figsize=(14, 20))
+    fig, axes = plt.subplots(len(panels), 1, figsize=(14, 5 * len(panels)))
     for ax, (ptitle, unit) in zip(axes.flat, panels):
         sel = [r for r in rows if r.unit == unit and (unit != "ms" or r.metric.startswith("p99"))]
         ax.set_title(ptitle, fontsize=10)
@@ -1009,6 +1129,11 @@ class Bench:
         self.workers_available = False
         self.cache_available = False
         self.idle: list[dict[str, Any]] = []
+        self.manifest = b""
+        #: --source: twistd runs the working tree's ecr_twisted (PYTHONPATH), not the one installed in .venv
+        self.source: pathlib.Path | None = REPO if args.source else None
+        self.start_ecr = functools.partial(start_ecr_twisted, source=self.source)
+        self.manifest_digest = ""
 
     # -- helpers
     def note(self, msg: str) -> None:
@@ -1048,7 +1173,8 @@ class Bench:
             elif name in row.errors:
                 row.values[name] = None
 
-    def rss_row(self, of: Row, peaks: dict[str, RssPeak], *, target: bool) -> Row:
+    def rss_row(self, of: Row, peaks: dict[str, RssPeak], *, target: bool,
+                limit: float = RSS_PER_WORKER_LIMIT_MIB) -> Row:
         row = self.add(Row(f"{of.id}_rss", of.scenario, "peak RSS, sum of processes", "MiB",
                            higher_is_better=False, short=of.short))
         for name, peak in peaks.items():
@@ -1058,7 +1184,7 @@ class Bench:
         if target:
             per = peaks.get("ecr-twisted")
             value = per.process / MIB if per is not None and per.samples else None
-            target_max(row, RSS_PER_WORKER_LIMIT_MIB, "ecr-twisted MiB per worker", value)
+            target_max(row, limit, "ecr-twisted MiB per worker", value)
             if value is not None:
                 row.note = f"ecr-twisted peak per process {value:.1f} MiB"
         return row
@@ -1121,38 +1247,195 @@ class Bench:
 
     def scenario_small(self, eps: list[Endpoint], up: Upstream, workers: int) -> None:
         scen = f"manifest {SMALL_METHOD}, {workers} worker{'s' if workers > 1 else ''} ({self.where(up)} upstream)"
-        base = f"small_{self.tag(up)}_{workers}w"
-        short = f"{SMALL_METHOD} {workers}w\n{self.brief(up)}"
-        rps = self.add(Row(f"{base}_rps", scen, f"wrk -t{WRK_THREADS} -c{WRK_CONNECTIONS} {self.wrk_s}s", "req/s",
+        self.scenario_wrk(eps, scen, f"small_{self.tag(up)}_{workers}w", f"{SMALL_METHOD} {workers}w\n{self.brief(up)}",
+                          "/v2/bench/small/manifests/v1", target=SMALL_VS_NGINX)
+
+    def scenario_wrk(self, eps: list[Endpoint], scen: str, base: str, short: str, path: str, *,
+                     target: float | None, connections: int = WRK_CONNECTIONS, p99_limit: float | None = P99_LIMIT_MS,
+                     conns: bool = False) -> Row:
+        """wrk round-robin over ``eps``: rows req/s, p50, p99, CPU per request (user+sys of all the
+        contender's processes over the wrk run / requests, each process's share in the note) and peak RSS.
+        ``conns``: errors are counted in their own row (target 0) instead of failing the contender, and
+        the RSS per worker has the conns limit."""
+        rps = self.add(Row(f"{base}_rps", scen, f"wrk -t{WRK_THREADS} -c{connections} {self.wrk_s}s", "req/s",
                            short=short))
         p50 = self.add(Row(f"{base}_p50", scen, "p50 latency", "ms", higher_is_better=False, short=short))
         p99 = self.add(Row(f"{base}_p99", scen, "p99 latency", "ms", higher_is_better=False, short=short))
+        cpu = self.add(Row(f"{base}_cpu", scen, "CPU per request, user+sys", "µs", higher_is_better=False,
+                           short=short))
+        errs = self.add(Row(f"{base}_errors", scen, "non-2xx + socket errors", "count", higher_is_better=False,
+                            short=short)) if conns else None
         peaks = {ep.name: RssPeak() for ep in eps if ep.roots}
-        path = "/v2/bench/small/manifests/v1"
         details: dict[str, dict[str, Any]] = {}
         for ep in eps:
-            progress(f"small requests ({self.where(up)}, {workers} worker(s)): {ep.name}")
+            progress(f"{scen}: {ep.name}")
             with contextlib.suppress(RuntimeError, OSError, subprocess.TimeoutExpired):
-                run_wrk(ep, path, WRK_WARMUP_S)  # warm-up: connections, token, caches; not counted
+                # warm-up: connections, token, caches; not counted
+                run_wrk(ep, path, WRK_WARMUP_S, connections=connections, allow_errors=conns)
 
             def once(ep: Endpoint = ep) -> float:
-                details[ep.name] = run_wrk(ep, path, self.wrk_s)
-                return float(details[ep.name]["rps"])
+                meter = CpuMeter(ep.roots)
+                with meter:
+                    res = run_wrk(ep, path, self.wrk_s, connections=connections, allow_errors=conns)
+                if ep.roots:
+                    res["cpu"] = meter.as_json(res["requests"])
+                details[ep.name] = res
+                return float(res["rps"])
 
             self.measure(rps, ep, once, peaks.get(ep.name))
             if ep.name in rps.errors:
-                for r in (p50, p99):
-                    r.errors[ep.name] = rps.errors[ep.name]
+                for r in (p50, p99, cpu, errs):
+                    if r is not None and (r is not cpu or ep.roots):
+                        r.errors[ep.name] = rps.errors[ep.name]
             elif ep.name in details:
-                p50.runs[ep.name] = [details[ep.name]["p50_ms"]]
-                p99.runs[ep.name] = [details[ep.name]["p99_ms"]]
+                d = details[ep.name]
+                p50.runs[ep.name] = [d["p50_ms"]]
+                p99.runs[ep.name] = [d["p99_ms"]]
+                if d.get("cpu", {}).get("us_per_request") is not None:
+                    cpu.runs[ep.name] = [d["cpu"]["us_per_request"]]
+                if errs is not None:
+                    errs.runs[ep.name] = [float(d["non_2xx"] + d["socket_errors"])]
         self.finish_row(rps, 1, 0)
         self.finish_row(p50, 1, 3)
         self.finish_row(p99, 1, 3)
+        self.finish_row(cpu, 1, 1)
         rps.wrk = details
-        target_ratio(rps, SMALL_VS_NGINX)
-        target_max(p99, P99_LIMIT_MS, "ecr-twisted p99 ms", p99.values.get("ecr-twisted"), p99.values.get("direct"))
-        self.rss_row(rps, peaks, target=False)
+        cpu.details = {name: d["cpu"] for name, d in details.items() if "cpu" in d}
+        splits = []
+        for name, c in cpu.details.items():
+            if c.get("user_us_per_request") is not None:
+                split = f"{name} {c['user_us_per_request']:.0f} user + {c['sys_us_per_request']:.0f} sys"
+                if len(c["processes"]) > 1:
+                    split += f" ({spread_text(c)})"
+                splits.append(split)
+        cpu.note = "µs per request: " + "; ".join(splits) if splits else ""
+        if target is not None:
+            target_ratio(rps, target)
+        if p99_limit is not None:
+            target_max(p99, p99_limit, "ecr-twisted p99 ms", p99.values.get("ecr-twisted"), p99.values.get("direct"))
+        if errs is not None:
+            self.finish_row(errs, 1, 0)
+            errs.details = {name: {"non_2xx": d["non_2xx"], **d.get("socket_errors_detail", {})}
+                            for name, d in details.items()}
+            n = errs.values.get("ecr-twisted")
+            errs.targets.append({"target": "ecr-twisted errors = 0", "met": None if n is None else n == 0})
+        if conns:
+            self.rss_row(rps, peaks, target=True, limit=RSS_CONNS_LIMIT_MIB)
+        else:
+            self.rss_row(rps, peaks, target=False)
+        return rps
+
+    def scenario_small_full(self, up: Upstream) -> None:
+        """The production feature set on ecr-twisted (--auth basic with a bcrypt htpasswd and the login
+        repeated by the client, a policy file, the access log to a file, --metrics-port) against nginx
+        as in ``small``, both sent the same Authorization header (nginx passes it on: no auth)."""
+        where, tag = self.where(up), self.tag(up)
+        import bcrypt  # the proxy's own dependency, in the .venv
+
+        conf = fresh_dir(self.workdir / f"full-{tag}")
+        htpasswd = conf / "htpasswd"
+        htpasswd.write_text(f"{FULL_USER}:{bcrypt.hashpw(FULL_PASSWORD.encode(), bcrypt.gensalt(10)).decode()}\n")
+        policy = conf / "policy.toml"
+        policy.write_text(f'[[rule]]\nprincipals = ["user:{FULL_USER}"]\nactions = ["pull"]\n'
+                          f'repositories = ["bench/small"]\n')
+        metrics_port = free_port()
+        login = f"{FULL_USER}:{FULL_PASSWORD}"
+        started: list[Endpoint] = []
+        path = "/v2/bench/small/manifests/v1"
+        try:
+            progress(f"small-full ({where}): starting nginx and ecr-twisted (--auth basic, --policy, --metrics-port)")
+            for name in ("nginx", "ecr-twisted"):
+                try:
+                    if name == "nginx":
+                        ep = start_nginx(up, 1, self.workdir, f"{tag}-full")
+                        ep.basic_user = login  # the same header; nginx replaces it upstream with the token
+                    else:
+                        ep = self.start_ecr(
+                            up, 1, self.workdir, f"{tag}-full",
+                            ["--policy", str(policy), "--metrics-port", f"tcp:{metrics_port}:interface=127.0.0.1"],
+                            auth=("--auth", "basic", "--htpasswd", str(htpasswd)), basic_user=login)
+                        status, _, _ = http_call(ep.url(path), timeout=10)
+                        if status != 401:
+                            self.note(f"small-full: ecr-twisted answered {status} without Authorization (401 expected)")
+                    started.append(ep)
+                except (RuntimeError, OSError, subprocess.SubprocessError, http.client.HTTPException) as e:
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                    self.note(f"{name} (small-full, {where}) did not start: {first}")
+                    started.append(Endpoint(name, "http://127.0.0.1:9", start_error=f"did not start: {first}"))
+            self.scenario_wrk([direct_endpoint(up), *started], f"manifest {SMALL_METHOD}, full feature set "
+                              f"({where} upstream)", f"small_full_{tag}", f"full\n{self.brief(up)}", path,
+                              target=SMALL_FULL_VS_NGINX)
+            ecr = started[-1]
+            if not ecr.start_error:
+                with contextlib.suppress(OSError, http.client.HTTPException):
+                    status, _, body = http_call(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+                    if status != 200:
+                        self.note(f"small-full: --metrics-port answered {status}")
+                lines = ecr.log_tail(1 << 16).count(path)
+                if not lines:
+                    self.note(f"small-full: no access-log line for {path} in {ecr.log_path}")
+        finally:
+            for ep in started:
+                if ep.proc is not None:
+                    PROCS.stop(ep.proc)
+                    if ep.name == "ecr-twisted":
+                        self.log_complaints(ep, f"ecr-twisted (small-full, {where})")
+
+    def scenario_conns(self, up: Upstream) -> None:
+        """1,000 concurrent keep-alive connections of small requests (1 worker each)."""
+        where, tag = self.where(up), self.tag(up)
+        scen = f"manifest {SMALL_METHOD}, {CONNS_CONNECTIONS} connections, 1 worker ({where} upstream)"
+        with self.proxies(up, direct_endpoint(up), 1, label=f"{tag}-conns") as eps:
+            self.scenario_wrk(eps, scen, f"conns_{tag}", f"{CONNS_CONNECTIONS} conns\n{self.brief(up)}",
+                              "/v2/bench/small/manifests/v1", target=None, connections=CONNS_CONNECTIONS,
+                              p99_limit=None, conns=True)
+
+    def scenario_cache_digest(self, up: Upstream) -> None:
+        """One manifest by digest, from ecr-twisted's --cache-dir (filled by a first GET, X-Cache: HIT
+        checked) against nginx serving the same manifest file from disk (bench/static.conf.tmpl)."""
+        where, tag = self.where(up), self.tag(up)
+        path = f"/v2/bench/small/manifests/{self.manifest_digest}"
+        cache_dir = fresh_dir(self.workdir / f"cache-digest-dir-{tag}")
+        started: list[Endpoint] = []
+        try:
+            progress(f"cache-digest ({where}): starting nginx (static, sendfile) and ecr-twisted --cache-dir")
+            try:
+                started.append(start_static(self.workdir, f"{tag}-digest", blob=self.blob_path,
+                                            blob_digest=self.digest, manifest=self.manifest,
+                                            manifest_digest=self.manifest_digest))
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                self.note(f"nginx static (cache-digest) did not start: {first}")
+                started.append(Endpoint("nginx", "http://127.0.0.1:9", start_error=f"did not start: {first}"))
+            try:
+                ecr = self.start_ecr(up, 1, self.workdir, f"{tag}-digest",
+                                        ["--cache-dir", str(cache_dir), "--cache-size", CACHE_SIZE])
+                started.append(ecr)
+                seen = []
+                for _ in range(2):  # the fill, then a hit
+                    status, headers, body = http_call(ecr.url(path), headers={"Accept": DOCKER_MANIFEST})
+                    seen.append(f"{status} {headers.get('X-Cache')}")
+                    if status != 200 or body != self.manifest:
+                        raise RuntimeError(f"GET manifest by digest: HTTP {status}, {len(body)} bytes")
+                if not seen[-1].endswith("HIT"):
+                    ecr.start_error = f"manifest by digest not served from the cache (X-Cache: {seen})"
+                    self.note(f"cache-digest: {ecr.start_error}")
+            except (RuntimeError, OSError, subprocess.SubprocessError, http.client.HTTPException) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                self.note(f"ecr-twisted --cache-dir (cache-digest) did not start: {first}")
+                started.append(Endpoint("ecr-twisted", "http://127.0.0.1:9", start_error=f"did not start: {first}"))
+            rps = self.scenario_wrk([direct_endpoint(up), *started],
+                                    f"manifest by digest from the cache ({where} upstream)", f"cache_digest_{tag}",
+                                    f"cache digest\n{self.brief(up)}", path, target=CACHE_DIGEST_VS_NGINX)
+            rps.note = ("nginx: the same manifest file from disk (sendfile); ecr-twisted: --cache-dir, "
+                                  "filled by a first GET (X-Cache: HIT checked); direct: the upstream")
+        finally:
+            for ep in started:
+                if ep.proc is not None:
+                    PROCS.stop(ep.proc)
+                    if ep.name == "ecr-twisted":
+                        self.log_complaints(ep, f"ecr-twisted --cache-dir (cache-digest, {where})")
+            shutil.rmtree(cache_dir, ignore_errors=True)
 
     def scenario_cache(self, up: Upstream) -> None:
         """The layer cache: ``runs`` times, a fresh ecr-twisted with an empty ``--cache-dir``, then
@@ -1173,7 +1456,13 @@ class Bench:
                   short=f"cache hit\n{self.brief(up)}")
         size_row = Row(f"cache_dir_{tag}", miss.scenario, "cache dir after the miss", "bytes",
                        higher_is_better=False, short=miss.short)
-        nginx_peak, miss_peak, hit_peak = RssPeak(), RssPeak(), RssPeak()
+        disk = Row(f"cache_hit_vs_disk_{tag}", f"cache hit, pull {mib} MiB, vs nginx from disk",
+                   f"median of {self.runs}", "MB/s",
+                   note="nginx column: nginx serving the same blob file from disk with sendfile "
+                        "(bench/static.conf.tmpl); ecr-twisted: the cache-hit runs above",
+                   short=f"hit vs disk\n{self.brief(up)}")
+        nginx_peak, miss_peak, hit_peak, static_peak = RssPeak(), RssPeak(), RssPeak(), RssPeak()
+        static: Endpoint | None = None
         direct = direct_endpoint(up)
         cache_dir = self.workdir / f"cache-dir-{tag}"
         usages: list[dict[str, Any]] = []
@@ -1189,6 +1478,13 @@ class Bench:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
                 self.note(f"nginx ({where}, cache scenario) did not start: {first}")
                 nginx = Endpoint("nginx", "http://127.0.0.1:9", start_error=f"did not start: {first}")
+            try:
+                static = start_static(self.workdir, f"{tag}-cache", blob=self.blob_path, blob_digest=self.digest,
+                                      manifest=self.manifest, manifest_digest=self.manifest_digest)
+            except (RuntimeError, OSError, subprocess.SubprocessError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+                self.note(f"nginx static ({where}, cache scenario) did not start: {first}")
+                static = Endpoint("nginx", "http://127.0.0.1:9", start_error=f"did not start: {first}")
             for i in range(self.runs):
                 run = f"cache ({where}) run {i + 1}/{self.runs}"
                 fresh_dir(cache_dir)
@@ -1196,7 +1492,7 @@ class Bench:
                 try:
                     progress(f"{run}: starting ecr-twisted with an empty --cache-dir {cache_dir}")
                     try:
-                        ecr = start_ecr_twisted(up, 1, self.workdir, f"{tag}-cache-run{i + 1}",
+                        ecr = self.start_ecr(up, 1, self.workdir, f"{tag}-cache-run{i + 1}",
                                                 ["--cache-dir", str(cache_dir), "--cache-size", CACHE_SIZE])
                         if i == 0:
                             rss, n = ecr.rss_now()
@@ -1208,10 +1504,11 @@ class Bench:
                         self.note(f"ecr-twisted with --cache-dir ({where}) did not start in run {i + 1}: {first}")
                         say(str(e))
                         ecr = Endpoint("ecr-twisted", "http://127.0.0.1:9", start_error=f"did not start: {first}")
-                    assert nginx is not None
+                    assert nginx is not None and static is not None
                     steps: list[tuple[str, Endpoint, Row, RssPeak | None, str | None]] = [
                         ("direct", direct, miss, None, None),
                         ("nginx", nginx, miss, nginx_peak, None),
+                        ("nginx from disk (sendfile)", static, disk, static_peak, None),
                         ("ecr-twisted MISS (first GET, empty cache)", ecr, miss, miss_peak, "MISS"),
                         ("ecr-twisted HIT (same GET again)", ecr, hit, hit_peak, "HIT"),
                     ]
@@ -1230,8 +1527,9 @@ class Bench:
                         self.log_complaints(ecr, f"ecr-twisted with --cache-dir ({where}), run {i + 1}")
                     shutil.rmtree(cache_dir, ignore_errors=True)
         finally:
-            if nginx is not None and nginx.proc is not None:
-                PROCS.stop(nginx.proc)
+            for server in (nginx, static):
+                if server is not None and server.proc is not None:
+                    PROCS.stop(server.proc)
             shutil.rmtree(cache_dir, ignore_errors=True)
         # direct and nginx were measured once per run, for both rows
         for name in ("direct", "nginx"):
@@ -1239,13 +1537,22 @@ class Bench:
                 hit.runs[name] = list(miss.runs[name])
             if name in miss.errors:
                 hit.errors[name] = miss.errors[name]
+        if "ecr-twisted" in hit.runs:
+            disk.runs["ecr-twisted"] = list(hit.runs["ecr-twisted"])
+        if "ecr-twisted" in hit.errors:
+            disk.errors["ecr-twisted"] = hit.errors["ecr-twisted"]
         for row, peak in ((miss, miss_peak), (hit, hit_peak)):
             self.add(row)
             self.finish_row(row, 1 / MB)
             self.rss_row(row, {"nginx": nginx_peak, "ecr-twisted": peak}, target=True)
             if row is miss:
+                target_ratio(miss, CACHE_MISS_VS_NGINX)
                 self.add(size_row)
                 self.cache_size_row(size_row, usages)
+        self.add(disk)
+        self.finish_row(disk, 1 / MB)
+        target_ratio(disk, CACHE_HIT_VS_DISK)
+        disk.rss = {"nginx": static_peak.as_json()} if static_peak.samples else {}
 
     def cache_dir_after_miss(self, cache_dir: pathlib.Path, *, ok: bool) -> dict[str, Any]:
         """The cache directory's usage once the miss's fill is committed (waits up to CACHE_COMMIT_WAIT s
@@ -1318,16 +1625,25 @@ class Bench:
             ecr.start()
             registry = Upstream("registry", ecr.upstream_url, ecr, str(ecr.ca_file) if ecr.ca_file else None)
             manifest, manifest_digest = self.push_fixtures(registry)
+            self.manifest, self.manifest_digest = manifest, manifest_digest
             self.against(registry, pull=tls or "pull" in want, slow=not tls and "slow" in want,
                          push=not tls and "push" in want, small=tls or "small" in want)
             if not tls and "cache" in want and self.cache_available:
                 self.scenario_cache(registry)
-            if "stub" in want:
+            if not tls and "cache-digest" in want and self.cache_available:
+                self.scenario_cache_digest(registry)
+            on_stub = not tls and bool(want & {"small-full", "conns"})
+            if "stub" in want or on_stub:
                 progress(f"starting the fast stub upstream ({label})")
                 stub = start_stub(ecr, self.workdir, label.lower(), blob=self.blob_path, blob_digest=self.digest,
                                   manifest=manifest, manifest_digest=manifest_digest)
-                self.against(stub, pull=tls or "pull" in want, slow=False, push=False,
-                             small=tls or "small" in want)
+                if "stub" in want:
+                    self.against(stub, pull=tls or "pull" in want, slow=False, push=False,
+                                 small=tls or "small" in want)
+                if not tls and "small-full" in want:
+                    self.scenario_small_full(stub)
+                if not tls and "conns" in want:
+                    self.scenario_conns(stub)
         finally:
             if stub is not None and stub.proc is not None:
                 PROCS.stop(stub.proc)
@@ -1354,14 +1670,15 @@ class Bench:
                 self.scenario_small(eps, up, 2)
 
     @contextlib.contextmanager
-    def proxies(self, up: Upstream, direct: Endpoint, workers: int) -> Iterator[list[Endpoint]]:
+    def proxies(self, up: Upstream, direct: Endpoint, workers: int,
+                label: str | None = None) -> Iterator[list[Endpoint]]:
         """[direct, nginx, ecr-twisted] with ``workers`` workers each; both proxies stopped afterwards."""
         where = self.where(up)
-        label = f"{self.tag(up)}-{workers}w"
+        label = label or f"{self.tag(up)}-{workers}w"
         started: list[Endpoint] = []
         try:
             progress(f"starting nginx and ecr-twisted ({workers} worker(s), {where} upstream)")
-            for name, start in (("nginx", start_nginx), ("ecr-twisted", start_ecr_twisted)):
+            for name, start in (("nginx", start_nginx), ("ecr-twisted", self.start_ecr)):
                 try:
                     started.append(start(up, workers, self.workdir, label))
                 except (RuntimeError, OSError, subprocess.SubprocessError) as e:
@@ -1389,8 +1706,9 @@ class Bench:
         stale = stale_install()
         if stale:
             self.note(f"the ecr_twisted installed in .venv is not the working tree's ({', '.join(stale)} differ): "
-                      "`bash scripts/venv.sh` (make bench does) reinstalls it; this run measures the installed one")
-        self.workers_available, help_text = twistd_has_workers()
+                      "`bash scripts/venv.sh` (make bench does) reinstalls it, or --source runs the tree's; "
+                      "this run measures the installed one")
+        self.workers_available, help_text = twistd_has_workers(self.source)
         self.cache_available = "--cache-dir" in help_text
         if "cache" in self.args.scenarios and not self.cache_available:
             self.note("`twistd ecrproxy --help` does not list --cache-dir: the cache scenario is skipped")
@@ -1399,7 +1717,8 @@ class Bench:
                       "case is measured (the 2-worker case runs by itself once the option exists).")
         self.digest = make_blob(self.blob_path, self.blob_size)
         progress(f"blob: {self.blob_path} ({self.blob_size} bytes, {self.digest})")
-        plain = {"pull", "slow", "push", "small"} | ({"cache"} if self.cache_available else set())
+        plain = {"pull", "slow", "push", "small", "small-full", "conns"} | (
+            {"cache", "cache-digest"} if self.cache_available else set())
         if set(self.args.scenarios) & plain:
             self.phase(tls=False)
         if "tls" in self.args.scenarios:
@@ -1421,6 +1740,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--registry-auth", choices=("silly", "htpasswd"), default="silly",
                    help="the emulated registry's access control: silly (default: any Authorization value, no "
                         "bcrypt) or htpasswd (like the tests: a bcrypt check per request caps every contender)")
+    p.add_argument("--source", action="store_true",
+                   help="run twistd with PYTHONPATH=<this tree> (like the integration tests): measure the working "
+                        "tree's ecr_twisted instead of the copy installed in .venv")
     p.add_argument("--keep", action="store_true", help="keep the emulators' storage after the run")
     p.add_argument("--render-from", type=pathlib.Path, metavar="RESULTS_JSON",
                    help="measure nothing: re-render results.md and results.png beside RESULTS_JSON")
@@ -1454,8 +1776,11 @@ def write_results(bench: Bench, command: str, started: float, env: dict[str, Any
         "quick": args.quick, "blob_bytes": bench.blob_size, "blob_digest": bench.digest, "runs": args.runs,
         "wrk": f"-t{WRK_THREADS} -c{WRK_CONNECTIONS} -d{args.wrk_seconds}s --latency -s bench/small.lua",
         "small_request": f"{SMALL_METHOD} /v2/bench/small/manifests/v1 (docker schema2, Accept set)",
+        "conns_connections": CONNS_CONNECTIONS,
+        "cpu": "utime+stime from /proc/PID/stat of every process of the contender, before/after each wrk run, "
+               "divided by wrk's request count",
         "slow_client_rate": SLOW_RATE, "rss_interval_s": RSS_INTERVAL, "nginx_buffers": NGINX_BUFFER,
-        "scenarios": args.scenarios, "workers_option": bench.workers_available,
+        "scenarios": args.scenarios, "source": bool(args.source), "workers_option": bench.workers_available,
         "cache_option": bench.cache_available, "cache_size": CACHE_SIZE,
         "registry": f"distribution, filesystem storage, {args.registry_auth} auth",
         "units": {"MB/s": "10^6 bytes per second", "MiB": "2^20 bytes"},
