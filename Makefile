@@ -3,8 +3,8 @@
 #             (integration twice: one process, then --workers 2)
 # make unit   only the fast unit tests
 # make lint   ruff and mypy (also run by make test)
-# make bench  ecr-twisted against nginx and direct registry access (bench/README.md; ~10 min,
-#             BENCH_ARGS=--quick for ~3 min); not part of make test
+# make bench  ecr-twisted against nginx and direct registry access (bench/README.md; ~13 min,
+#             BENCH_ARGS=--quick for ~4 min, BENCH_ARGS="--quick --source" for the working tree); not part of make test
 SHELL := /bin/bash
 DEBIAN_TEST := docker-registry skopeo podman curl ca-certificates docker.io containerd buildah prometheus systemd nginx-light tinyproxy
 # prometheus: promtool checks and unit-tests deploy/prometheus/alerts.yaml; systemd: systemd-analyze checks

@@ -110,6 +110,7 @@ CACHE_HIT_VS_DISK = 0.9
 CACHE_MISS_VS_NGINX = 0.9
 RSS_CONNS_LIMIT_MIB = 128.0
 P99_LIMIT_MS = 20.0
+P99_VS_NGINX = 2.0
 RSS_PER_WORKER_LIMIT_MIB = 64.0
 
 
@@ -1248,13 +1249,15 @@ class Bench:
     def scenario_small(self, eps: list[Endpoint], up: Upstream, workers: int) -> None:
         scen = f"manifest {SMALL_METHOD}, {workers} worker{'s' if workers > 1 else ''} ({self.where(up)} upstream)"
         self.scenario_wrk(eps, scen, f"small_{self.tag(up)}_{workers}w", f"{SMALL_METHOD} {workers}w\n{self.brief(up)}",
-                          "/v2/bench/small/manifests/v1", target=SMALL_VS_NGINX)
+                          "/v2/bench/small/manifests/v1", target=SMALL_VS_NGINX,
+                          p99_limit=P99_LIMIT_MS, p99_vs_nginx=P99_VS_NGINX, spread=workers > 1)
 
     def scenario_wrk(self, eps: list[Endpoint], scen: str, base: str, short: str, path: str, *,
-                     target: float | None, connections: int = WRK_CONNECTIONS, p99_limit: float | None = P99_LIMIT_MS,
-                     conns: bool = False) -> Row:
+                     target: float | None, connections: int = WRK_CONNECTIONS, p99_limit: float | None = None,
+                     p99_vs_nginx: float | None = None, conns: bool = False, spread: bool = False) -> Row:
         """wrk round-robin over ``eps``: rows req/s, p50, p99, CPU per request (user+sys of all the
-        contender's processes over the wrk run / requests, each process's share in the note) and peak RSS.
+        contender's processes over the wrk run / requests; with ``spread`` each process's share in the note:
+        how evenly --workers share the load) and peak RSS.
         ``conns``: errors are counted in their own row (target 0) instead of failing the contender, and
         the RSS per worker has the conns limit."""
         rps = self.add(Row(f"{base}_rps", scen, f"wrk -t{WRK_THREADS} -c{connections} {self.wrk_s}s", "req/s",
@@ -1305,14 +1308,18 @@ class Bench:
         for name, c in cpu.details.items():
             if c.get("user_us_per_request") is not None:
                 split = f"{name} {c['user_us_per_request']:.0f} user + {c['sys_us_per_request']:.0f} sys"
-                if len(c["processes"]) > 1:
-                    split += f" ({spread_text(c)})"
+                if spread:
+                    split += f" (CPU by process: {spread_text(c)})"
                 splits.append(split)
         cpu.note = "µs per request: " + "; ".join(splits) if splits else ""
         if target is not None:
             target_ratio(rps, target)
         if p99_limit is not None:
             target_max(p99, p99_limit, "ecr-twisted p99 ms", p99.values.get("ecr-twisted"), p99.values.get("direct"))
+        if p99_vs_nginx is not None:
+            p99_ratio = p99.ratio("nginx")
+            p99.targets.append({"target": f"<= {p99_vs_nginx:g}x nginx",
+                                "met": None if p99_ratio is None else p99_ratio <= p99_vs_nginx})
         if errs is not None:
             self.finish_row(errs, 1, 0)
             errs.details = {name: {"non_2xx": d["non_2xx"], **d.get("socket_errors_detail", {})}
@@ -1761,6 +1768,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+def cpu_lines(rows: Sequence[Row]) -> list[str]:
+    """'CPU per request in <scenario>: nginx 5 user + 16 sys; ecr-twisted ... (main 47%, child 53%)'."""
+    return [f"CPU per request in '{r.scenario}': {r.note.removeprefix('µs per request: ')} (µs)"
+            for r in rows if r.id.endswith("_cpu") and r.note]
+
+
 def idle_line(idle: Sequence[dict[str, Any]]) -> str:
     parts = [f"{i['contender']} {i['idle_rss_mib']} MiB ({i['upstream']}, {i['workers']}w, {i['processes']} proc)"
              for i in idle]
@@ -1819,10 +1832,14 @@ def render_outputs(doc: dict[str, Any], out: pathlib.Path) -> None:
         "like the registry, so that the proxies' own cost shows (bench/README.md). Cache rows: ecr-twisted with "
         "`--cache-dir` (a fresh, empty one per run): the first GET (miss, streamed from the registry while "
         "written to disk) and the same GET again (hit, from disk), against the same runs of direct and nginx "
-        "(no `proxy_cache`).",
+        "(no `proxy_cache`); \"vs nginx from disk\" and \"manifest by digest from the cache\": nginx serving the "
+        "same file from disk (sendfile). CPU per request: user+sys of all the contender's processes over the wrk "
+        "run (/proc/PID/stat) divided by the requests; \"full feature set\": ecr-twisted with --auth basic (bcrypt "
+        "htpasswd, the login repeated by the client), a policy file, the access log and --metrics-port.",
         "",
         markdown_table(rows),
         "",
+        *[f"- {line}" for line in cpu_lines(rows)],
         f"- {idle_line(doc.get('idle_rss', []))}",
     ]
     for n in doc.get("notes", []):
@@ -1886,6 +1903,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for r in bench.rows:
         for c, err in r.errors.items():
             say(f"FAILED: {c} in '{r.scenario}' ({r.metric}): {err}")
+    for line in cpu_lines(bench.rows):
+        say(line)
     say(idle_line(bench.idle))
     for n in bench.notes:
         say(f"NOTE: {n}")
