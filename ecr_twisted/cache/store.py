@@ -220,7 +220,7 @@ class Fill:
 
     __slots__ = (
         "store", "digest", "path", "size", "_file", "_hash", "written", "state", "_listeners", "failed_reason",
-        "_threads", "_queue", "_thread", "_room", "_queued", "_done", "_ending", "_handed_back", "_producer",
+        "_threads", "_queue", "_thread", "_room", "_queued", "_done", "_told", "_ending", "_handed_back", "_producer",
         "_paused",
     )
 
@@ -241,6 +241,7 @@ class Fill:
         self._room = threading.Condition()  # the thread tells a waiting reactor that the backlog shrank
         self._queued = 0  # bytes queued (the reactor thread counts)
         self._done = 0  # bytes written and hashed (the fill's thread counts)
+        self._told = False  # news of `_done` is on its way to the reactor thread
         self._ending = False  # `finish` was called
         self._handed_back = False  # the thread is over and the file is the reactor thread's again
         self._producer: Any = None
@@ -295,8 +296,15 @@ class Fill:
             while self._queued - self._done > MAX_BACKLOG and thread is not None and thread.is_alive():
                 self._room.wait(0.5)
 
+    def _caught_up(self) -> None:
+        """The thread's news (one call for however many batches it wrote since the last one)."""
+        with self._room:
+            self._told = False
+            done = self._done
+        self._wrote(done - self.written)
+
     def _wrote(self, n: int) -> None:
-        if self.state != "filling":
+        if self.state != "filling" or not n:
             return
         self.written += n
         if self._paused and self._queued - self._done <= RESUME_BACKLOG:
@@ -323,6 +331,8 @@ class Fill:
 
     def _ended(self, digest: str) -> None:
         self._handed_back = True
+        if self._thread is not None:
+            self._wrote(self._done - self.written)  # the thread is over: all it wrote is counted
         if self.state != "filling":  # failed while the thread finished: the file is ours to remove
             return self._remove()
         if (self.size is not None and self.written != self.size) or digest != self.digest:
@@ -417,8 +427,10 @@ class Fill:
             with self._room:
                 self._done += n
                 self._room.notify()
-            assert self._threads is not None
-            self._threads.back(self._wrote, n)
+                tell, self._told = not self._told, True
+            if tell:  # else the reactor has not read the last news yet: it will read this with it
+                assert self._threads is not None
+                self._threads.back(self._caught_up)
 
     def _fail_from_thread(self, reason: str) -> None:
         if self.state == "filling":
