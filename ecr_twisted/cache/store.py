@@ -464,6 +464,7 @@ class BlobStore:
         self.compact = compact  # rewrite the logs at start: only the first process of a --workers group does
         self._prefix = f"{os.getpid()}-"
         self._blobs = os.path.join(root, "blobs", "sha256")
+        self._blob_prefix = os.path.join(self._blobs, "")
         self._tmp = os.path.join(root, "tmp")
         self._known_path = os.path.join(root, "known")
         self._generation_path = os.path.join(root, "generation")
@@ -549,7 +550,7 @@ class BlobStore:
         return _SHA256.match(digest) is not None
 
     def path_of(self, digest: str) -> str:
-        return os.path.join(self._blobs, digest[7:])
+        return self._blob_prefix + digest[7:]  # digest is "sha256:<hex>" (`cacheable`)
 
     # -- lookups
     def get(self, repository: str, digest: str) -> tuple[str, int] | None:
