@@ -2,7 +2,8 @@
 
 Blobs are immutable and named by their digest, so the store keys by digest alone: a layer
 pulled through fifty repositories is stored once. A blob arrives through a `Fill` (bytes are
-appended to a temporary file as they come from upstream and hashed on the way); it becomes
+appended to a temporary file as they come from upstream and hashed on the way, by a thread of
+the fill's own when the store has `Threads`, so the reactor thread only relays); it becomes
 visible only after its sha256 matches, by an atomic rename. Anything else (a mismatch, an
 interrupted transfer, a full disk) leaves nothing behind.
 
