@@ -47,6 +47,7 @@ from urllib.parse import parse_qsl
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
 from twisted.logger import Logger
 
 from ecr_twisted.cache.plans import (
@@ -73,7 +74,7 @@ from ecr_twisted.cache.plans import (
     Wait,
 )
 from ecr_twisted.cache.ranges import UNSATISFIABLE, parse_range
-from ecr_twisted.cache.store import BlobStore, Fill, Stat
+from ecr_twisted.cache.store import BlobStore, Fill, ReactorThreads, Stat
 from ecr_twisted.cache.tags import Tags
 from ecr_twisted.http.http11 import LENGTH, Head
 from ecr_twisted.registry import errors, routes
@@ -125,6 +126,9 @@ class LayerCache:
         every_time: bool = False,
     ) -> None:
         self.store = store
+        if store.threads is None and IReactorThreads.providedBy(clock):
+            # a real reactor: fills write and hash in threads of their own, off the thread that relays
+            store.threads = ReactorThreads(clock)
         self.clock = clock
         self.verify = verify  # hashes a stored file off the reactor thread
         self.tag_ttl = tag_ttl

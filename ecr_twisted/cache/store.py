@@ -2,7 +2,8 @@
 
 Blobs are immutable and named by their digest, so the store keys by digest alone: a layer
 pulled through fifty repositories is stored once. A blob arrives through a `Fill` (bytes are
-appended to a temporary file as they come from upstream and hashed on the way); it becomes
+appended to a temporary file as they come from upstream and hashed on the way, by a thread of
+the fill's own when the store has `Threads`, so the reactor thread only relays); it becomes
 visible only after its sha256 matches, by an atomic rename. Anything else (a mismatch, an
 interrupted transfer, a full disk) leaves nothing behind.
 
@@ -32,15 +33,17 @@ import hashlib
 import os
 import re
 import secrets
+import threading
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Iterable, NamedTuple
+from queue import SimpleQueue
+from typing import Any, Callable, Iterable, NamedTuple, Protocol
 
 from twisted.logger import Logger
 
 __all__ = [
-    "BlobStore", "Fill", "SharedLog", "Stat", "free_margin", "hash_file",
-    "MAX_MEDIA_TYPE", "MAX_GENERATION", "MIN_FREE",
+    "BlobStore", "Fill", "ReactorThreads", "Threads", "SharedLog", "Stat", "free_margin",
+    "hash_file", "MAX_BACKLOG", "MAX_MEDIA_TYPE", "MAX_GENERATION", "MIN_FREE",
 ]
 
 log = Logger()
@@ -169,14 +172,57 @@ class SharedLog:
             self._fd = -1
 
 
+class Threads(Protocol):
+    """Where fills write and hash: a thread per fill (`start`), results back on the reactor thread (`back`)."""
+
+    def start(self, work: Callable[[], None], name: str) -> threading.Thread: ...
+
+    def back(self, call: Callable[..., None], *args: Any) -> None: ...
+
+
+class ReactorThreads:
+    """A thread per fill, its results through the reactor's `callFromThread`. hashlib and write(2)
+    release the GIL for big buffers, so a blob's sha256 and disk write run beside the relay on
+    another core instead of in the reactor's turn."""
+
+    __slots__ = ("reactor",)
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def start(self, work: Callable[[], None], name: str) -> threading.Thread:
+        # a daemon: a hung disk must not keep the process alive (`BlobStore.close` joins, with a bound)
+        thread = threading.Thread(target=work, name=name, daemon=True)
+        thread.start()
+        return thread
+
+    def back(self, call: Callable[..., None], *args: Any) -> None:
+        self.reactor.callFromThread(call, *args)
+
+
+MAX_BACKLOG = 2 << 20  # bytes of a fill not yet written and hashed: beyond, the upstream waits for the disk
+RESUME_BACKLOG = 512 << 10  # a paused upstream resumes once its fill is down to this
+_END = b""  # queued by `finish`: the body is complete
+_STOP = None  # queued by a failure: drop everything, remove the file
+
+
 class Fill:
     """One blob on its way into the store. `write` as bytes arrive, then `finish` or `abort`.
 
     Followers (other requests for the same blob) read what is already in the temporary
-    file and are told about more with `on_progress` callbacks."""
+    file and are told about more with `on_progress` callbacks.
+
+    With the store's `Threads`, the bytes are written and hashed by a thread of this fill's own,
+    in order, through a queue: the reactor thread only queues them. `written`, the listeners and the
+    digest check stay on the reactor thread (`back`). The file belongs to the thread until it reports
+    the end (`_ended`) or removes it (a failure queues `_STOP`). The queue is bounded: past `MAX_BACKLOG`
+    the producer given to `attach` is paused or, without one, the reactor waits for the disk as it did
+    when it wrote itself. Without `Threads` (tests), all of it happens in `write` and `finish`."""
 
     __slots__ = (
         "store", "digest", "path", "size", "_file", "_hash", "written", "state", "_listeners", "failed_reason",
+        "_threads", "_queue", "_thread", "_room", "_queued", "_done", "_told", "_ending", "_handed_back", "_producer",
+        "_paused",
     )
 
     def __init__(self, store: "BlobStore", digest: str, path: str, size: int | None) -> None:
@@ -186,10 +232,28 @@ class Fill:
         self.size = size  # what the upstream announced, if it did
         self._file: Any = open(path, "wb", buffering=0)
         self._hash = hashlib.sha256()
-        self.written = 0
+        self.written = 0  # bytes in the file and hashed, as the reactor thread knows it
         self.state = "filling"  # then "done", "failed"
         self._listeners: list[Callable[["Fill"], None]] = []
         self.failed_reason = ""
+        self._threads: Threads | None = store.threads
+        self._queue: SimpleQueue[bytes | None] = SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._room = threading.Condition()  # the thread tells a waiting reactor that the backlog shrank
+        self._queued = 0  # bytes queued (the reactor thread counts)
+        self._done = 0  # bytes written and hashed (the fill's thread counts)
+        self._told = False  # news of `_done` is on its way to the reactor thread
+        self._ending = False  # `finish` was called
+        self._handed_back = False  # the thread is over and the file is the reactor thread's again
+        self._producer: Any = None
+        self._paused = False
+
+    def attach(self, producer: Any) -> None:
+        """What to pause when the disk falls behind (the upstream connection's transport)."""
+        self._producer = producer
+
+    def fileno(self) -> int:
+        return int(self._file.fileno())
 
     def on_progress(self, listener: Callable[["Fill"], None]) -> None:
         self._listeners.append(listener)
@@ -202,42 +266,93 @@ class Fill:
         for listener in list(self._listeners):
             listener(self)
 
+    # -- the reactor thread
     def write(self, data: bytes) -> None:
-        if self.state != "filling":
+        if self.state != "filling" or self._ending or not data:
             return
-        try:
-            self._file.write(data)
-        except OSError as e:
-            # a full disk must never break the pull: stop caching, keep streaming
-            self._fail("disk full" if e.errno == errno.ENOSPC else f"write failed: {e.strerror}")
+        threads = self._threads
+        if threads is None:
+            try:
+                self._store(data)
+            except OSError as e:
+                return self._fail(_failure(e))
+            return self._wrote(len(data))
+        self._queued += len(data)
+        self._queue.put(data)
+        if self._thread is None:
+            self._thread = threads.start(self._work, "cache-fill")
+        if self._queued - self._done > MAX_BACKLOG:
+            self._hold()
+
+    def _hold(self) -> None:
+        """Too much waits for the disk: pause the upstream, or wait here if there is nothing to pause."""
+        producer = self._producer
+        if producer is not None:
+            if not self._paused:
+                self._paused = True
+                producer.pauseProducing()
             return
-        self._hash.update(data)
-        self.written += len(data)
+        thread = self._thread
+        with self._room:
+            while self._queued - self._done > MAX_BACKLOG and thread is not None and thread.is_alive():
+                self._room.wait(0.5)
+
+    def _caught_up(self) -> None:
+        """The thread's news (one call for however many batches it wrote since the last one)."""
+        with self._room:
+            self._told = False
+            done = self._done
+        self._wrote(done - self.written)
+
+    def _wrote(self, n: int) -> None:
+        if self.state != "filling" or not n:
+            return
+        self.written += n
+        if self._paused and self._queued - self._done <= RESUME_BACKLOG:
+            self._paused = False
+            self._producer.resumeProducing()
         if self._listeners:
             self._tell()
 
     def finish(self) -> bool:
-        """The upstream body ended: keep the blob if it is what its digest says. True if kept."""
-        if self.state != "filling":
+        """The upstream body ended: keep the blob if it is what its digest says. True if kept by
+        now (without `Threads`, always decided by now; with them, once the queue is written)."""
+        if self.state != "filling" or self._ending:
             return False
-        if (self.size is not None and self.written != self.size) or "sha256:" + self._hash.hexdigest() != self.digest:
+        self._ending = True
+        # the connection has been handed back (to its pool or closed): it is not ours to pause or resume
+        self._producer = None
+        self._paused = False
+        if self._thread is None:  # nothing queued: decide here
+            self._handed_back = True
+            self._ended("sha256:" + self._hash.hexdigest())
+        else:
+            self._queue.put(_END)
+        return self.state == "done"
+
+    def _ended(self, digest: str) -> None:
+        self._handed_back = True
+        if self._thread is not None:
+            self._wrote(self._done - self.written)  # the thread is over: all it wrote is counted
+        if self.state != "filling":  # failed while the thread finished: the file is ours to remove
+            return self._remove()
+        if (self.size is not None and self.written != self.size) or digest != self.digest:
             self.store.mismatches += 1
             log.error("blob {digest} from upstream does not match its digest; not cached", digest=self.digest)
             self._fail("digest mismatch")
-            return False
+            return
         try:
             self._file.close()
             os.replace(self.path, self.store.path_of(self.digest))
         except OSError as e:
             self._fail(f"commit failed: {e.strerror}")
-            return False
+            return
         self.state = "done"
         try:
             self.store._committed(self, Stat.of(os.stat(self.store.path_of(self.digest))))
         except OSError:
             pass  # evicted or removed at once by another process: nothing to index
         self._tell()
-        return True
 
     def abort(self, reason: str) -> None:
         """The transfer was interrupted: leave nothing behind."""
@@ -247,6 +362,17 @@ class Fill:
     def _fail(self, reason: str) -> None:
         self.state = "failed"
         self.failed_reason = reason
+        if self._thread is not None and not self._handed_back:
+            self._queue.put(_STOP)  # the thread removes the file
+        else:
+            self._remove()
+        if self._paused:
+            self._paused = False
+            self._producer.resumeProducing()
+        self.store._fill_ended(self)
+        self._tell()
+
+    def _remove(self) -> None:
         try:
             self._file.close()
         except OSError:
@@ -255,8 +381,66 @@ class Fill:
             os.unlink(self.path)
         except OSError:
             pass
-        self.store._fill_ended(self)
-        self._tell()
+
+    def join(self, timeout: float) -> None:
+        """Wait for the thread (after `abort`), at shutdown."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- the fill's thread
+    def _store(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._file.write(view) :]
+        self._hash.update(data)
+
+    def _work(self) -> None:
+        """Write and hash what is queued, in order, in batches (one report to the reactor per batch)."""
+        assert self._threads is not None
+        back = self._threads.back
+        get = self._queue.get
+        broken = False
+        while True:
+            batch = [get()]
+            while not self._queue.empty() and len(batch) < 64:
+                batch.append(get())
+            n = 0
+            for data in batch:
+                if data is _STOP:
+                    return self._remove()
+                if broken:
+                    continue  # a write failed: wait for the reactor's _STOP
+                if data is _END:
+                    self._report(n)
+                    back(self._ended, "sha256:" + self._hash.hexdigest())
+                    return  # the file is the reactor thread's again
+                try:
+                    self._store(data)
+                except OSError as e:
+                    broken = True
+                    back(self._fail_from_thread, _failure(e))
+                    continue
+                n += len(data)
+            self._report(n)
+
+    def _report(self, n: int) -> None:
+        if n:
+            with self._room:
+                self._done += n
+                self._room.notify()
+                tell, self._told = not self._told, True
+            if tell:  # else the reactor has not read the last news yet: it will read this with it
+                assert self._threads is not None
+                self._threads.back(self._caught_up)
+
+    def _fail_from_thread(self, reason: str) -> None:
+        if self.state == "filling":
+            self._fail(reason)  # the thread removes the file when it reads the _STOP this queues
+
+
+def _failure(e: OSError) -> str:
+    # a full disk must never break the pull: stop caching, keep streaming
+    return "disk full" if e.errno == errno.ENOSPC else f"write failed: {e.strerror}"
 
 
 class BlobStore:
@@ -270,14 +454,18 @@ class BlobStore:
         allocate: Callable[[int, int, int], None] | None = os.posix_fallocate,
         compact: bool = True,
         statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+        threads: Threads | None = None,
     ) -> None:
         self.root = root
+        # where fills write and hash; None: in the caller's turn (`LayerCache` gives a reactor's threads)
+        self.threads = threads
         self.max_bytes = max_bytes
         self._allocate = allocate  # reserves a blob's space up front, so a full disk shows before any byte
         self._statvfs = statvfs  # the free space of root's file system (tests fake a small disk)
         self.compact = compact  # rewrite the logs at start: only the first process of a --workers group does
         self._prefix = f"{os.getpid()}-"
         self._blobs = os.path.join(root, "blobs", "sha256")
+        self._blob_prefix = os.path.join(self._blobs, "")
         self._tmp = os.path.join(root, "tmp")
         self._known_path = os.path.join(root, "known")
         self._generation_path = os.path.join(root, "generation")
@@ -363,7 +551,7 @@ class BlobStore:
         return _SHA256.match(digest) is not None
 
     def path_of(self, digest: str) -> str:
-        return os.path.join(self._blobs, digest[7:])
+        return self._blob_prefix + digest[7:]  # digest is "sha256:<hex>" (`cacheable`)
 
     # -- lookups
     def get(self, repository: str, digest: str) -> tuple[str, int] | None:
@@ -451,7 +639,7 @@ class BlobStore:
             return None
         if expected_size and self._allocate is not None:
             try:
-                self._allocate(fill._file.fileno(), 0, expected_size)
+                self._allocate(fill.fileno(), 0, expected_size)
             except OSError as e:
                 unsupported = e.errno in (errno.EOPNOTSUPP, errno.EINVAL)
                 # unsupported: the free space checked above is all there is; not known: never start
@@ -654,6 +842,9 @@ class BlobStore:
         self._make_room(0)
 
     def close(self) -> None:
-        for fill in list(self._fills.values()):
+        fills = list(self._fills.values())
+        for fill in fills:
             fill.abort("shutting down")
+        for fill in fills:
+            fill.join(5.0)
         self._known_log.close()

@@ -5,10 +5,15 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
+import time
 from pathlib import Path
+from queue import SimpleQueue
+from typing import Any, Callable
 
 import pytest
 
+from ecr_twisted.cache import store as store_mod
 from ecr_twisted.cache.ranges import UNSATISFIABLE, parse_range
 from ecr_twisted.cache.store import MIN_FREE, BlobStore, SharedLog, free_margin
 
@@ -322,3 +327,137 @@ def test_a_compacted_log_replaces_what_a_running_process_knew(tmp_path: Path) ->
     BlobStore(str(tmp_path), 1 << 20)  # a newer start compacts: the revocation is in no line any more
     other.catch_up()
     assert not other.knows("app", digest)
+
+
+class PumpThreads:
+    """`store.Threads` with real threads whose results wait for the test's thread, which plays the reactor (`pump`)."""
+
+    def __init__(self) -> None:
+        self.calls: SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = SimpleQueue()
+        self.threads: list[threading.Thread] = []
+
+    def start(self, work: Callable[[], None], name: str) -> threading.Thread:
+        thread = threading.Thread(target=work, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+        return thread
+
+    def back(self, call: Callable[..., None], *args: Any) -> None:
+        self.calls.put((call, args))
+
+    def pump(self, done: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            call, args = self.calls.get(timeout=max(0.0, deadline - time.monotonic()))
+            call(*args)
+
+    def join(self) -> None:
+        for thread in self.threads:
+            thread.join(5.0)
+            assert not thread.is_alive()
+
+
+def test_a_fill_in_its_own_thread_writes_hashes_and_commits_in_order(tmp_path: Path) -> None:
+    threads = PumpThreads()
+    store = BlobStore(str(tmp_path), 64 * MIB, threads=threads)
+    data = os.urandom(3 * MIB + 5)
+    digest = digest_of(data)
+    f = store.begin(digest, len(data))
+    assert f is not None
+    seen: list[tuple[str, int]] = []
+    f.on_progress(lambda fl: seen.append((fl.state, fl.written)))
+    for i in range(0, len(data), 100_000):
+        f.write(data[i : i + 100_000])
+        assert f._queued - f._done <= store_mod.MAX_BACKLOG + 100_000  # bounded: write waited for the disk
+    assert not f.finish()  # decided later, on this thread
+    threads.pump(lambda: f.state != "filling")
+    threads.join()
+    assert f.state == "done" and store.has(digest) and Path(store.path_of(digest)).read_bytes() == data
+    assert seen[-1] == ("done", len(data)) and [w for _, w in seen] == sorted(w for _, w in seen)
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_threaded_fill_that_fails_leaves_nothing(tmp_path: Path) -> None:
+    threads = PumpThreads()
+    store = BlobStore(str(tmp_path), 64 * MIB, threads=threads)
+    data = os.urandom(MIB)
+    bad = store.begin(digest_of(data))  # a mismatch, found by the thread's hash
+    assert bad is not None
+    bad.write(data[:-1] + bytes([data[-1] ^ 1]))
+    bad.finish()
+    threads.pump(lambda: bad.state != "filling")
+    assert bad.failed_reason == "digest mismatch" and store.mismatches == 1
+    cut = store.begin(digest_of(data))  # aborted while its thread holds the file
+    assert cut is not None
+    cut.write(data[:1000])
+    cut.abort("client gone")
+    assert cut.state == "failed" and store.filling(digest_of(data)) is None
+    threads.join()
+    assert list((tmp_path / "tmp").iterdir()) == [] and not store.has(digest_of(data))
+
+
+def test_a_full_disk_in_the_fill_thread_fails_the_fill_not_the_transfer(tmp_path: Path) -> None:
+    threads = PumpThreads()
+    store = BlobStore(str(tmp_path), 64 * MIB, threads=threads)
+    data = b"z" * 1000
+    f = store.begin(digest_of(data))
+    assert f is not None
+    real = f._file
+
+    class Full:
+        def write(self, b: bytes) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self) -> None:
+            real.close()
+
+    f._file = Full()
+    f.write(data)
+    threads.pump(lambda: f.state != "filling")
+    assert f.failed_reason == "disk full" and not f.finish()
+    threads.join()
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+def test_a_disk_behind_pauses_the_upstream_then_resumes_it(tmp_path: Path) -> None:
+    threads = PumpThreads()
+    store = BlobStore(str(tmp_path), 64 * MIB, threads=threads)
+    data = os.urandom(4 * MIB)
+    f = store.begin(digest_of(data), len(data))
+    assert f is not None
+    gate = threading.Event()
+    real = f._file
+
+    class Slow:
+        def write(self, b: Any) -> int:
+            gate.wait(10.0)
+            return int(real.write(b))
+
+        def close(self) -> None:
+            real.close()
+
+        def fileno(self) -> int:
+            return int(real.fileno())
+
+    f._file = Slow()
+    events: list[str] = []
+
+    class Producer:
+        def pauseProducing(self) -> None:
+            events.append("pause")
+
+        def resumeProducing(self) -> None:
+            events.append("resume")
+
+    f.attach(Producer())
+    step = 256 << 10
+    for i in range(0, len(data), step):
+        f.write(data[i : i + step])  # never blocks: the upstream is paused instead
+    assert events == ["pause"]
+    gate.set()
+    threads.pump(lambda: f.written == len(data))
+    assert events == ["pause", "resume"]
+    f.finish()
+    threads.pump(lambda: f.state != "filling")
+    threads.join()
+    assert f.state == "done" and store.has(digest_of(data))
