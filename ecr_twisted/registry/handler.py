@@ -262,6 +262,20 @@ def _renamed_path(target: bytes, client: str, private: str) -> bytes:
     return target
 
 
+def _request_fields(req: Head, drop: frozenset[bytes]) -> Fields:
+    """The client's fields that go upstream: one pass when Connection says only keep-alive or
+    nothing (the common case); else the fields it names are dropped too."""
+    out: Fields = []
+    for ln, n, v in req.fields:
+        if ln in drop:
+            if ln == b"connection" and v.lower() != b"keep-alive":
+                skip = req.connection_tokens()
+                return [(n, v) for ln, n, v in req.fields if ln not in drop and ln not in skip]
+            continue
+        out.append((n, v))
+    return out
+
+
 def _renames_listing(ctx: _Ctx) -> bool:
     """A tags/list whose `name` the client calls otherwise than the upstream does."""
     place = ctx.place
@@ -484,14 +498,12 @@ class RegistryProxy:
                 ctx.bearer = kept.get(scope, self.clock.seconds())
         ctx.origin = origin
         ctx.timeout = self.config.upload_timeout if ctx.kind == routes.UPLOAD else self.config.request_timeout
-        req = ex.request
-        skip = req.connection_tokens() if req.get(b"connection") is not None else ()
         # a listing the proxy must read and filter (or rename) is asked for uncompressed
         drop = (
             REQUEST_DROP if decision.listing is None and (ctx.place is None or not _renames_listing(ctx))
             else _LISTING_DROP
         )
-        fields = [(n, v) for ln, n, v in req.fields if ln not in drop and ln not in skip]
+        fields = _request_fields(ex.request, drop)
         fields.append((b"Host", origin.netloc))
         ctx.fields = fields
         self._send(ex, ctx)
@@ -1024,6 +1036,22 @@ class RegistryProxy:
         return scheme + b"://" + self._host(ex)
 
     def _response_fields(self, head: Head, ex: Exchange, ctx: _Ctx) -> Fields:
+        """The upstream's fields to relay: one pass when Connection says only keep-alive (the
+        common case: nothing more to drop); else the tokens it names are dropped too."""
+        out: Fields = []
+        for ln, n, v in head.fields:
+            if ln in RESPONSE_DROP:
+                if ln == b"connection" and v.lower() != b"keep-alive":
+                    return self._response_fields_all(head, ex, ctx)
+                continue
+            if ln == b"location" or ln == b"link":
+                return self._response_fields_all(head, ex, ctx)
+            out.append((n, v))
+        return out
+
+    def _response_fields_all(self, head: Head, ex: Exchange, ctx: _Ctx) -> Fields:
+        """`_response_fields` with the fields the Connection header names dropped too and
+        Location and Link pointed at the public URL."""
         skip = head.connection_tokens() if head.get(b"connection") is not None else ()
         out: Fields = []
         rewrite: tuple[tuple[bytes, ...], bytes] | None = None
