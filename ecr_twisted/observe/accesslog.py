@@ -129,21 +129,35 @@ _quoted: Callable[[str], str] = encode_basestring_ascii  # a JSON string: quotes
 
 def text_line(r: AccessRecord) -> str:
     """`time client "user" METHOD target status in out duration key=value...`, one line (method and
-    target hold no spaces or control characters: the parser refuses them). One f-string: measured
-    2-3 µs cheaper per request than a list of parts joined."""
+    target hold no spaces or control characters: the parser refuses them)."""
+    return _text(
+        r.time, r.client, r.user, r.method, r.target, r.route, r.status, r.bytes_in, r.bytes_out, r.duration,
+        r.request_id, r.repository, r.reference, r.upstream_status, r.upstream_request_id, r.cache, r.user_agent,
+        r.reason, r.error,
+    )[:-1]
+
+
+def _text(
+    time: float, client: str, user: str, method: str, target: str, route: str, status: int, bytes_in: int,
+    bytes_out: int, duration: float, request_id: str, repository: str | None, reference: str | None,
+    upstream_status: int | None, upstream_request_id: str | None, cache: str | None, user_agent: str | None,
+    reason: str | None, error: str | None,
+) -> str:
+    """`text_line` from the values themselves, with its newline (`AccessLog.request`: no record built
+    per request). One f-string: measured cheaper per request than a list of parts joined."""
     q = _quoted
     return (
-        f"{timestamp(r.time)} {r.client} {q(r.user)} {r.method} {r.target} {r.status} {r.bytes_in} {r.bytes_out}"
-        f" {r.duration:.3f}s route={r.route}"
-        f"{'' if r.repository is None else ' repo=' + q(r.repository)}"
-        f"{'' if r.reference is None else ' ref=' + q(r.reference)}"
-        f" upstream={r.upstream_status or '-'}"
-        f"{'' if r.upstream_request_id is None else ' upstream_id=' + q(r.upstream_request_id)}"
-        f"{'' if r.cache is None else ' cache=' + r.cache}"
-        f" id={r.request_id}"
-        f"{'' if r.user_agent is None else ' agent=' + q(r.user_agent)}"
-        f"{'' if r.reason is None else ' reason=' + q(r.reason)}"
-        f"{'' if r.error is None else ' error=' + q(r.error)}"
+        f"{timestamp(time)} {client} {q(user)} {method} {target} {status} {bytes_in} {bytes_out}"
+        f" {duration:.3f}s route={route}"
+        f"{'' if repository is None else ' repo=' + q(repository)}"
+        f"{'' if reference is None else ' ref=' + q(reference)}"
+        f" upstream={upstream_status or '-'}"
+        f"{'' if upstream_request_id is None else ' upstream_id=' + q(upstream_request_id)}"
+        f"{'' if cache is None else ' cache=' + cache}"
+        f" id={request_id}"
+        f"{'' if user_agent is None else ' agent=' + q(user_agent)}"
+        f"{'' if reason is None else ' reason=' + q(reason)}"
+        f"{'' if error is None else ' error=' + q(error)}\n"
     )
 
 
@@ -158,14 +172,34 @@ class AccessLog:
         self._out = out
 
     def write(self, record: AccessRecord) -> None:
+        self._put(self._line(record) + "\n")
+
+    def request(
+        self, time: float, client: str, user: str, method: str, target: str, route: str, status: int,
+        bytes_in: int, bytes_out: int, duration: float, request_id: str, repository: str | None,
+        reference: str | None, upstream_status: int | None, upstream_request_id: str | None, cache: str | None,
+        user_agent: str | None, reason: str | None, error: str | None,
+    ) -> None:
+        """One request's line from its values, in `AccessRecord`'s order (positional: binding 19
+        keywords and building a record measured about as costly as formatting the text line)."""
+        if self.format == "json":
+            return self.write(AccessRecord(
+                time, client, user, method, target, route, status, bytes_in, bytes_out, duration, request_id,
+                repository, reference, upstream_status, upstream_request_id, cache, user_agent, reason, error,
+            ))
+        self._put(_text(
+            time, client, user, method, target, route, status, bytes_in, bytes_out, duration, request_id,
+            repository, reference, upstream_status, upstream_request_id, cache, user_agent, reason, error,
+        ))
+
+    def _put(self, line: str) -> None:
         out = self._out
         if out is None:
             out = sys.__stdout__
             if out is None:
                 return
-        line = self._line(record)
         try:
-            out.write(line + "\n")
+            out.write(line)
             out.flush()
         except (OSError, ValueError):  # a closed or broken log must never fail a request
             pass

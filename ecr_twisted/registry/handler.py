@@ -47,7 +47,7 @@ from ecr_twisted.http.http11 import Head
 from ecr_twisted.http.exchange import Exchange, Fields
 from ecr_twisted.http.origin import Origin, UpstreamError
 from ecr_twisted.http.upstream import LONG, SHORT, UpstreamResponse
-from ecr_twisted.observe.accesslog import AccessLog, AccessRecord, RequestIds
+from ecr_twisted.observe.accesslog import AccessLog, RequestIds
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry import errors, listings, routes
 from ecr_twisted.registry.catalog import Answer, Catalog
@@ -608,29 +608,35 @@ class RegistryProxy:
     def _log_access(self, ex: Exchange, ctx: _Ctx | None, status: int, duration: float, plan: Plan | None) -> None:
         req = ex.request
         agent = req.get(b"user-agent")
-        match = ctx.match if ctx is not None else None
-        upstream_id = ctx.upstream_id if ctx is not None else None
-        self.access_log.write(AccessRecord(
-            time=ex.started + duration,
-            client=self._peer(ex),
-            user=(ctx.user if ctx is not None else None) or "anonymous",
-            method=req.method.decode("latin-1"),
-            target=redact_target(req.target),
-            route=ctx.kind if ctx is not None else routes.OTHER,
-            status=status,
-            bytes_in=ex.bytes_in,
-            bytes_out=ex.bytes_out,
-            duration=duration,
-            request_id=ctx.request_id if ctx is not None and ctx.request_id else "-",
-            repository=match.name if match is not None else None,
-            reference=match.reference if match is not None else None,
-            upstream_status=ex.upstream_status or None,
-            upstream_request_id=upstream_id.decode("latin-1")[:128] if upstream_id else None,
-            cache=plan.source if plan is not None else None,
-            user_agent=agent[:_MAX_AGENT].decode("latin-1") if agent is not None else None,
-            reason=ctx.reason if ctx is not None else None,
-            error=ex.error,
-        ))
+        target = req.target
+        if ctx is None:
+            match = user = reason = upstream_id = None
+            route, request_id = routes.OTHER, "-"
+        else:
+            match, user, reason, upstream_id = ctx.match, ctx.user, ctx.reason, ctx.upstream_id
+            route, request_id = ctx.kind, ctx.request_id or "-"
+        self.access_log.request(
+            ex.started + duration,
+            self._peer(ex),
+            user or "anonymous",
+            req.method.decode("latin-1"),
+            _SECRET_PARAM.sub(rb"\1REDACTED", target).decode("ascii", "replace") if b"?" in target
+            else target.decode("ascii", "replace"),  # redact_target, inline
+            route,
+            status,
+            ex.bytes_in,
+            ex.bytes_out,
+            duration,
+            request_id,
+            match.name if match is not None else None,
+            match.reference if match is not None else None,
+            ex.upstream_status or None,
+            upstream_id.decode("latin-1")[:128] if upstream_id else None,
+            plan.source if plan is not None else None,
+            agent[:_MAX_AGENT].decode("latin-1") if agent is not None else None,
+            reason,
+            ex.error,
+        )
 
     # -- upstream round trips
     @staticmethod
