@@ -159,7 +159,7 @@ class _Ctx:
     __slots__ = (
         "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "pages", "timeout", "target",
         "decision", "plan", "request_id", "user", "reason", "upstream_id", "leg", "place", "up_target", "host",
-        "bearer", "scope",
+        "bearer", "scope", "peer",
     )
 
     def __init__(self, kind: str) -> None:
@@ -189,6 +189,7 @@ class _Ctx:
         # and the scope it is kept under (upstreams/bearer.py)
         self.bearer: bytes | None = None
         self.scope: str | None = None
+        self.peer: str | None = None  # the client's address (`RegistryProxy._peer`)
 
 
 def _refusal_reason(decision: Decision) -> str:
@@ -332,7 +333,8 @@ class RegistryProxy:
         self.metrics.in_flight.inc()
         req = ex.request
         path = req.target.split(b"?", 1)[0]
-        rid = self.request_ids.take(req.get(b"x-request-id"))
+        # the client's X-Request-Id is looked up only when it may be used (a scan of the fields)
+        rid = self.request_ids.take(req.get(b"x-request-id") if self.request_ids.trust_client else None)
         ex.extra_field = (b"X-Request-Id", rid.encode("latin-1"))
         if path == b"/token" and self.gate.issues_tokens:
             ctx = ex.ctx = _Ctx("token")
@@ -557,7 +559,17 @@ class RegistryProxy:
         return f"repository:{name}:{action}{bar}{error}"
 
     def _peer(self, ex: Exchange) -> str:
-        """The client's address for login throttling (the load balancer's view with --trust-forwarded)."""
+        """The client's address for login throttling (the load balancer's view with --trust-forwarded),
+        worked out once per request (the gate and the access log both ask; getPeer builds an address)."""
+        ctx = ex.ctx
+        if ctx is not None:
+            peer = ctx.peer
+            if peer is None:
+                peer = ctx.peer = self._find_peer(ex)
+            return peer
+        return self._find_peer(ex)
+
+    def _find_peer(self, ex: Exchange) -> str:
         if self.config.trust_forwarded:
             forwarded = ex.request.get(b"x-forwarded-for")
             if forwarded:
@@ -655,14 +667,19 @@ class RegistryProxy:
         req = ex.request
         ctx.sent_at = self.clock.seconds()
         ctx.target = "registry"
-        fields = ctx.fields.copy()  # kept clean for a retry with a fresh token
+        # a new list each time: ctx.fields stays clean for a retry with a fresh token (forward takes it over)
+        token = ctx.token
         if ctx.bearer is not None:  # from a registry's token server (never on ECR legs)
-            fields.append((b"Authorization", ctx.bearer))
-        elif ctx.token is not None:
-            if ctx.token.header:  # an empty header: a registry that wants no credentials
-                fields.append((b"Authorization", ctx.token.header))
+            fields = [*ctx.fields, (b"Authorization", ctx.bearer)]
+        elif token is not None:
+            if token.header:  # an empty header: a registry that wants no credentials
+                fields = [*ctx.fields, (b"Authorization", token.header)]
+            else:
+                fields = ctx.fields.copy()
         elif ctx.decision.forward_auth is not None:
-            fields.append((b"Authorization", ctx.decision.forward_auth))
+            fields = [*ctx.fields, (b"Authorization", ctx.decision.forward_auth)]
+        else:
+            fields = ctx.fields.copy()
         target = ctx.up_target or ctx.decision.target or req.target
         plan = ctx.plan
         method = req.method if plan is None or plan.method is None else plan.method
