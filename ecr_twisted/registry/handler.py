@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -574,7 +575,12 @@ class RegistryProxy:
             forwarded = ex.request.get(b"x-forwarded-for")
             if forwarded:
                 return forwarded.rsplit(b",", 1)[-1].strip().decode("latin-1")
-        peer = ex.conn.transport.getPeer()
+        transport = ex.conn.transport
+        if type(transport) is tcp.Server:  # what getPeer().host says, without building an address (~1 us)
+            host = str(transport.client[0])  # a str already: the cast is for the type checker
+            if host:
+                return host
+        peer = transport.getPeer()
         return getattr(peer, "host", None) or str(peer)
 
     def _token_endpoint(self, ex: Exchange) -> None:
