@@ -83,9 +83,10 @@ def challenge(name: str | None = None, action: str | None = None, error: str | N
     return Decision(errors.UNAUTHORIZED, detail, challenge=f"{scope}|{error or ''}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Question:
-    """One registry request as the gate sees it."""
+    """One registry request as the gate sees it (built per request: not frozen, whose __init__ sets
+    each field through object.__setattr__, measured ~0.8 µs more; nothing writes to one)."""
 
     method: bytes
     kind: str  # the route kind (routes.MANIFEST, ...)

@@ -108,6 +108,8 @@ class Gate:
         self.htpasswd = htpasswd  # followed by its file; SIGHUP has it look now
         self.clock = clock
         self.metrics = metrics
+        self._attempts: dict[str, Any] = {}  # result -> the attempts counter's child
+        self._denials: dict[str, Any] = {}  # action -> the denials counter's child
         self.throttle = throttle or LoginThrottle()
         self.strategy: AuthMode = mode(self, htpasswd, issuer, webhook)
         self.issues_tokens = self.strategy.issues_tokens  # `/token` is served
@@ -286,13 +288,22 @@ class Gate:
 
     # -- metrics
     def count(self, result: str) -> None:
-        """A login attempt's outcome: success, failure or throttled."""
-        if self.metrics is not None:
-            self.metrics.attempts.labels(self.mode, result).inc()
+        """A login attempt's outcome: success, failure or throttled (the counter's child kept per
+        result: `labels()` takes a lock and builds a key; a remembered login counts every request)."""
+        child = self._attempts.get(result)
+        if child is None:
+            if self.metrics is None:
+                return
+            child = self._attempts[result] = self.metrics.attempts.labels(self.mode, result)
+        child.inc()
 
     def denied(self, action: str) -> None:
-        if self.metrics is not None:
-            self.metrics.denials.labels(action).inc()
+        child = self._denials.get(action)
+        if child is None:
+            if self.metrics is None:
+                return
+            child = self._denials[action] = self.metrics.denials.labels(action)
+        child.inc()
 
 
 def _named(decision: Decision, ident: Identity) -> Decision:

@@ -175,6 +175,15 @@ class _PasswordMode(AuthMode):
         self.htpasswd = htpasswd
         self.issuer = issuer
         self.issues_tokens = issuer is not None
+        self._principals: dict[str, Principal] = {}  # per user: a frozen dataclass is costly to build per request
+
+    def _principal(self, user: str) -> Principal:
+        who = self._principals.get(user)
+        if who is None:
+            if len(self._principals) >= 4096:
+                self._principals.clear()
+            who = self._principals[user] = Principal(user)
+        return who
 
     # -- logging in
     def login(self, creds: Credentials, peer: Peer) -> Identity | Deferred[Identity]:
@@ -192,7 +201,7 @@ class _PasswordMode(AuthMode):
             return Identity(ANONYMOUS, creds, failed=gate.throttled(wait))
         if self.htpasswd.known(creds.user, creds.secret):
             gate.count("success")
-            return Identity(Principal(creds.user), creds)
+            return Identity(self._principal(creds.user), creds)
         return Deferred.fromCoroutine(self._check_password(creds, addr, now))
 
     async def _check_password(self, creds: Credentials, addr: str, now: float) -> Identity:

@@ -85,6 +85,7 @@ class Principal:
 
 ANONYMOUS = Principal()
 _ANONYMOUS_NAMES = frozenset({"*", "anonymous"})
+_MAX_DECIDED = 8192  # remembered policy answers; past this the memory starts over
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,7 @@ class Policy:
         )
         self._groups_of: dict[str, set[str]] = {}
         self._names_of: dict[str, frozenset[str]] = {}  # per request otherwise
+        self._decided: dict[tuple[str | None, str, str, str | None, bool], bool] = {}  # allows(), remembered
         for group, members in (groups or {}).items():
             for user in members:
                 self._groups_of.setdefault(user, set()).add(group)
@@ -141,8 +143,22 @@ class Policy:
 
         `every_tag`: the request affects whatever tags the object has (a delete by digest),
         so tag-limited allows do not count and tag-limited denies do."""
-        # names and tags reach here already checked by the routes; checking again keeps
-        # the policy safe on its own (no "..", encoded slashes or upper case get a match)
+        # names and tags reach here already checked by the routes; checking again (in `_allows`)
+        # keeps the policy safe on its own (no "..", encoded slashes or upper case get a match).
+        # Answers are remembered per (user, action, repository, tag): a Basic client asks the same
+        # question on every request, and the rules walk with fnmatch cost more than the rest of the gate.
+        key = (who.user, action, repository, tag, every_tag)
+        known = self._decided.get(key)
+        if known is not None:
+            return known
+        allowed = self._allows(who, action, repository, tag, every_tag)
+        if len(self._decided) >= _MAX_DECIDED:  # bounded: names and tags come from clients
+            self._decided.clear()
+        self._decided[key] = allowed
+        return allowed
+
+    def _allows(self, who: Principal, action: str, repository: str, tag: str | None, every_tag: bool) -> bool:
+        """`allows`, worked out from the rules (a policy never changes: a reload makes a new one)."""
         if action not in ACTIONS or _NAME.match(repository) is None or len(repository) > 255:
             return False
         if tag is not None and _TAG.match(tag) is None:

@@ -12,6 +12,7 @@ neither the Authorization header nor tokens are part of a record.
 from __future__ import annotations
 
 import json
+from json.encoder import encode_basestring_ascii
 import os
 import re
 import sys
@@ -86,7 +87,11 @@ def timestamp(t: float) -> str:
     if second != _last_second:
         _last_stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         _last_second = second
-    return "%s.%03dZ" % (_last_stamp, int((t - second) * 1000))
+    ms = int((t - second) * 1000)
+    return _last_stamp + _MILLIS[ms] if 0 <= ms < 1000 else "%s.%03dZ" % (_last_stamp, ms)
+
+
+_MILLIS = tuple(".%03dZ" % ms for ms in range(1000))  # a lookup, not a format, per line
 
 
 _dumps = json.JSONEncoder(ensure_ascii=True, separators=(",", ":")).encode
@@ -119,34 +124,41 @@ def json_line(r: AccessRecord) -> str:
     return _dumps(d)
 
 
-def _quoted(value: str) -> str:
-    return _dumps(value)  # a JSON string: quotes and control characters escaped
+_quoted: Callable[[str], str] = encode_basestring_ascii  # a JSON string: quotes and control characters escaped
 
 
 def text_line(r: AccessRecord) -> str:
     """`time client "user" METHOD target status in out duration key=value...`, one line (method and
     target hold no spaces or control characters: the parser refuses them)."""
-    parts = [
-        timestamp(r.time), r.client, _quoted(r.user), r.method, r.target, str(r.status),
-        str(r.bytes_in), str(r.bytes_out), "%.3fs" % r.duration, "route=" + r.route,
-    ]
-    if r.repository is not None:
-        parts.append("repo=" + _quoted(r.repository))
-    if r.reference is not None:
-        parts.append("ref=" + _quoted(r.reference))
-    parts.append("upstream=%s" % (r.upstream_status or "-"))
-    if r.upstream_request_id is not None:
-        parts.append("upstream_id=" + _quoted(r.upstream_request_id))
-    if r.cache is not None:
-        parts.append("cache=" + r.cache)
-    parts.append("id=" + r.request_id)
-    if r.user_agent is not None:
-        parts.append("agent=" + _quoted(r.user_agent))
-    if r.reason is not None:
-        parts.append("reason=" + _quoted(r.reason))
-    if r.error is not None:
-        parts.append("error=" + _quoted(r.error))
-    return " ".join(parts)
+    return _text(
+        r.time, r.client, r.user, r.method, r.target, r.route, r.status, r.bytes_in, r.bytes_out, r.duration,
+        r.request_id, r.repository, r.reference, r.upstream_status, r.upstream_request_id, r.cache, r.user_agent,
+        r.reason, r.error,
+    )[:-1]
+
+
+def _text(
+    time: float, client: str, user: str, method: str, target: str, route: str, status: int, bytes_in: int,
+    bytes_out: int, duration: float, request_id: str, repository: str | None, reference: str | None,
+    upstream_status: int | None, upstream_request_id: str | None, cache: str | None, user_agent: str | None,
+    reason: str | None, error: str | None,
+) -> str:
+    """`text_line` from the values themselves, with its newline (`AccessLog.request`: no record built
+    per request). One f-string: measured cheaper per request than a list of parts joined."""
+    q = _quoted
+    return (
+        f"{timestamp(time)} {client} {q(user)} {method} {target} {status} {bytes_in} {bytes_out}"
+        f" {duration:.3f}s route={route}"
+        f"{'' if repository is None else ' repo=' + q(repository)}"
+        f"{'' if reference is None else ' ref=' + q(reference)}"
+        f" upstream={upstream_status or '-'}"
+        f"{'' if upstream_request_id is None else ' upstream_id=' + q(upstream_request_id)}"
+        f"{'' if cache is None else ' cache=' + cache}"
+        f" id={request_id}"
+        f"{'' if user_agent is None else ' agent=' + q(user_agent)}"
+        f"{'' if reason is None else ' reason=' + q(reason)}"
+        f"{'' if error is None else ' error=' + q(error)}\n"
+    )
 
 
 class AccessLog:
@@ -160,14 +172,34 @@ class AccessLog:
         self._out = out
 
     def write(self, record: AccessRecord) -> None:
+        self._put(self._line(record) + "\n")
+
+    def request(
+        self, time: float, client: str, user: str, method: str, target: str, route: str, status: int,
+        bytes_in: int, bytes_out: int, duration: float, request_id: str, repository: str | None,
+        reference: str | None, upstream_status: int | None, upstream_request_id: str | None, cache: str | None,
+        user_agent: str | None, reason: str | None, error: str | None,
+    ) -> None:
+        """One request's line from its values, in `AccessRecord`'s order (positional: binding 19
+        keywords and building a record measured about as costly as formatting the text line)."""
+        if self.format == "json":
+            return self.write(AccessRecord(
+                time, client, user, method, target, route, status, bytes_in, bytes_out, duration, request_id,
+                repository, reference, upstream_status, upstream_request_id, cache, user_agent, reason, error,
+            ))
+        self._put(_text(
+            time, client, user, method, target, route, status, bytes_in, bytes_out, duration, request_id,
+            repository, reference, upstream_status, upstream_request_id, cache, user_agent, reason, error,
+        ))
+
+    def _put(self, line: str) -> None:
         out = self._out
         if out is None:
             out = sys.__stdout__
             if out is None:
                 return
-        line = self._line(record)
         try:
-            out.write(line + "\n")
+            out.write(line)
             out.flush()
         except (OSError, ValueError):  # a closed or broken log must never fail a request
             pass

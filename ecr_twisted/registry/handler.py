@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Protocol
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,7 +48,7 @@ from ecr_twisted.http.http11 import Head
 from ecr_twisted.http.exchange import Exchange, Fields
 from ecr_twisted.http.origin import Origin, UpstreamError
 from ecr_twisted.http.upstream import LONG, SHORT, UpstreamResponse
-from ecr_twisted.observe.accesslog import AccessLog, AccessRecord, RequestIds
+from ecr_twisted.observe.accesslog import AccessLog, RequestIds
 from ecr_twisted.observe.metrics import Metrics
 from ecr_twisted.registry import errors, listings, routes
 from ecr_twisted.registry.catalog import Answer, Catalog
@@ -159,7 +160,7 @@ class _Ctx:
     __slots__ = (
         "kind", "match", "token", "origin", "fields", "retried", "sent_at", "redirects", "pages", "timeout", "target",
         "decision", "plan", "request_id", "user", "reason", "upstream_id", "leg", "place", "up_target", "host",
-        "bearer", "scope",
+        "bearer", "scope", "peer",
     )
 
     def __init__(self, kind: str) -> None:
@@ -189,6 +190,7 @@ class _Ctx:
         # and the scope it is kept under (upstreams/bearer.py)
         self.bearer: bytes | None = None
         self.scope: str | None = None
+        self.peer: str | None = None  # the client's address (`RegistryProxy._peer`)
 
 
 def _refusal_reason(decision: Decision) -> str:
@@ -262,6 +264,20 @@ def _renamed_path(target: bytes, client: str, private: str) -> bytes:
     return target
 
 
+def _request_fields(req: Head, drop: frozenset[bytes]) -> Fields:
+    """The client's fields that go upstream: one pass when Connection says only keep-alive or
+    nothing (the common case); else the fields it names are dropped too."""
+    out: Fields = []
+    for ln, n, v in req.fields:
+        if ln in drop:
+            if ln == b"connection" and v.lower() != b"keep-alive":
+                skip = req.connection_tokens()
+                return [(n, v) for ln, n, v in req.fields if ln not in drop and ln not in skip]
+            continue
+        out.append((n, v))
+    return out
+
+
 def _renames_listing(ctx: _Ctx) -> bool:
     """A tags/list whose `name` the client calls otherwise than the upstream does."""
     place = ctx.place
@@ -318,7 +334,8 @@ class RegistryProxy:
         self.metrics.in_flight.inc()
         req = ex.request
         path = req.target.split(b"?", 1)[0]
-        rid = self.request_ids.take(req.get(b"x-request-id"))
+        # the client's X-Request-Id is looked up only when it may be used (a scan of the fields)
+        rid = self.request_ids.take(req.get(b"x-request-id") if self.request_ids.trust_client else None)
         ex.extra_field = (b"X-Request-Id", rid.encode("latin-1"))
         if path == b"/token" and self.gate.issues_tokens:
             ctx = ex.ctx = _Ctx("token")
@@ -484,14 +501,12 @@ class RegistryProxy:
                 ctx.bearer = kept.get(scope, self.clock.seconds())
         ctx.origin = origin
         ctx.timeout = self.config.upload_timeout if ctx.kind == routes.UPLOAD else self.config.request_timeout
-        req = ex.request
-        skip = req.connection_tokens() if req.get(b"connection") is not None else ()
         # a listing the proxy must read and filter (or rename) is asked for uncompressed
         drop = (
             REQUEST_DROP if decision.listing is None and (ctx.place is None or not _renames_listing(ctx))
             else _LISTING_DROP
         )
-        fields = [(n, v) for ln, n, v in req.fields if ln not in drop and ln not in skip]
+        fields = _request_fields(ex.request, drop)
         fields.append((b"Host", origin.netloc))
         ctx.fields = fields
         self._send(ex, ctx)
@@ -545,12 +560,27 @@ class RegistryProxy:
         return f"repository:{name}:{action}{bar}{error}"
 
     def _peer(self, ex: Exchange) -> str:
-        """The client's address for login throttling (the load balancer's view with --trust-forwarded)."""
+        """The client's address for login throttling (the load balancer's view with --trust-forwarded),
+        worked out once per request (the gate and the access log both ask; getPeer builds an address)."""
+        ctx = ex.ctx
+        if ctx is not None:
+            peer = ctx.peer
+            if peer is None:
+                peer = ctx.peer = self._find_peer(ex)
+            return peer
+        return self._find_peer(ex)
+
+    def _find_peer(self, ex: Exchange) -> str:
         if self.config.trust_forwarded:
             forwarded = ex.request.get(b"x-forwarded-for")
             if forwarded:
                 return forwarded.rsplit(b",", 1)[-1].strip().decode("latin-1")
-        peer = ex.conn.transport.getPeer()
+        transport = ex.conn.transport
+        if type(transport) is tcp.Server:  # what getPeer().host says, without building an address (~1 us)
+            host = str(transport.client[0])  # a str already: the cast is for the type checker
+            if host:
+                return host
+        peer = transport.getPeer()
         return getattr(peer, "host", None) or str(peer)
 
     def _token_endpoint(self, ex: Exchange) -> None:
@@ -596,29 +626,35 @@ class RegistryProxy:
     def _log_access(self, ex: Exchange, ctx: _Ctx | None, status: int, duration: float, plan: Plan | None) -> None:
         req = ex.request
         agent = req.get(b"user-agent")
-        match = ctx.match if ctx is not None else None
-        upstream_id = ctx.upstream_id if ctx is not None else None
-        self.access_log.write(AccessRecord(
-            time=ex.started + duration,
-            client=self._peer(ex),
-            user=(ctx.user if ctx is not None else None) or "anonymous",
-            method=req.method.decode("latin-1"),
-            target=redact_target(req.target),
-            route=ctx.kind if ctx is not None else routes.OTHER,
-            status=status,
-            bytes_in=ex.bytes_in,
-            bytes_out=ex.bytes_out,
-            duration=duration,
-            request_id=ctx.request_id if ctx is not None and ctx.request_id else "-",
-            repository=match.name if match is not None else None,
-            reference=match.reference if match is not None else None,
-            upstream_status=ex.upstream_status or None,
-            upstream_request_id=upstream_id.decode("latin-1")[:128] if upstream_id else None,
-            cache=plan.source if plan is not None else None,
-            user_agent=agent[:_MAX_AGENT].decode("latin-1") if agent is not None else None,
-            reason=ctx.reason if ctx is not None else None,
-            error=ex.error,
-        ))
+        target = req.target
+        if ctx is None:
+            match = user = reason = upstream_id = None
+            route, request_id = routes.OTHER, "-"
+        else:
+            match, user, reason, upstream_id = ctx.match, ctx.user, ctx.reason, ctx.upstream_id
+            route, request_id = ctx.kind, ctx.request_id or "-"
+        self.access_log.request(
+            ex.started + duration,
+            self._peer(ex),
+            user or "anonymous",
+            req.method.decode("latin-1"),
+            _SECRET_PARAM.sub(rb"\1REDACTED", target).decode("ascii", "replace") if b"?" in target
+            else target.decode("ascii", "replace"),  # redact_target, inline
+            route,
+            status,
+            ex.bytes_in,
+            ex.bytes_out,
+            duration,
+            request_id,
+            match.name if match is not None else None,
+            match.reference if match is not None else None,
+            ex.upstream_status or None,
+            upstream_id.decode("latin-1")[:128] if upstream_id else None,
+            plan.source if plan is not None else None,
+            agent[:_MAX_AGENT].decode("latin-1") if agent is not None else None,
+            reason,
+            ex.error,
+        )
 
     # -- upstream round trips
     @staticmethod
@@ -637,14 +673,19 @@ class RegistryProxy:
         req = ex.request
         ctx.sent_at = self.clock.seconds()
         ctx.target = "registry"
-        fields = ctx.fields.copy()  # kept clean for a retry with a fresh token
+        # a new list each time: ctx.fields stays clean for a retry with a fresh token (forward takes it over)
+        token = ctx.token
         if ctx.bearer is not None:  # from a registry's token server (never on ECR legs)
-            fields.append((b"Authorization", ctx.bearer))
-        elif ctx.token is not None:
-            if ctx.token.header:  # an empty header: a registry that wants no credentials
-                fields.append((b"Authorization", ctx.token.header))
+            fields = [*ctx.fields, (b"Authorization", ctx.bearer)]
+        elif token is not None:
+            if token.header:  # an empty header: a registry that wants no credentials
+                fields = [*ctx.fields, (b"Authorization", token.header)]
+            else:
+                fields = ctx.fields.copy()
         elif ctx.decision.forward_auth is not None:
-            fields.append((b"Authorization", ctx.decision.forward_auth))
+            fields = [*ctx.fields, (b"Authorization", ctx.decision.forward_auth)]
+        else:
+            fields = ctx.fields.copy()
         target = ctx.up_target or ctx.decision.target or req.target
         plan = ctx.plan
         method = req.method if plan is None or plan.method is None else plan.method
@@ -1024,6 +1065,22 @@ class RegistryProxy:
         return scheme + b"://" + self._host(ex)
 
     def _response_fields(self, head: Head, ex: Exchange, ctx: _Ctx) -> Fields:
+        """The upstream's fields to relay: one pass when Connection says only keep-alive (the
+        common case: nothing more to drop); else the tokens it names are dropped too."""
+        out: Fields = []
+        for ln, n, v in head.fields:
+            if ln in RESPONSE_DROP:
+                if ln == b"connection" and v.lower() != b"keep-alive":
+                    return self._response_fields_all(head, ex, ctx)
+                continue
+            if ln == b"location" or ln == b"link":
+                return self._response_fields_all(head, ex, ctx)
+            out.append((n, v))
+        return out
+
+    def _response_fields_all(self, head: Head, ex: Exchange, ctx: _Ctx) -> Fields:
+        """`_response_fields` with the fields the Connection header names dropped too and
+        Location and Link pointed at the public URL."""
         skip = head.connection_tokens() if head.get(b"connection") is not None else ()
         out: Fields = []
         rewrite: tuple[tuple[bytes, ...], bytes] | None = None

@@ -16,6 +16,7 @@ from ecr_twisted.app.config import ProxySettings
 from ecr_twisted.ecr.tokens import TokenKeeper
 from ecr_twisted.http.origin import Origin
 from ecr_twisted.http.server import RelayFactory
+from ecr_twisted.observe.accesslog import AccessRecord
 from ecr_twisted.testing.doubles import FakeTokenFetcher, MemoryUpstreams
 from ecr_twisted.upstreams.bearer import (
     DEFAULT_LIFETIME,
@@ -576,7 +577,7 @@ def test_tokens_and_credentials_are_never_logged() -> None:
     try:
         h = Hub((STATIC, MAIN))
         written: list[Any] = []
-        h.handler.access_log.write = written.append  # type: ignore[method-assign, assignment]
+        h.handler.access_log.request = lambda *values: written.append(AccessRecord(*values))  # type: ignore[method-assign]
         c = call(h, "GET", "/v2/hub/team/app/manifests/1?token=tok-secret")
         answer(h, unauthorized(b"repository:team/app:pull"))
         answer(h, token_answer(b"tok-secret"))

@@ -20,6 +20,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from ecr_twisted.access.gate import AccessConfig, Gate
 from ecr_twisted.access.htpasswd import Htpasswd
+from ecr_twisted.observe.accesslog import AccessRecord
 from ecr_twisted.access.policy import FixedPolicy, Policy
 from ecr_twisted.access.tokens import TokenIssuer
 from ecr_twisted.app.build import Keepers, Parts, build
@@ -619,7 +620,7 @@ def test_a_filtered_tags_list_is_renamed_and_its_hidden_pages_fetched_by_private
 
 def test_access_log_names_the_public_repository(h: Multi) -> None:
     written: list[Any] = []
-    h.handler.access_log.write = written.append  # type: ignore[method-assign, assignment]
+    h.handler.access_log.request = lambda *values: written.append(AccessRecord(*values))  # type: ignore[method-assign]
     c = call(h, "GET", "/v2/lib/app/manifests/1", MIRROR_HOST)
     answer(h, ok())
     assert c.reply().status == 200

@@ -186,3 +186,31 @@ def test_policy_file_is_reread_on_change_and_a_broken_edit_keeps_the_last_good(t
 
 
 PRESET_PUBLIC = '[[rule]]\nprincipals = ["*"]\nactions = ["pull"]\nrepositories = ["*"]\n'
+
+
+def test_remembered_answers_are_per_user_action_name_and_tag_and_bounded() -> None:
+    """allows() remembers its answers (a Basic client asks the same question on every request):
+    the same answers as worked out afresh, never one user's for another, and a bounded memory."""
+    from ecr_twisted.access import policy as module
+
+    p = Policy.from_toml(
+        '[[rule]]\nprincipals = ["user:alice"]\nactions = ["pull", "push"]\nrepositories = ["team/*"]\n'
+        '[[rule]]\neffect = "deny"\nprincipals = ["*"]\nactions = ["push"]\nrepositories = ["*"]\ntags = ["latest"]\n'
+    )
+    alice, bob = Principal("alice"), Principal("bob")
+    questions = [
+        (who, action, name, tag, every)
+        for who in (alice, bob, ANONYMOUS)
+        for action in ("pull", "push", "delete")
+        for name in ("team/app", "other/app", "Team/App")
+        for tag in (None, "latest", "v1")
+        for every in (False, True)
+    ]
+    fresh = [p._allows(*q) for q in questions]
+    assert [p.allows(*q) for q in questions] == fresh  # worked out, then remembered
+    assert [p.allows(*q) for q in questions] == fresh  # answered from memory
+    assert p.allows(alice, "push", "team/app", "v1") and not p.allows(bob, "push", "team/app", "v1")
+    assert not p.allows(alice, "push", "team/app", "latest")
+    for i in range(module._MAX_DECIDED + 10):
+        p.allows(alice, "pull", f"team/app{i}")
+    assert len(p._decided) <= module._MAX_DECIDED

@@ -91,6 +91,35 @@ def test_response_headers_are_rewritten_for_the_client() -> None:
     assert fields[b"content-length"] == [b"0"]
 
 
+def test_fields_named_by_connection_are_dropped_wherever_they_stand() -> None:
+    """The one-pass filters (Connection only keep-alive) fall back to the full one when Connection
+    names a field, even one already passed (here before it, without a Location to rewrite)."""
+    h = Harness()
+    proto, client = h.client()
+    proto.dataReceived(
+        b"GET /v2/app/manifests/1 HTTP/1.1\r\nHost: x\r\nX-Private: 1\r\nX-Kept: 1\r\n"
+        b"Connection: Keep-Alive\r\nConnection: X-Private\r\n\r\n"
+    )
+    up, upstream = h.upstreams.last()
+    _, sent, _ = split(upstream.value())
+    assert b"x-private" not in sent and b"connection" not in sent and sent[b"x-kept"] == [b"1"]
+    up.dataReceived(
+        b"HTTP/1.1 200 OK\r\nX-Hop: 1\r\nX-Other: 2\r\nConnection: keep-alive\r\nConnection: x-hop\r\n"
+        b"Content-Length: 0\r\n\r\n"
+    )
+    line, fields, _ = split(client.value())
+    assert line == b"HTTP/1.1 200 OK"
+    assert b"x-hop" not in fields and fields[b"x-other"] == [b"2"]
+    client.clear()
+    proto.dataReceived(b"GET /v2/app/manifests/2 HTTP/1.1\r\nHost: x\r\nX-Kept: 1\r\nConnection: keep-alive\r\n\r\n")
+    up, upstream = h.upstreams.last()
+    _, sent, _ = split(upstream.value())
+    assert b"connection" not in sent and sent[b"x-kept"] == [b"1"]
+    up.dataReceived(b"HTTP/1.1 200 OK\r\nX-Hop: 1\r\nConnection: Keep-Alive\r\nContent-Length: 0\r\n\r\n")
+    _, fields, _ = split(client.value())
+    assert fields[b"x-hop"] == [b"1"]
+
+
 def test_public_url_from_request_and_trusted_forwarded_headers() -> None:
     h = Harness()
     proto, client = h.client()
