@@ -9,6 +9,7 @@ same fields, framing and lookups, and refuse the others with the same reason and
 from __future__ import annotations
 
 import re
+import time
 
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from ecr_twisted.http.http11 import (
     CHUNKED,
     LENGTH,
     MAX_FIELDS,
+    MAX_HEAD,
     METHODS,
     NO_BODY,
     UNTIL_CLOSE,
@@ -231,3 +233,22 @@ def test_the_real_benchmark_response_is_indexed() -> None:
     assert head.get(b"docker-content-digest") == b"sha256:ab"
     assert head.get_all(b"link") == [b"<a>", b"<b>"] and head.get(b"link") == b"<a>"
     assert head.connection_tokens() == {b"keep-alive"} and head.length == 440
+
+
+def test_hostile_heads_cost_linear_time() -> None:
+    # bare LFs, bare CRs, long tokens and long values near MAX_HEAD: refused (or read) in
+    # one pass each, never by a scan per line start (which took seconds for the first one)
+    size = MAX_HEAD - 100
+    hostile = [
+        b"\r\nHost: a\r\nX: y" + b"\nx:" * (size // 3) + b"\ry",
+        b"\r\nHost: a\r\nx:" + b" \ry" * (size // 3),
+        b"\r\nHost: a\r\n" + b"a" * size,
+        b"\r\nHost: a\r\nx: " + b" " * size + b"y",
+        b"\r\nHost: a" + b"\r\nx: \x00" * (MAX_FIELDS - 2),
+    ]
+    for block in hostile:
+        began = time.process_time()
+        for _ in range(5):
+            _outcome(parse_request_head, b"GET / HTTP/1.1" + block)
+            _outcome(parse_response_head, b"HTTP/1.1 200 OK" + block, b"GET")
+        assert time.process_time() - began < 1.0, block[:40]
