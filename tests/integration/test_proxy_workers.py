@@ -151,3 +151,35 @@ def _connections_held(port: int, pids: list[int], n: int = 32) -> dict[int, int]
     finally:
         for s in socks:
             s.close()
+
+
+def test_a_unix_socket_listener_is_still_shared_by_inheritance(
+    ecr: EmulatedECR, proxy_factory: ProxyFactory, tmp_path: pathlib.Path
+) -> None:
+    path = tmp_path / "proxy.sock"
+    p = proxy_factory(ecr, "--workers", "2", port_spec=f"unix:{path}")
+    [child] = wait_for(lambda: children_of(p.pid))
+    # one socket, held by both processes (no SO_REUSEPORT for unix sockets)
+    inode = os.stat(path).st_ino
+    wait_for(lambda: all(_holds_unix_listener(pid, path) for pid in (p.pid, child)))
+    for _ in range(20):
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(10)
+            s.connect(str(path))
+            s.sendall(b"GET /v2/ HTTP/1.1\r\nHost: proxy\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert os.stat(path).st_ino == inode
+
+
+def _holds_unix_listener(pid: int, path: pathlib.Path) -> bool:
+    """Does `pid` hold the listening unix socket bound at `path` (/proc/net/unix: flags 00010000 = listening)?"""
+    inodes = {
+        fields[6]
+        for fields in (row.split() for row in pathlib.Path("/proc/net/unix").read_text().splitlines()[1:])
+        if len(fields) >= 8 and fields[7] == str(path) and fields[3] == "00010000"
+    }
+    links = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    return any(f"socket:[{inode}]" in links for inode in inodes)
