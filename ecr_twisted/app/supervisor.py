@@ -96,8 +96,14 @@ def bind_listener(spec: str, share: bool = False) -> socket.socket:
         sock.close()
         raise ListenerError(f"{spec!r}: cannot listen: {e}") from None
     sock.setblocking(False)
-    sock.set_inheritable(True)
+    # passed to children only if they cannot bind their own; a shared socket open in a process
+    # that does not accept on it would leave its share of connections waiting for nobody
+    sock.set_inheritable(not _shares_port(sock))
     return sock
+
+
+def _shares_port(sock: socket.socket) -> bool:
+    return sock.family != socket.AF_UNIX and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
 
 
 def _backlog(spec: str, kw: dict[str, str]) -> int:
@@ -158,7 +164,7 @@ def decode_listeners(text: str) -> tuple[ChildListener, ...]:
 
 def child_listener(spec: str, sock: socket.socket) -> ChildListener:
     """What a child is told about `sock` (made by `bind_listener` for `spec`)."""
-    if sock.family == socket.AF_UNIX or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT):
+    if not _shares_port(sock):
         return ChildListener(fd=sock.fileno())
     return ChildListener(
         family=sock.family, address=tuple(sock.getsockname()), backlog=_backlog(spec, parse_description(spec).kwargs)

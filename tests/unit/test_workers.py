@@ -133,6 +133,7 @@ def test_a_shared_tcp_listener_lets_children_bind_their_own_and_the_kernel_sprea
     spec = "tcp:0:interface=127.0.0.1"
     main = bind_listener(spec, share=True)
     try:
+        assert not main.get_inheritable()  # no other process holds it without accepting on it
         shared = child_listener(spec, main)
         assert shared.fd is None and shared.address == main.getsockname() and shared.family == socket.AF_INET
         assert shared.backlog > 0
@@ -293,3 +294,33 @@ def test_a_child_that_cannot_listen_exits_for_the_main_process_to_restart_it(tmp
         reactor, top, keeper = _child(tmp_path, shared)
         keeper.first.callback(object())
         assert top.listeners == [] and reactor.hasStopped
+
+
+def test_where_a_sibling_may_not_bind_the_socket_stays_exclusive_and_children_inherit_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import errno
+
+    from ecr_twisted.app import supervisor
+
+    made: list[socket.socket] = []
+
+    class NoSiblings(socket.socket):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def bind(self, address) -> None:
+            if len(made) > 1:  # the trial sibling
+                raise OSError(errno.EADDRINUSE, "Address already in use")
+            super().bind(address)
+
+    monkeypatch.setattr(supervisor.socket, "socket", NoSiblings)
+    spec = "tcp:0:interface=127.0.0.1"
+    sock = bind_listener(spec, share=True)
+    try:
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+        assert sock.get_inheritable()
+        assert supervisor.child_listener(spec, sock).fd == sock.fileno()
+    finally:
+        sock.close()
