@@ -22,7 +22,7 @@ import socket
 import tempfile
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Sequence, cast
 
 from prometheus_client import CollectorRegistry
 from twisted.application import service, strports
@@ -78,6 +78,9 @@ from ecr_twisted.registry.redirects import RedirectRules, parse_patterns
 from ecr_twisted.timers import cancel
 from ecr_twisted.upstreams.routing import Router
 from ecr_twisted.upstreams.spec import ECR, UpstreamSpec, implicit
+
+if TYPE_CHECKING:
+    from ecr_twisted.app.supervisor import ChildListener
 
 __all__ = [
     "Built",
@@ -173,10 +176,11 @@ class Keepers:
 
 @dataclass(frozen=True)
 class ChildSockets:
-    """What a `--workers` child serves: listening sockets inherited as descriptors (one per
-    `--port`, in order) and the unix socket its metrics are scraped from."""
+    """What a `--workers` child serves: one listener per `--port`, in order (a SO_REUSEPORT socket
+    of its own at the main process's address, or an inherited descriptor), and the unix socket
+    its metrics are scraped from."""
 
-    fds: tuple[int, ...]
+    listeners: tuple[ChildListener, ...]
     metrics_socket: str
 
 
@@ -295,7 +299,7 @@ def _build(
     others = None
     workers: Any = None
     if child is not None:
-        _serve_inherited(reactor, listening, top, proxy, child, factories)
+        _serve_child(reactor, listening, top, proxy, child, factories)
     elif settings.workers == 1:
         for spec, factory in zip(listeners, factories):
             top.add_listener(strports.service(with_backlog(spec.description, backlog), factory, listening))
@@ -724,19 +728,21 @@ def _start_workers(
     factories: list[Any],
     argv: tuple[str, ...],
 ) -> Any:  # a WorkerProcesses
-    """The main process of a --workers group binds the sockets, serves them and starts the
-    children that share them (returned: they are scraped for metrics and passed SIGHUP)."""
-    from ecr_twisted.app.supervisor import AdoptedPort, ListenerError, WorkerProcesses, bind_listener
+    """The main process of a --workers group binds the sockets (a port in use fails the start
+    here), serves them and starts the children, which bind their own to the same addresses
+    with SO_REUSEPORT (returned: they are scraped for metrics and passed SIGHUP)."""
+    from ecr_twisted.app.supervisor import AdoptedPort, ListenerError, WorkerProcesses, bind_listener, child_listener
 
     try:
-        sockets = [bind_listener(spec.description) for spec in listeners]
+        sockets = [bind_listener(spec.description, share=True) for spec in listeners]
     except ListenerError as e:
         raise UsageError(f"--port {e}") from None
     for sock, factory in zip(sockets, factories):
         top.add_listener(AdoptedPort(listening, sock, factory))
     socket_dir = tempfile.mkdtemp(prefix="ecrproxy-workers-")
     reactor.addSystemEventTrigger("after", "shutdown", shutil.rmtree, socket_dir, True)
-    children = WorkerProcesses(reactor, settings.workers, list(argv), [s.fileno() for s in sockets], socket_dir)
+    shared = [child_listener(spec.description, sock) for spec, sock in zip(listeners, sockets)]
+    children = WorkerProcesses(reactor, settings.workers, list(argv), shared, socket_dir)
     children.setServiceParent(top)
     # on SIGTERM the children drain too (each with the same options); this process waits for them
     top.on_drain.append(children.drain)
@@ -744,21 +750,35 @@ def _start_workers(
     return children
 
 
-def _serve_inherited(
+def _serve_child(
     reactor: Any, listening: Any, top: Drain, proxy: Proxy, child: ChildSockets,
     factories: list[Any],
 ) -> None:
-    from ecr_twisted.app.supervisor import AdoptedPort
+    """A --workers child listens once it holds a token; its SO_REUSEPORT sockets are made only
+    then, so the kernel never hashes a connection to a process that is not ready to serve."""
+    from ecr_twisted.app.supervisor import AdoptedPort, ListenerError, join_listener
 
-    ports = [AdoptedPort(listening, socket.socket(fileno=fd), factory) for fd, factory in zip(child.fds, factories)]
+    inherited = {n: socket.socket(fileno=s.fd) for n, s in enumerate(child.listeners) if s.fd is not None}
 
     def listen(_: Any) -> None:
         # a child that answered before holding a token would turn its share of requests
         # into 503s while its first GetAuthorizationToken call is under way
         if top.draining:
             return
-        for port in ports:
-            top.add_listener(port)
+        made: list[socket.socket] = []
+        try:
+            for n, shared in enumerate(child.listeners):
+                if n not in inherited:
+                    made.append(join_listener(shared))
+        except ListenerError as e:
+            for sock in made:
+                sock.close()
+            log.error("worker: {e}; exiting (the main process starts another)", e=e)
+            reactor.stop()
+            return
+        own = iter(made)
+        for n, factory in enumerate(factories):
+            top.add_listener(AdoptedPort(listening, inherited[n] if n in inherited else next(own), factory))
 
     proxy.keeper.first_token().addCallback(listen)
     StreamServerEndpointService(

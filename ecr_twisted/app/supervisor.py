@@ -1,18 +1,25 @@
-"""`--workers N`: N processes serve the same listening sockets; one /metrics sees them all.
+"""`--workers N`: N processes serve the same listening addresses; one /metrics sees them all.
 
-The main process binds each listener itself and hands the sockets to N-1 children
-(`python -m ecr_twisted.app.worker`), which adopt them, so the kernel spreads connections
-over the processes. Each child keeps its metrics in its own in-memory registry (nothing
-shared on the hot path) and serves them on a private unix socket; the main process
-scrapes and sums them at scrape time. Children watch their stdin pipe and exit when the
-main process goes away; the main process restarts a child that dies.
+The main process binds each listener itself (so a port in use is one clear error before
+anything starts) and starts N-1 children (`python -m ecr_twisted.app.worker`). On a TCP
+listener every child then binds a socket of its own to the same address with `SO_REUSEPORT`,
+once it is ready to serve: the kernel hashes each new connection to one of the listening
+sockets, so connections spread evenly over the processes. A single socket shared by all
+(what unix-socket listeners still do: children inherit and adopt the main process's one) lets
+whichever process wakes first take every waiting connection: measured, one process held all
+64 of a benchmark's connections while the other idled. Each child keeps its metrics in its
+own in-memory registry (nothing shared on the hot path) and serves them on a private unix
+socket; the main process scrapes and sums them at scrape time. Children watch their stdin
+pipe and exit when the main process goes away; the main process restarts a child that dies.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sys
+from dataclasses import dataclass, replace
 from typing import Any
 
 from twisted.application import service
@@ -30,10 +37,15 @@ from ecr_twisted.timers import cancel
 
 __all__ = [
     "AdoptedPort",
+    "ChildListener",
     "ListenerError",
     "WorkerProcesses",
     "bind_listener",
+    "child_listener",
+    "decode_listeners",
+    "encode_listeners",
     "fetch_unix_metrics",
+    "join_listener",
     "metrics_body",
 ]
 
@@ -44,15 +56,20 @@ class ListenerError(ValueError):
     pass
 
 
-def bind_listener(spec: str) -> socket.socket:
+def bind_listener(spec: str, share: bool = False) -> socket.socket:
     """Bind a listening socket for `spec`: a port number, or tcp:/tcp6:/unix: endpoint strings. The
-    backlog is the description's, else the kernel's most (`somaxconn`)."""
+    backlog is the description's, else the kernel's most (`somaxconn`).
+
+    The bind itself is exclusive, so a port another process listens on is refused even if that
+    one allows `SO_REUSEPORT` (another proxy group). With `share`, a TCP socket then allows it,
+    before it listens, for this group's children to bind their own (`join_listener`); if the
+    kernel will not let a sibling bind, it stays exclusive and children inherit it instead."""
     try:
         described = parse_description(spec)
     except DescriptionError as e:
         raise ListenerError(str(e)) from None
     kind, positional, kw = described.kind, described.args, described.kwargs
-    backlog = int(kw.get("backlog", somaxconn()))
+    backlog = _backlog(spec, kw)
     if kind in ("tcp", "tcp6", "ssl"):  # ssl: the factory is TLS-wrapped by the caller
         port = int(kw.get("port", positional[0] if positional else "0"))
         family = socket.AF_INET6 if kind == "tcp6" else socket.AF_INET
@@ -72,12 +89,101 @@ def bind_listener(spec: str) -> socket.socket:
         raise ListenerError(f"{spec!r}: --workers needs tcp:, tcp6:, ssl: or unix: listeners")
     try:
         sock.bind(address)
+        if share and sock.family != socket.AF_UNIX:
+            _allow_siblings(sock)
         sock.listen(backlog)
     except OSError as e:
         sock.close()
         raise ListenerError(f"{spec!r}: cannot listen: {e}") from None
     sock.setblocking(False)
-    sock.set_inheritable(True)
+    # passed to children only if they cannot bind their own; a shared socket open in a process
+    # that does not accept on it would leave its share of connections waiting for nobody
+    sock.set_inheritable(not _shares_port(sock))
+    return sock
+
+
+def _shares_port(sock: socket.socket) -> bool:
+    return sock.family != socket.AF_UNIX and bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT))
+
+
+def _backlog(spec: str, kw: dict[str, str]) -> int:
+    try:
+        return int(kw.get("backlog", somaxconn()))
+    except ValueError:
+        raise ListenerError(f"{spec!r}: backlog is not a number") from None
+
+
+def _allow_siblings(sock: socket.socket) -> None:
+    """Let this group's children bind `sock`'s address too (SO_REUSEPORT), if a trial sibling can
+    (bound, never listening: no connection is ever hashed to it); else leave `sock` exclusive."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with socket.socket(sock.family, socket.SOCK_STREAM) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            trial.bind(sock.getsockname())
+    except OSError as e:
+        log.info("SO_REUSEPORT refused on {address} ({e}): the workers share one socket", address=sock.getsockname(),
+                 e=e)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 0)
+        except OSError:
+            pass  # it was never set
+
+
+@dataclass(frozen=True)
+class ChildListener:
+    """How a --workers child gets one listener: the main process's socket inherited as descriptor
+    `fd` (unix sockets; kernels without SO_REUSEPORT), else a socket of its own bound to `address`
+    with SO_REUSEPORT (`join_listener`), made only when the child is ready to serve."""
+
+    fd: int | None = None
+    family: int = 0
+    address: tuple[Any, ...] = ()
+    backlog: int = 0
+
+    def encode(self) -> dict[str, Any]:
+        return {"fd": self.fd} if self.fd is not None else {
+            "family": int(self.family), "address": list(self.address), "backlog": self.backlog
+        }
+
+    @classmethod
+    def decode(cls, value: dict[str, Any]) -> "ChildListener":
+        if value.get("fd") is not None:
+            return cls(fd=int(value["fd"]))
+        return cls(family=int(value["family"]), address=tuple(value["address"]), backlog=int(value["backlog"]))
+
+
+def encode_listeners(listeners: list[ChildListener]) -> str:
+    return json.dumps([listener.encode() for listener in listeners])
+
+
+def decode_listeners(text: str) -> tuple[ChildListener, ...]:
+    return tuple(ChildListener.decode(value) for value in json.loads(text))
+
+
+def child_listener(spec: str, sock: socket.socket) -> ChildListener:
+    """What a child is told about `sock` (made by `bind_listener` for `spec`)."""
+    if not _shares_port(sock):
+        return ChildListener(fd=sock.fileno())
+    return ChildListener(
+        family=sock.family, address=tuple(sock.getsockname()), backlog=_backlog(spec, parse_description(spec).kwargs)
+    )
+
+
+def join_listener(listener: ChildListener) -> socket.socket:
+    """A child's own listening socket at the main process's address (SO_REUSEPORT): from the
+    moment it listens, the kernel hashes a share of the new connections to it."""
+    sock = socket.socket(listener.family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(listener.address)
+        sock.listen(listener.backlog)
+    except OSError as e:
+        sock.close()
+        raise ListenerError(f"cannot listen on {listener.address}: {e}") from None
+    sock.setblocking(False)
     return sock
 
 
@@ -127,14 +233,14 @@ class WorkerProcesses(service.Service):
         reactor: Any,
         count: int,
         argv: list[str],
-        fds: list[int],
+        listeners: list[ChildListener],
         socket_dir: str,
         restart_delay: float = 1.0,
     ) -> None:
         self.reactor = reactor
         self.count = count
         self.argv = argv
-        self.fds = fds
+        self.listeners = listeners  # one per --port, in order
         self.socket_dir = socket_dir
         self.restart_delay = restart_delay
         self.children: dict[int, _Child] = {}
@@ -152,12 +258,15 @@ class WorkerProcesses(service.Service):
     def _spawn(self, index: int) -> None:
         child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
         passed = []
-        for n, fd in enumerate(self.fds):
-            child_fds[3 + n] = fd
-            passed.append(str(3 + n))
+        for listener in self.listeners:
+            if listener.fd is not None:  # inherited: renumbered from 3 on in the child
+                child_fd = 3 + sum(1 for fd in child_fds if fd >= 3)
+                child_fds[child_fd] = listener.fd
+                listener = replace(listener, fd=child_fd)
+            passed.append(listener)
         args = [
             sys.executable, "-m", "ecr_twisted.app.worker",
-            "--fds", ",".join(passed), "--metrics-socket", self.metrics_socket(index), "--",
+            "--listeners", encode_listeners(passed), "--metrics-socket", self.metrics_socket(index), "--",
             *self.argv,
         ]
         child = _Child(self, index)

@@ -1,9 +1,11 @@
-"""Entry point of a `--workers` child: `python -m ecr_twisted.app.worker --fds 3,4 --metrics-socket PATH -- ARGS`.
+"""Entry point of a `--workers` child.
 
+`python -m ecr_twisted.app.worker --listeners JSON --metrics-socket PATH -- ARGS`:
 ARGS are the main process's ecrproxy options, read by the same `Options` and built by the
-same `build.build`, so a child runs exactly the same proxy; it serves the inherited listening
-sockets and its metrics on PATH, and exits when its stdin (a pipe from the main process)
-closes.
+same `build.build`, so a child runs exactly the same proxy. JSON says, per `--port`, how the
+child listens (`supervisor.ChildListener`: a SO_REUSEPORT socket of its own at the main
+process's address, or an inherited descriptor); it serves its metrics on PATH, and exits
+when its stdin (a pipe from the main process) closes.
 """
 
 from __future__ import annotations
@@ -37,18 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     split = args.index("--")
     own, rest = args[:split], args[split + 1 :]
-    fds = tuple(int(x) for x in own[own.index("--fds") + 1].split(",") if x)
     metrics_socket = own[own.index("--metrics-socket") + 1]
 
     from twisted.internet import reactor
 
     from ecr_twisted.app.build import ChildSockets, build
     from ecr_twisted.app.options import Options
+    from ecr_twisted.app.supervisor import decode_listeners
+
+    listeners = decode_listeners(own[own.index("--listeners") + 1])
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     options = Options()
     options.parseOptions(rest)
-    built = build(options.settings, reactor, child=ChildSockets(fds, metrics_socket))
+    built = build(options.settings, reactor, child=ChildSockets(listeners, metrics_socket))
     # (mypy reads Windows' StandardIO, which has no descriptors to choose)
     stdio.StandardIO(_ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))  # type: ignore[call-arg]
     reactor.callWhenRunning(built.top.startService)
