@@ -147,7 +147,11 @@ def _connections_held(port: int, pids: list[int], n: int = 32) -> dict[int, int]
     """Open `n` connections at once; how many did each process accept?"""
     socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
     try:
-        return wait_for(lambda: (lambda held: held if sum(held.values()) == n else None)(sockets_of(port, pids, "01")))
+        def all_held() -> dict[int, int]:
+            held = sockets_of(port, pids, "01")
+            return held if sum(held.values()) == n else {}
+
+        return wait_for(all_held)
     finally:
         for s in socks:
             s.close()

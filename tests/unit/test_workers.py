@@ -259,7 +259,7 @@ def test_a_child_makes_its_socket_only_once_it_holds_a_token_and_closes_it_on_dr
         assert top.listeners == [] and reactor.adoptedPorts == []
         keeper.first.callback(object())
         [port] = top.listeners
-        own = port.sock  # type: ignore[attr-defined]
+        own = port.sock
         assert own.getsockname() == main.getsockname()
         assert own.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
         assert own.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
