@@ -89,6 +89,7 @@ class Exchange:
         "error", "ctx", "extra_field", "_dechunk", "_pending", "_body_complete", "_body_sent", "_upstream",
         "_attempt", "_relaying", "_responded", "_done", "_gone", "_keep", "_watch", "_moved",
         "_expect_continue", "_is_head", "_pending_size", "_sender", "_still", "_window", "_window_moved",
+        "_held_head",
     )
 
     def __init__(self, conn: "ClientConnection", request: Head, started: float) -> None:
@@ -111,6 +112,7 @@ class Exchange:
         self._attempt: Attempt | None = None
         self._relaying: UpstreamConnection | None = None  # where the response body comes from
         self._responded = False
+        self._held_head = b""  # a response head not sent yet: it goes out with the first body bytes
         self._done = False
         self._gone = False
         self._keep = request.keep_alive()
@@ -177,8 +179,9 @@ class Exchange:
         else:
             self.start_response(status, fields, NO_BODY, None)
         if body and not self._is_head:
-            self.conn.transport.write(body)
+            self._held_head += body
             self.bytes_out += len(body)
+        self.flush_head()
         self._response_finished()
 
     def respond_file(
@@ -193,6 +196,7 @@ class Exchange:
         self.start_response(status, fields, LENGTH, b"%d" % length)
         if self._is_head or length == 0:
             os.close(fd)
+            self.flush_head()
             self._response_finished()
             return
         sender = self._sender = FileSender(self, fd, first, first + length, size, source)
@@ -307,7 +311,17 @@ class Exchange:
         field = connection_field(self._keep, self.request.version)
         if field is not None:
             fields.append(field)
-        self.conn.transport.write(serialize_head(status_line(status), fields))
+        # held, so that a head and a small body leave in one send (see flush_head)
+        self._held_head = serialize_head(status_line(status), fields)
+
+    def flush_head(self) -> None:
+        """Send a held response head now. Whoever starts a response flushes it once the first
+        body bytes are joined to it, or at once when none are at hand."""
+        head = self._held_head
+        if head:
+            self._held_head = b""
+            if not self._gone:
+                self.conn.send_body(head)
 
     def relay_from(self, up: UpstreamConnection) -> None:
         """The response body now flows from `up` to the client."""
@@ -324,11 +338,20 @@ class Exchange:
                 payload.clear()
             else:
                 return
+        self.send(data)
+
+    def send(self, data: bytes) -> None:
+        """Response body bytes to the client, behind the held head if it has not gone yet."""
         self.bytes_out += len(data)
+        head = self._held_head
+        if head:
+            self._held_head = b""
+            data = head + data
         self.conn.send_body(data)
 
     def upstream_body_done(self, up: UpstreamConnection) -> None:
         """The relayed response body ended."""
+        self.flush_head()
         registered = self._relaying is not None
         self._relaying = None
         if registered and not self._gone:
@@ -359,6 +382,7 @@ class Exchange:
 
     # -- for the file sender (files.FileSender)
     def file_started(self, sender: FileSender) -> None:
+        # the head stays held: the sender's first read goes out with it (or flush_head when it must wait)
         self.conn.transport.registerProducer(sender, True)
         self._arm_watch()
 
@@ -382,6 +406,7 @@ class Exchange:
         # else: the client is still sending a body that goes upstream; finish when it ends
 
     def _finish(self) -> None:
+        self.flush_head()
         if self._done:
             return
         self._done = True

@@ -30,7 +30,7 @@ from ecr_twisted.http.http11 import (
     status_line,
 )
 from ecr_twisted.http.policy import CLOSE, LINGER, after_response
-from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer
+from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer, no_delay
 from ecr_twisted.http.upstream import UpstreamPool
 from ecr_twisted.timers import cancel
 
@@ -115,6 +115,7 @@ class ClientConnection(Protocol):
         self.factory.connections.add(self)
         self.valve = Valve(self.transport)
         big_reads(self.transport)
+        no_delay(self.transport)
         self.send_body = direct_writer(self.transport)
         self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
 

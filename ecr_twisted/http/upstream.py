@@ -37,7 +37,7 @@ from ecr_twisted.http.http11 import (
 from ecr_twisted.http.egress import EgressProxy, EgressRules, absolute_form, forwarded_keep_alive
 from ecr_twisted.http.origin import Origin, UpstreamError
 from ecr_twisted.http.policy import MAX_DRAIN, may_pool, may_retry, upstream_keep_alive, worth_draining
-from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer
+from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer, no_delay
 from ecr_twisted.http.tunnel import TunnelEndpoint, proxy_connect_error, refused_by_proxy
 from ecr_twisted.timers import cancel
 
@@ -97,6 +97,7 @@ class UpstreamConnection(Protocol):
             return
         self.valve = Valve(self.transport)
         big_reads(self.transport)
+        no_delay(self.transport)
         self.send_body = direct_writer(self.transport)
 
     # -- request side
@@ -106,7 +107,7 @@ class UpstreamConnection(Protocol):
         self._buf = b""
         self._got_bytes = False
         self._keep = True
-        self.transport.write(head)
+        self.send_body(head)  # at once when the socket takes it: no reactor turn, no epoll_ctl pair
 
     # -- response side
     def dataReceived(self, data: bytes) -> None:
@@ -183,8 +184,11 @@ class UpstreamConnection(Protocol):
         self._mode = _U_HOLD
         self._keep = self.keep_alive(head)
         self._reader = BodyReader(head.framing, head.length, attempt.exchange.dechunk)
-        self.transport.pauseProducing()
         attempt.got_head(head, self)
+        # Pause only if the handler still holds the head: a response relayed (or discarded) at
+        # once keeps the connection reading, with no epoll registration change per request.
+        if self._mode == _U_HOLD and self.connected_ and not getattr(self.transport, "disconnecting", False):
+            self.transport.pauseProducing()
 
     def relay(self) -> None:
         """Start moving the held body to the exchange's client."""
@@ -200,6 +204,7 @@ class UpstreamConnection(Protocol):
         if buf:
             self.dataReceived(buf)
         if self._mode == _U_RELAY:
+            ex.flush_head()  # no body bytes came with the head: the client gets the head now
             self.transport.resumeProducing()
 
     def drain(self) -> None:
