@@ -18,7 +18,6 @@ import os
 from typing import TYPE_CHECKING, Any, Callable, Protocol as TypingProtocol
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IDelayedCall
 
 from ecr_twisted.http.files import FileSender
 from ecr_twisted.http.http11 import (
@@ -41,7 +40,6 @@ from ecr_twisted.http.policy import (
     send_continue,
 )
 from ecr_twisted.http.upstream import LONG, Attempt
-from ecr_twisted.timers import cancel
 
 if TYPE_CHECKING:
     from ecr_twisted.http.server import ClientConnection
@@ -116,7 +114,7 @@ class Exchange:
         self._done = False
         self._gone = False
         self._keep = request.keep_alive()
-        self._watch: IDelayedCall | None = None
+        self._watch = 0.0  # when the watchdog next looks (reactor seconds, by the factory's sweep); 0: off
         self._moved = -1  # bytes moved both ways at the last watchdog tick
         self._still = 0.0  # seconds without any progress, in ticks
         self._window = 0.0  # seconds of the current minimum-rate window, in ticks
@@ -439,16 +437,26 @@ class Exchange:
         if attempt is not None:
             attempt.cancel(err)
 
-    # -- watchdog: one timer per exchange, no per-chunk work beyond the byte counters.
-    # It ticks every idle_timeout, or every rate_window when that is shorter and a minimum
-    # rate is set, and cuts a body transfer that made no progress for idle_timeout or moved
-    # fewer than min_rate bytes a second over a window (both directions count: a body is
-    # only as fast as its slower side).
+    # -- deadlines, looked at by the client connection factory's sweep (`expire`, once a
+    # second: no timer per request). The watchdog ticks every idle_timeout, or every
+    # rate_window when that is shorter and a minimum rate is set (each tick within +1 s), and
+    # cuts a body transfer that made no progress for idle_timeout or moved fewer than min_rate
+    # bytes a second over a window (both directions count: a body is only as fast as its
+    # slower side). No per-chunk work beyond the byte counters.
+    def expire(self, now: float) -> None:
+        """The sweep: run the watchdog's tick and the upstream attempt's timeout when they are due."""
+        at = self._watch
+        if at and now + 1e-6 >= at:
+            self._check_progress(now)
+        attempt = self._attempt
+        if attempt is not None:
+            attempt.expire(now)
+
     def _arm_watch(self) -> None:
-        if self._watch is None and not self._done:
+        if not self._watch and not self._done:
             self._moved = self._window_moved = self.bytes_in + self.bytes_out
             self._still = self._window = 0.0
-            self._watch = self.conn.reactor.callLater(self._tick(), self._check_progress)
+            self._watch = self.conn.reactor.seconds() + self._tick()
 
     def _tick(self) -> float:
         limits = self.conn.limits
@@ -457,11 +465,10 @@ class Exchange:
         return limits.idle_timeout
 
     def _disarm_watch(self) -> None:
-        cancel(self._watch)
-        self._watch = None
+        self._watch = 0.0
 
-    def _check_progress(self) -> None:
-        self._watch = None
+    def _check_progress(self, now: float) -> None:
+        self._watch = 0.0
         limits = self.conn.limits
         tick = self._tick()
         moved = self.bytes_in + self.bytes_out
@@ -482,7 +489,7 @@ class Exchange:
                     return self._give_up(f"body slower than {limits.min_rate} bytes/s over {self._window:g} s")
                 self._window = 0.0
                 self._window_moved = moved
-        self._watch = self.conn.reactor.callLater(tick, self._check_progress)
+        self._watch = now + tick
 
     def _give_up(self, reason: str) -> None:
         self.error = reason

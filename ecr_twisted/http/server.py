@@ -141,6 +141,9 @@ class ClientConnection(Protocol):
         deadline = self._deadline
         if deadline and now + _EARLY >= deadline:
             self._timeout()
+        ex = self._exchange
+        if ex is not None:
+            ex.expire(now)
 
     def _timeout(self) -> None:
         self._deadline = 0.0

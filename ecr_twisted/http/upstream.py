@@ -60,6 +60,7 @@ _IN_USE = frozenset(CLASSES)
 
 _U_IDLE, _U_HEAD, _U_HOLD, _U_RELAY, _U_DRAIN, _U_COLLECT, _U_SINK = range(7)
 _DRAIN_TIMEOUT = 30.0  # a discarded body that stalls must not hold a pool place
+SWEEP = 1.0  # seconds between the pool's sweeps of idle connections: idle_timeout fires within +1 s
 
 
 class UpstreamConnection(Protocol):
@@ -84,7 +85,8 @@ class UpstreamConnection(Protocol):
         self._got_bytes = False
         self.request_complete = True
         self._drained = 0
-        self.idle_call: IDelayedCall | None = None  # idle-in-pool, drain or collect deadline
+        self.idle_call: IDelayedCall | None = None  # drain or collect deadline
+        self.idle_until = 0.0  # idle in the pool: closed by the pool's sweep after this (reactor seconds)
         self.connected_ = False
         self.place = NEW  # the pool's: connecting or in use for a class, idle, gone (UpstreamPool._move)
         self._collect: tuple[Deferred[bytes], list[bytes], int] | None = None
@@ -430,7 +432,8 @@ class Attempt:
     """One try at getting a response head for an exchange from one origin."""
 
     __slots__ = (
-        "exchange", "origin", "method", "head", "timeout", "d", "acquiring", "conn", "timer", "retried", "pool_class",
+        "exchange", "origin", "method", "head", "timeout", "d", "acquiring", "conn", "deadline", "retried",
+        "pool_class",
     )
 
     def __init__(
@@ -445,13 +448,15 @@ class Attempt:
         self.d: Deferred[UpstreamResponse] | None = Deferred()
         self.acquiring: Deferred[UpstreamConnection] | None = None
         self.conn: UpstreamConnection | None = None
-        self.timer: IDelayedCall | None = None
+        # when the wait for the response head ends (reactor seconds; 0: not running), checked by the
+        # client connection factory's sweep through `Exchange.expire`: it fires within +1 s
+        self.deadline = 0.0
         self.retried = False
 
     def go(self) -> None:
         # the deadline covers waiting for a pool place and connecting, not only the response head
-        if self.timer is None:
-            self.timer = self.exchange.conn.reactor.callLater(self.timeout, self.timed_out)
+        if not self.deadline:
+            self.deadline = self.exchange.conn.reactor.seconds() + self.timeout
         acquiring = self.acquiring = self.exchange.conn.pool.acquire(self.origin, self.pool_class)
         acquiring.addCallbacks(self.connected, self.connect_failed)
 
@@ -473,8 +478,8 @@ class Attempt:
 
     def body_done(self) -> None:
         """The whole request body has been read from the client: the deadline for the answer runs again."""
-        if self.timer is None and self.d is not None and self.conn is not None:
-            self.timer = self.exchange.conn.reactor.callLater(self.timeout, self.timed_out)
+        if not self.deadline and self.d is not None and self.conn is not None:
+            self.deadline = self.exchange.conn.reactor.seconds() + self.timeout
 
     def connect_failed(self, reason: Failure) -> None:
         self.acquiring = None
@@ -483,8 +488,14 @@ class Attempt:
         err = reason.value
         self.failed(err if isinstance(err, UpstreamError) else UpstreamError("unreachable", reason.getErrorMessage()))
 
+    def expire(self, now: float) -> None:
+        """The sweep: time out if the deadline has passed."""
+        deadline = self.deadline
+        if deadline and now + 1e-6 >= deadline:
+            self.timed_out()
+
     def timed_out(self) -> None:
-        self.timer = None
+        self.deadline = 0.0
         self.give_up()
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -511,8 +522,7 @@ class Attempt:
             d.errback(err)
 
     def _stop_timer(self) -> None:
-        cancel(self.timer)
-        self.timer = None
+        self.deadline = 0.0
 
     def got_head(self, head: Head, conn: UpstreamConnection) -> None:
         self._stop_timer()
@@ -651,6 +661,9 @@ class UpstreamPool:
     changes the counts. A request's Deferred is fired only by `_answer`, once. Cancelling it
     takes it out of the queue or stops the connect made for it; a connect that completes for a
     request that left goes idle (to the next request) instead.
+
+    Idle connections close `idle_timeout` after they went idle, within +1 s: one sweep every
+    `SWEEP` second while any is idle, not a timer per request.
     """
 
     def __init__(
@@ -679,6 +692,7 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._hosts: dict[tuple, _Host] = {}
         self._refused = {SHORT: 0, LONG: 0}
+        self._sweep: IDelayedCall | None = None  # runs while any connection is idle
 
     # -- what the data path calls
     def acquire(self, origin: Origin, cls: str = LONG) -> Deferred[UpstreamConnection]:
@@ -738,9 +752,25 @@ class UpstreamPool:
 
     def close(self) -> None:
         """Close the idle connections (at shutdown)."""
+        cancel(self._sweep)
+        self._sweep = None
         for host in list(self._hosts.values()):
             for conn in list(host.idle):
                 conn.abort()
+
+    def _expire_idle(self) -> None:
+        """Close the connections idle for longer than idle_timeout; again in a second while any is idle."""
+        self._sweep = None
+        now = self.reactor.seconds() + 1e-6  # float sums of sweep periods may land a hair early
+        idle = False
+        for host in list(self._hosts.values()):
+            for conn in list(host.idle):
+                if now >= conn.idle_until:
+                    conn.abort()  # its connectionLost takes it out of the pool (lost)
+                else:
+                    idle = True
+        if idle:
+            self._sweep = self.reactor.callLater(SWEEP, self._expire_idle)
 
     # -- places
     def _host(self, key: tuple) -> _Host:
@@ -763,15 +793,15 @@ class UpstreamPool:
             host.open += 1
         elif was == IDLE:
             del host.idle[conn]
-            cancel(conn.idle_call)
-            conn.idle_call = None
         else:
             host.using[was] -= 1
         if to == GONE:
             host.open -= 1
         elif to == IDLE:
             host.idle[conn] = None
-            conn.idle_call = self.reactor.callLater(self.idle_timeout, conn.abort)
+            conn.idle_until = self.reactor.seconds() + self.idle_timeout
+            if self._sweep is None:
+                self._sweep = self.reactor.callLater(SWEEP, self._expire_idle)
         else:
             host.using[to] += 1
         conn.place = to
