@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable, Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred
 
 from ecr_twisted.http.files import FileSender
 from ecr_twisted.http.http11 import (
@@ -145,10 +145,31 @@ class Exchange:
         `fields` (no framing fields) is taken over: the framing fields are appended to it.
         `pool_class` (`SHORT` or `LONG`) says which of the pool's shares the connection comes from:
         a request whose body is still arriving is a long transfer, whatever the caller says."""
+        d: Deferred[UpstreamResponse] = Deferred()
+        self.forward_to(d.callback, d.errback, origin, method, target, fields, timeout, pool_class)
+        return d
+
+    def forward_to(
+        self,
+        on_head: Callable[[UpstreamResponse], object],
+        on_error: Callable[[Exception], object],
+        origin: Origin,
+        method: bytes,
+        target: bytes,
+        fields: Fields,
+        timeout: float,
+        pool_class: str = LONG,
+    ) -> None:
+        """`forward` without a Deferred: calls `on_head` with the response head or `on_error`
+        with the exception (an `UpstreamError`, or RuntimeError when the body already went
+        upstream), once, directly, possibly before returning. They must not raise: nothing
+        catches it but the data path (a Deferred's callbacks cost microseconds per request)."""
         if self._gone:
-            return fail(UpstreamError("closed", "client left"))
+            on_error(UpstreamError("closed", "client left"))
+            return
         if self._body_sent:
-            return fail(RuntimeError("request body already sent upstream"))
+            on_error(RuntimeError("request body already sent upstream"))
+            return
         req = self.request
         framing = request_framing(req.framing, req.length, method)
         if framing is not None:
@@ -156,12 +177,9 @@ class Exchange:
         head = serialize_head(method + b" " + target + b" HTTP/1.1", fields)
         if not self._body_complete:
             pool_class = LONG  # a slow sender must never hold a place kept for short exchanges
-        attempt = Attempt(self, origin, method, head, timeout, pool_class)
+        attempt = Attempt(self, origin, method, head, timeout, pool_class, on_head, on_error)
         self._attempt = attempt
-        d = attempt.d
-        assert d is not None
         attempt.go()
-        return d
 
     def respond(self, status: int, fields: Fields, body: bytes = b"") -> None:
         """Answer locally (`fields` is taken over). Any request body not yet read closes the connection afterwards."""
@@ -474,7 +492,7 @@ class Exchange:
         moved = self.bytes_in + self.bytes_out
         progressed = moved != self._moved
         self._moved = moved
-        if self._body_complete and self._attempt is not None and self._attempt.d is not None:
+        if self._body_complete and self._attempt is not None and self._attempt.waiting:
             # the request went out whole and the upstream is at work on it (an upload commit can
             # take minutes): its response head has its own timeout, and windows start afresh
             self._still = self._window = 0.0

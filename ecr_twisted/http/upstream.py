@@ -429,15 +429,27 @@ class ForwardedConnection(UpstreamConnection):
 
 
 class Attempt:
-    """One try at getting a response head for an exchange from one origin."""
+    """One try at getting a response head for an exchange from one origin.
+
+    It ends by calling `on_head` with the response or `on_error` with an `UpstreamError`, at
+    most once and directly (no Deferred: a pooled connection and a prompt answer make it a plain
+    call chain); `cancel` without an error ends it calling neither."""
 
     __slots__ = (
-        "exchange", "origin", "method", "head", "timeout", "d", "acquiring", "conn", "deadline", "retried",
-        "pool_class",
+        "exchange", "origin", "method", "head", "timeout", "on_head", "on_error", "acquiring", "conn", "deadline",
+        "retried", "pool_class",
     )
 
     def __init__(
-        self, exchange: Exchange, origin: Origin, method: bytes, head: bytes, timeout: float, pool_class: str = LONG
+        self,
+        exchange: Exchange,
+        origin: Origin,
+        method: bytes,
+        head: bytes,
+        timeout: float,
+        pool_class: str,
+        on_head: Callable[[UpstreamResponse], object],
+        on_error: Callable[[Exception], object],
     ) -> None:
         self.exchange = exchange
         self.origin = origin
@@ -445,7 +457,8 @@ class Attempt:
         self.method = method
         self.head = head
         self.timeout = timeout
-        self.d: Deferred[UpstreamResponse] | None = Deferred()
+        self.on_head: Callable[[UpstreamResponse], object] | None = on_head  # None once it has ended
+        self.on_error = on_error
         self.acquiring: Deferred[UpstreamConnection] | None = None
         self.conn: UpstreamConnection | None = None
         # when the wait for the response head ends (reactor seconds; 0: not running), checked by the
@@ -457,13 +470,23 @@ class Attempt:
         # the deadline covers waiting for a pool place and connecting, not only the response head
         if not self.deadline:
             self.deadline = self.exchange.conn.reactor.seconds() + self.timeout
-        acquiring = self.acquiring = self.exchange.conn.pool.acquire(self.origin, self.pool_class)
+        pool = self.exchange.conn.pool
+        conn = pool.take(self.origin, self.pool_class)
+        if conn is not None:  # an idle connection: no Deferred
+            self.connected(conn)
+            return
+        acquiring = self.acquiring = pool.acquire(self.origin, self.pool_class)
         acquiring.addCallbacks(self.connected, self.connect_failed)
+
+    @property
+    def waiting(self) -> bool:
+        """No response head or failure yet."""
+        return self.on_head is not None
 
     def connected(self, conn: UpstreamConnection) -> None:
         self.acquiring = None
         ex = self.exchange
-        if self.d is None or ex.gone:
+        if self.on_head is None or ex.gone:
             conn.pool.release(conn)
             return
         self.conn = conn
@@ -478,12 +501,12 @@ class Attempt:
 
     def body_done(self) -> None:
         """The whole request body has been read from the client: the deadline for the answer runs again."""
-        if not self.deadline and self.d is not None and self.conn is not None:
+        if not self.deadline and self.on_head is not None and self.conn is not None:
             self.deadline = self.exchange.conn.reactor.seconds() + self.timeout
 
     def connect_failed(self, reason: Failure) -> None:
         self.acquiring = None
-        if self.d is None or reason.check(CancelledError):
+        if self.on_head is None or reason.check(CancelledError):
             return  # timed out or cancelled: whoever gave up answers the exchange
         err = reason.value
         self.failed(err if isinstance(err, UpstreamError) else UpstreamError("unreachable", reason.getErrorMessage()))
@@ -510,27 +533,27 @@ class Attempt:
 
     def cancel(self, err: UpstreamError | None = None) -> None:
         """The exchange no longer wants a response head: stop, cut the connection, errback with `err` if given."""
-        if self.d is None:
+        if self.on_head is None:
             return
         self._stop_timer()
-        d, self.d = self.d, None
+        self.on_head = None
         self.give_up()
         conn = self.conn
         if conn is not None and conn._attempt is self:
             conn.abandon()
         if err is not None:
-            d.errback(err)
+            self.on_error(err)
 
     def _stop_timer(self) -> None:
         self.deadline = 0.0
 
     def got_head(self, head: Head, conn: UpstreamConnection) -> None:
         self._stop_timer()
-        d, self.d = self.d, None
+        on_head, self.on_head = self.on_head, None
         ex = self.exchange
         ex.upstream_status = head.status
-        if d is not None:
-            d.callback(UpstreamResponse(head, conn, self))
+        if on_head is not None:
+            on_head(UpstreamResponse(head, conn, self))
 
     def lost_before_head(self, conn: UpstreamConnection, got_bytes: bool) -> None:
         ex = self.exchange
@@ -553,9 +576,9 @@ class Attempt:
     def failed(self, err: UpstreamError) -> None:
         self._stop_timer()
         self.exchange.detach_upstream()
-        d, self.d = self.d, None
-        if d is not None:
-            d.errback(err)
+        on_head, self.on_head = self.on_head, None
+        if on_head is not None:
+            self.on_error(err)
 
 
 class UpstreamResponse:
@@ -698,11 +721,10 @@ class UpstreamPool:
     def acquire(self, origin: Origin, cls: str = LONG) -> Deferred[UpstreamConnection]:
         """A connection to `origin` for a request of class `cls` (SHORT or LONG): an idle one, a new
         one, or the next one freed within `wait` seconds. Cancel it to give up."""
+        conn = self.take(origin, cls)
+        if conn is not None:
+            return succeed(conn)
         host = self._host(origin.key)
-        if not host.queues[cls] and self._room(host, cls):
-            conn = self._take_idle(host, cls)
-            if conn is not None:
-                return succeed(conn)
         w = _Waiter(origin, cls, lambda d: self._leave(w))
         if host.queues[cls] or not self._room(host, cls):
             w.timer = self.reactor.callLater(self.wait, self._expired, w)
@@ -710,6 +732,14 @@ class UpstreamPool:
         else:
             self._connect(w, host)
         return w.d
+
+    def take(self, origin: Origin, cls: str = LONG) -> UpstreamConnection | None:
+        """An idle connection to `origin` for class `cls` if one may be had at once (the common
+        case, answered without a Deferred), else None: then `acquire`."""
+        host = self._host(origin.key)
+        if not host.queues[cls] and self._room(host, cls):
+            return self._take_idle(host, cls)
+        return None
 
     def release(self, conn: UpstreamConnection) -> None:
         """`conn` finished its request cleanly: to the longest waiter that may take it, or idle."""
