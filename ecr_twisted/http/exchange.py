@@ -87,7 +87,7 @@ class Exchange:
         "error", "ctx", "extra_field", "_dechunk", "_pending", "_body_complete", "_body_sent", "_upstream",
         "_attempt", "_relaying", "_responded", "_done", "_gone", "_keep", "_watch", "_moved",
         "_expect_continue", "_is_head", "_pending_size", "_sender", "_still", "_window", "_window_moved",
-        "_held_head",
+        "_held_head", "_pacing",
     )
 
     def __init__(self, conn: "ClientConnection", request: Head, started: float) -> None:
@@ -109,6 +109,7 @@ class Exchange:
         self._upstream: UpstreamConnection | None = None  # where the request body goes
         self._attempt: Attempt | None = None
         self._relaying: UpstreamConnection | None = None  # where the response body comes from
+        self._pacing = False  # the client transport is registered as that connection's consumer
         self._responded = False
         self._held_head = b""  # a response head not sent yet: it goes out with the first body bytes
         self._done = False
@@ -340,10 +341,17 @@ class Exchange:
                 self.conn.send_body(head)
 
     def relay_from(self, up: UpstreamConnection) -> None:
-        """The response body now flows from `up` to the client."""
-        self.conn.transport.registerProducer(up.valve, True)
+        """The response body now flows from `up` to the client (first what came with its head)."""
         self._relaying = up
-        self._arm_watch()
+        self._arm_watch()  # before the first bytes: they count for the first window
+
+    def relay_paced(self, up: UpstreamConnection) -> None:
+        """The body did not come whole with its head: the client's transport paces `up` from now
+        on. (A small body that came whole with its head costs no producer registration.)"""
+        if self._relaying is up and not self._gone:
+            self.flush_head()  # no body bytes came with the head: the client gets the head now
+            self.conn.transport.registerProducer(up.valve, True)
+            self._pacing = True
 
     def upstream_body(self, data: bytes, reader: BodyReader) -> None:
         """Response body bytes from upstream (raw, or de-chunked into `reader.payload`)."""
@@ -368,10 +376,11 @@ class Exchange:
     def upstream_body_done(self, up: UpstreamConnection) -> None:
         """The relayed response body ended."""
         self.flush_head()
-        registered = self._relaying is not None
         self._relaying = None
-        if registered and not self._gone:
-            self.conn.transport.unregisterProducer()
+        if self._pacing:
+            self._pacing = False
+            if not self._gone:
+                self.conn.transport.unregisterProducer()
         if self._upstream is up:
             self._upstream = None
             if not self._body_complete:

@@ -206,7 +206,7 @@ class UpstreamConnection(Protocol):
         if buf:
             self.dataReceived(buf)
         if self._mode == _U_RELAY:
-            ex.flush_head()  # no body bytes came with the head: the client gets the head now
+            ex.relay_paced(self)
             self.transport.resumeProducing()
 
     def drain(self) -> None:
