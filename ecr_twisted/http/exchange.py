@@ -17,8 +17,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any, Callable, Protocol as TypingProtocol
 
-from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred
 
 from ecr_twisted.http.files import FileSender
 from ecr_twisted.http.http11 import (
@@ -41,7 +40,6 @@ from ecr_twisted.http.policy import (
     send_continue,
 )
 from ecr_twisted.http.upstream import LONG, Attempt
-from ecr_twisted.timers import cancel
 
 if TYPE_CHECKING:
     from ecr_twisted.http.server import ClientConnection
@@ -89,6 +87,7 @@ class Exchange:
         "error", "ctx", "extra_field", "_dechunk", "_pending", "_body_complete", "_body_sent", "_upstream",
         "_attempt", "_relaying", "_responded", "_done", "_gone", "_keep", "_watch", "_moved",
         "_expect_continue", "_is_head", "_pending_size", "_sender", "_still", "_window", "_window_moved",
+        "_held_head", "_pacing",
     )
 
     def __init__(self, conn: "ClientConnection", request: Head, started: float) -> None:
@@ -110,11 +109,13 @@ class Exchange:
         self._upstream: UpstreamConnection | None = None  # where the request body goes
         self._attempt: Attempt | None = None
         self._relaying: UpstreamConnection | None = None  # where the response body comes from
+        self._pacing = False  # the client transport is registered as that connection's consumer
         self._responded = False
+        self._held_head = b""  # a response head not sent yet: it goes out with the first body bytes
         self._done = False
         self._gone = False
         self._keep = request.keep_alive()
-        self._watch: IDelayedCall | None = None
+        self._watch = 0.0  # when the watchdog next looks (reactor seconds, by the factory's sweep); 0: off
         self._moved = -1  # bytes moved both ways at the last watchdog tick
         self._still = 0.0  # seconds without any progress, in ticks
         self._window = 0.0  # seconds of the current minimum-rate window, in ticks
@@ -145,10 +146,31 @@ class Exchange:
         `fields` (no framing fields) is taken over: the framing fields are appended to it.
         `pool_class` (`SHORT` or `LONG`) says which of the pool's shares the connection comes from:
         a request whose body is still arriving is a long transfer, whatever the caller says."""
+        d: Deferred[UpstreamResponse] = Deferred()
+        self.forward_to(d.callback, d.errback, origin, method, target, fields, timeout, pool_class)
+        return d
+
+    def forward_to(
+        self,
+        on_head: Callable[[UpstreamResponse], object],
+        on_error: Callable[[Exception], object],
+        origin: Origin,
+        method: bytes,
+        target: bytes,
+        fields: Fields,
+        timeout: float,
+        pool_class: str = LONG,
+    ) -> None:
+        """`forward` without a Deferred: calls `on_head` with the response head or `on_error`
+        with the exception (an `UpstreamError`, or RuntimeError when the body already went
+        upstream), once, directly, possibly before returning. They must not raise: nothing
+        catches it but the data path (a Deferred's callbacks cost microseconds per request)."""
         if self._gone:
-            return fail(UpstreamError("closed", "client left"))
+            on_error(UpstreamError("closed", "client left"))
+            return
         if self._body_sent:
-            return fail(RuntimeError("request body already sent upstream"))
+            on_error(RuntimeError("request body already sent upstream"))
+            return
         req = self.request
         framing = request_framing(req.framing, req.length, method)
         if framing is not None:
@@ -156,12 +178,9 @@ class Exchange:
         head = serialize_head(method + b" " + target + b" HTTP/1.1", fields)
         if not self._body_complete:
             pool_class = LONG  # a slow sender must never hold a place kept for short exchanges
-        attempt = Attempt(self, origin, method, head, timeout, pool_class)
+        attempt = Attempt(self, origin, method, head, timeout, pool_class, on_head, on_error)
         self._attempt = attempt
-        d = attempt.d
-        assert d is not None
         attempt.go()
-        return d
 
     def respond(self, status: int, fields: Fields, body: bytes = b"") -> None:
         """Answer locally (`fields` is taken over). Any request body not yet read closes the connection afterwards."""
@@ -177,8 +196,9 @@ class Exchange:
         else:
             self.start_response(status, fields, NO_BODY, None)
         if body and not self._is_head:
-            self.conn.transport.write(body)
+            self._held_head += body
             self.bytes_out += len(body)
+        self.flush_head()
         self._response_finished()
 
     def respond_file(
@@ -193,6 +213,7 @@ class Exchange:
         self.start_response(status, fields, LENGTH, b"%d" % length)
         if self._is_head or length == 0:
             os.close(fd)
+            self.flush_head()
             self._response_finished()
             return
         sender = self._sender = FileSender(self, fd, first, first + length, size, source)
@@ -307,13 +328,30 @@ class Exchange:
         field = connection_field(self._keep, self.request.version)
         if field is not None:
             fields.append(field)
-        self.conn.transport.write(serialize_head(status_line(status), fields))
+        # held, so that a head and a small body leave in one send (see flush_head)
+        self._held_head = serialize_head(status_line(status), fields)
+
+    def flush_head(self) -> None:
+        """Send a held response head now. Whoever starts a response flushes it once the first
+        body bytes are joined to it, or at once when none are at hand."""
+        head = self._held_head
+        if head:
+            self._held_head = b""
+            if not self._gone:
+                self.conn.send_body(head)
 
     def relay_from(self, up: UpstreamConnection) -> None:
-        """The response body now flows from `up` to the client."""
-        self.conn.transport.registerProducer(up.valve, True)
+        """The response body now flows from `up` to the client (first what came with its head)."""
         self._relaying = up
-        self._arm_watch()
+        self._arm_watch()  # before the first bytes: they count for the first window
+
+    def relay_paced(self, up: UpstreamConnection) -> None:
+        """The body did not come whole with its head: the client's transport paces `up` from now
+        on. (A small body that came whole with its head costs no producer registration.)"""
+        if self._relaying is up and not self._gone:
+            self.flush_head()  # no body bytes came with the head: the client gets the head now
+            self.conn.transport.registerProducer(up.valve, True)
+            self._pacing = True
 
     def upstream_body(self, data: bytes, reader: BodyReader) -> None:
         """Response body bytes from upstream (raw, or de-chunked into `reader.payload`)."""
@@ -324,15 +362,25 @@ class Exchange:
                 payload.clear()
             else:
                 return
+        self.send(data)
+
+    def send(self, data: bytes) -> None:
+        """Response body bytes to the client, behind the held head if it has not gone yet."""
         self.bytes_out += len(data)
+        head = self._held_head
+        if head:
+            self._held_head = b""
+            data = head + data
         self.conn.send_body(data)
 
     def upstream_body_done(self, up: UpstreamConnection) -> None:
         """The relayed response body ended."""
-        registered = self._relaying is not None
+        self.flush_head()
         self._relaying = None
-        if registered and not self._gone:
-            self.conn.transport.unregisterProducer()
+        if self._pacing:
+            self._pacing = False
+            if not self._gone:
+                self.conn.transport.unregisterProducer()
         if self._upstream is up:
             self._upstream = None
             if not self._body_complete:
@@ -359,6 +407,7 @@ class Exchange:
 
     # -- for the file sender (files.FileSender)
     def file_started(self, sender: FileSender) -> None:
+        # the head stays held: the sender's first read goes out with it (or flush_head when it must wait)
         self.conn.transport.registerProducer(sender, True)
         self._arm_watch()
 
@@ -382,6 +431,7 @@ class Exchange:
         # else: the client is still sending a body that goes upstream; finish when it ends
 
     def _finish(self) -> None:
+        self.flush_head()
         if self._done:
             return
         self._done = True
@@ -414,16 +464,26 @@ class Exchange:
         if attempt is not None:
             attempt.cancel(err)
 
-    # -- watchdog: one timer per exchange, no per-chunk work beyond the byte counters.
-    # It ticks every idle_timeout, or every rate_window when that is shorter and a minimum
-    # rate is set, and cuts a body transfer that made no progress for idle_timeout or moved
-    # fewer than min_rate bytes a second over a window (both directions count: a body is
-    # only as fast as its slower side).
+    # -- deadlines, looked at by the client connection factory's sweep (`expire`, once a
+    # second: no timer per request). The watchdog ticks every idle_timeout, or every
+    # rate_window when that is shorter and a minimum rate is set (each tick within +1 s), and
+    # cuts a body transfer that made no progress for idle_timeout or moved fewer than min_rate
+    # bytes a second over a window (both directions count: a body is only as fast as its
+    # slower side). No per-chunk work beyond the byte counters.
+    def expire(self, now: float) -> None:
+        """The sweep: run the watchdog's tick and the upstream attempt's timeout when they are due."""
+        at = self._watch
+        if at and now + 1e-6 >= at:
+            self._check_progress(now)
+        attempt = self._attempt
+        if attempt is not None:
+            attempt.expire(now)
+
     def _arm_watch(self) -> None:
-        if self._watch is None and not self._done:
+        if not self._watch and not self._done:
             self._moved = self._window_moved = self.bytes_in + self.bytes_out
             self._still = self._window = 0.0
-            self._watch = self.conn.reactor.callLater(self._tick(), self._check_progress)
+            self._watch = self.conn.reactor.seconds() + self._tick()
 
     def _tick(self) -> float:
         limits = self.conn.limits
@@ -432,17 +492,16 @@ class Exchange:
         return limits.idle_timeout
 
     def _disarm_watch(self) -> None:
-        cancel(self._watch)
-        self._watch = None
+        self._watch = 0.0
 
-    def _check_progress(self) -> None:
-        self._watch = None
+    def _check_progress(self, now: float) -> None:
+        self._watch = 0.0
         limits = self.conn.limits
         tick = self._tick()
         moved = self.bytes_in + self.bytes_out
         progressed = moved != self._moved
         self._moved = moved
-        if self._body_complete and self._attempt is not None and self._attempt.d is not None:
+        if self._body_complete and self._attempt is not None and self._attempt.waiting:
             # the request went out whole and the upstream is at work on it (an upload commit can
             # take minutes): its response head has its own timeout, and windows start afresh
             self._still = self._window = 0.0
@@ -457,7 +516,7 @@ class Exchange:
                     return self._give_up(f"body slower than {limits.min_rate} bytes/s over {self._window:g} s")
                 self._window = 0.0
                 self._window_moved = moved
-        self._watch = self.conn.reactor.callLater(tick, self._check_progress)
+        self._watch = now + tick
 
     def _give_up(self, reason: str) -> None:
         self.error = reason

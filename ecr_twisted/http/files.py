@@ -100,6 +100,7 @@ class FileSender:
             if self.pos >= limit:
                 if self.pos >= self.end:
                     return self._done()
+                ex.flush_head()  # nothing to send with the head yet: the client gets it now
                 return  # wait for the source
             try:
                 data = os.pread(self.fd, min(READ_SIZE, limit - self.pos), self.pos)
@@ -108,8 +109,7 @@ class FileSender:
             if not data:
                 return self._abort("cached file shorter than expected")
             self.pos += len(data)
-            ex.bytes_out += len(data)
-            ex.conn.send_body(data)
+            ex.send(data)
             budget -= len(data)
             if budget <= 0:
                 self.later = ex.conn.reactor.callLater(0, self._again)

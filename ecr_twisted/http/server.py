@@ -30,7 +30,7 @@ from ecr_twisted.http.http11 import (
     status_line,
 )
 from ecr_twisted.http.policy import CLOSE, LINGER, after_response
-from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer
+from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer, no_delay
 from ecr_twisted.http.upstream import UpstreamPool
 from ecr_twisted.timers import cancel
 
@@ -55,7 +55,10 @@ class Limits:
     `idle_timeout`: a body transfer making no progress at all; `min_rate` (0: off) over each
     `rate_window`: a body transfer moving fewer bytes than that, uploads and downloads alike.
     Waiting for an upstream to answer a request sent whole is none of these (the handler's
-    upstream timeouts cover it)."""
+    upstream timeouts cover it).
+
+    The head, keep-alive and linger timeouts are deadlines checked by one sweep per factory
+    every `SWEEP` second (no timer per request): they fire within +1 s, never earlier."""
 
     def __init__(
         self,
@@ -73,6 +76,8 @@ class Limits:
 
 
 _C_HEAD, _C_BODY, _C_WAIT, _C_LINGER, _C_CLOSED = range(5)
+SWEEP = 1.0  # seconds between the factory's deadline sweeps: the granularity of the connection timeouts
+_EARLY = 1e-6  # float sums of sweep periods may land a hair before a deadline they equal
 _LINGER_TIMEOUT = 2.0
 _MAX_LINGER = 1 << 20
 _METHOD_START = frozenset(bytes([c]) for c in b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -107,16 +112,17 @@ class ClientConnection(Protocol):
         self._reader: BodyReader | None = None
         self._exchange: Exchange | None = None
         self._parsing = False
-        self._timer: IDelayedCall | None = None
+        self._deadline = 0.0  # when the head, keep-alive or linger wait ends (reactor seconds); 0: none
         self._between = False  # kept alive, waiting for the next request's first byte
         self._read_closed = False  # the client sent its FIN: nothing more will come
 
     def connectionMade(self) -> None:
-        self.factory.connections.add(self)
+        self.factory.connection_started(self)
         self.valve = Valve(self.transport)
         big_reads(self.transport)
+        no_delay(self.transport)
         self.send_body = direct_writer(self.transport)
-        self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
+        self._deadline = self.reactor.seconds() + self.limits.head_timeout
 
     @property
     def idle(self) -> bool:
@@ -127,12 +133,20 @@ class ClientConnection(Protocol):
         """The process is stopping: close now if idle, else after the response in progress."""
         if self.idle:
             self._state = _C_CLOSED
-            cancel(self._timer)
-            self._timer = None
+            self._deadline = 0.0
             self.transport.loseConnection()
 
+    def expire(self, now: float) -> None:
+        """The factory's sweep: end the wait whose deadline has passed."""
+        deadline = self._deadline
+        if deadline and now + _EARLY >= deadline:
+            self._timeout()
+        ex = self._exchange
+        if ex is not None:
+            ex.expire(now)
+
     def _timeout(self) -> None:
-        self._timer = None
+        self._deadline = 0.0
         if self._state == _C_HEAD and self._exchange is None:
             self._state = _C_CLOSED
             if self._buf:
@@ -151,8 +165,8 @@ class ClientConnection(Protocol):
             if self._between:
                 # the next request has begun: its head gets head_timeout, as the first one did
                 self._between = False
-                if self._timer is not None:
-                    self._timer.reset(self.limits.head_timeout)
+                if self._deadline:
+                    self._deadline = self.reactor.seconds() + self.limits.head_timeout
             self._buf = self._buf + data if self._buf else data
             self._next_heads()
         elif state == _C_WAIT:
@@ -190,8 +204,7 @@ class ClientConnection(Protocol):
                     self._reject(e)
                     return
                 self._scanned = 0
-                cancel(self._timer)
-                self._timer = None
+                self._deadline = 0.0
                 rest = self._buf[used:]
                 self._buf = b""
                 ex = Exchange(self, head, self.reactor.seconds())
@@ -322,7 +335,7 @@ class ClientConnection(Protocol):
                 self.transport.loseConnection()
                 return
             lose_write()
-            self._timer = self.reactor.callLater(_LINGER_TIMEOUT, self._timeout)
+            self._deadline = self.reactor.seconds() + _LINGER_TIMEOUT
             return
         if step == CLOSE:
             self._state = _C_CLOSED
@@ -336,10 +349,10 @@ class ClientConnection(Protocol):
                 self._end_of_requests()
             return
         if self._buf:  # a pipelined head has begun already
-            self._timer = self.reactor.callLater(self.limits.head_timeout, self._timeout)
+            self._deadline = self.reactor.seconds() + self.limits.head_timeout
         else:
             self._between = True
-            self._timer = self.reactor.callLater(self.limits.keepalive_timeout, self._timeout)
+            self._deadline = self.reactor.seconds() + self.limits.keepalive_timeout
         self.transport.resumeProducing()
         if self._buf:
             self._next_heads()
@@ -347,8 +360,7 @@ class ClientConnection(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.connection_ended(self)
         self._state = _C_CLOSED
-        cancel(self._timer)
-        self._timer = None
+        self._deadline = 0.0
         ex, self._exchange = self._exchange, None
         if ex is not None:
             ex.client_lost()
@@ -384,6 +396,7 @@ class RelayFactory(Factory):
         self.connections: set[ClientConnection] = set()
         self.draining = False
         self._emptied: list[Deferred[None]] = []
+        self._sweep: IDelayedCall | None = None  # runs while any connection is open
 
     def drain(self) -> None:
         """Stop keeping connections alive: idle ones close now, the others after their response."""
@@ -405,9 +418,28 @@ class RelayFactory(Factory):
             d.callback(None)
         return d
 
+    def connection_started(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(SWEEP, self._expire)
+
+    def _expire(self) -> None:
+        """One sweep over the connections' deadlines instead of a timer per request (a callLater,
+        reset or cancel each cost microseconds, on every request)."""
+        self._sweep = None
+        if not self.connections:
+            return
+        now = self.reactor.seconds()
+        for conn in list(self.connections):
+            conn.expire(now)
+        if self.connections:
+            self._sweep = self.reactor.callLater(SWEEP, self._expire)
+
     def connection_ended(self, conn: ClientConnection) -> None:
         self.connections.discard(conn)
         if not self.connections:
+            cancel(self._sweep)
+            self._sweep = None
             waiting, self._emptied = self._emptied, []
             for d in waiting:
                 d.callback(None)

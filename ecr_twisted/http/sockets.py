@@ -15,7 +15,7 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
-__all__ = ["READ_SIZE", "Transport", "Valve", "big_reads", "direct_writer"]
+__all__ = ["READ_SIZE", "Transport", "Valve", "big_reads", "direct_writer", "no_delay"]
 
 
 class Transport(TypingProtocol):
@@ -47,6 +47,22 @@ def big_reads(transport: Any) -> None:
     for t in (transport, inner):
         if t is not None and hasattr(t, "bufferSize"):
             t.bufferSize = READ_SIZE
+
+
+def no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off: a response head or a request head goes out whole in one
+    send, and a small second write must never wait for the peer's delayed ACK (measured: ~40 ms
+    per request when a head and its body went out apart). TLS transports wrap the socket one
+    level down; unix and in-memory transports have no such option."""
+    inner = getattr(transport, "transport", None)
+    for t in (transport, inner):
+        setter = getattr(t, "setTcpNoDelay", None) if t is not None else None
+        if setter is not None:
+            try:
+                setter(True)
+            except OSError:  # not a TCP socket after all, or already closed
+                pass
+            return
 
 
 def direct_writer(transport: Any) -> Callable[[bytes], None]:

@@ -37,7 +37,7 @@ from ecr_twisted.http.http11 import (
 from ecr_twisted.http.egress import EgressProxy, EgressRules, absolute_form, forwarded_keep_alive
 from ecr_twisted.http.origin import Origin, UpstreamError
 from ecr_twisted.http.policy import MAX_DRAIN, may_pool, may_retry, upstream_keep_alive, worth_draining
-from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer
+from ecr_twisted.http.sockets import Transport, Valve, big_reads, direct_writer, no_delay
 from ecr_twisted.http.tunnel import TunnelEndpoint, proxy_connect_error, refused_by_proxy
 from ecr_twisted.timers import cancel
 
@@ -60,6 +60,7 @@ _IN_USE = frozenset(CLASSES)
 
 _U_IDLE, _U_HEAD, _U_HOLD, _U_RELAY, _U_DRAIN, _U_COLLECT, _U_SINK = range(7)
 _DRAIN_TIMEOUT = 30.0  # a discarded body that stalls must not hold a pool place
+SWEEP = 1.0  # seconds between the pool's sweeps of idle connections: idle_timeout fires within +1 s
 
 
 class UpstreamConnection(Protocol):
@@ -84,7 +85,8 @@ class UpstreamConnection(Protocol):
         self._got_bytes = False
         self.request_complete = True
         self._drained = 0
-        self.idle_call: IDelayedCall | None = None  # idle-in-pool, drain or collect deadline
+        self.idle_call: IDelayedCall | None = None  # drain or collect deadline
+        self.idle_until = 0.0  # idle in the pool: closed by the pool's sweep after this (reactor seconds)
         self.connected_ = False
         self.place = NEW  # the pool's: connecting or in use for a class, idle, gone (UpstreamPool._move)
         self._collect: tuple[Deferred[bytes], list[bytes], int] | None = None
@@ -97,6 +99,7 @@ class UpstreamConnection(Protocol):
             return
         self.valve = Valve(self.transport)
         big_reads(self.transport)
+        no_delay(self.transport)
         self.send_body = direct_writer(self.transport)
 
     # -- request side
@@ -106,7 +109,7 @@ class UpstreamConnection(Protocol):
         self._buf = b""
         self._got_bytes = False
         self._keep = True
-        self.transport.write(head)
+        self.send_body(head)  # at once when the socket takes it: no reactor turn, no epoll_ctl pair
 
     # -- response side
     def dataReceived(self, data: bytes) -> None:
@@ -183,8 +186,11 @@ class UpstreamConnection(Protocol):
         self._mode = _U_HOLD
         self._keep = self.keep_alive(head)
         self._reader = BodyReader(head.framing, head.length, attempt.exchange.dechunk)
-        self.transport.pauseProducing()
         attempt.got_head(head, self)
+        # Pause only if the handler still holds the head: a response relayed (or discarded) at
+        # once keeps the connection reading, with no epoll registration change per request.
+        if self._mode == _U_HOLD and self.connected_ and not getattr(self.transport, "disconnecting", False):
+            self.transport.pauseProducing()
 
     def relay(self) -> None:
         """Start moving the held body to the exchange's client."""
@@ -200,6 +206,7 @@ class UpstreamConnection(Protocol):
         if buf:
             self.dataReceived(buf)
         if self._mode == _U_RELAY:
+            ex.relay_paced(self)
             self.transport.resumeProducing()
 
     def drain(self) -> None:
@@ -422,14 +429,27 @@ class ForwardedConnection(UpstreamConnection):
 
 
 class Attempt:
-    """One try at getting a response head for an exchange from one origin."""
+    """One try at getting a response head for an exchange from one origin.
+
+    It ends by calling `on_head` with the response or `on_error` with an `UpstreamError`, at
+    most once and directly (no Deferred: a pooled connection and a prompt answer make it a plain
+    call chain); `cancel` without an error ends it calling neither."""
 
     __slots__ = (
-        "exchange", "origin", "method", "head", "timeout", "d", "acquiring", "conn", "timer", "retried", "pool_class",
+        "exchange", "origin", "method", "head", "timeout", "on_head", "on_error", "acquiring", "conn", "deadline",
+        "retried", "pool_class",
     )
 
     def __init__(
-        self, exchange: Exchange, origin: Origin, method: bytes, head: bytes, timeout: float, pool_class: str = LONG
+        self,
+        exchange: Exchange,
+        origin: Origin,
+        method: bytes,
+        head: bytes,
+        timeout: float,
+        pool_class: str,
+        on_head: Callable[[UpstreamResponse], object],
+        on_error: Callable[[Exception], object],
     ) -> None:
         self.exchange = exchange
         self.origin = origin
@@ -437,23 +457,36 @@ class Attempt:
         self.method = method
         self.head = head
         self.timeout = timeout
-        self.d: Deferred[UpstreamResponse] | None = Deferred()
+        self.on_head: Callable[[UpstreamResponse], object] | None = on_head  # None once it has ended
+        self.on_error = on_error
         self.acquiring: Deferred[UpstreamConnection] | None = None
         self.conn: UpstreamConnection | None = None
-        self.timer: IDelayedCall | None = None
+        # when the wait for the response head ends (reactor seconds; 0: not running), checked by the
+        # client connection factory's sweep through `Exchange.expire`: it fires within +1 s
+        self.deadline = 0.0
         self.retried = False
 
     def go(self) -> None:
         # the deadline covers waiting for a pool place and connecting, not only the response head
-        if self.timer is None:
-            self.timer = self.exchange.conn.reactor.callLater(self.timeout, self.timed_out)
-        acquiring = self.acquiring = self.exchange.conn.pool.acquire(self.origin, self.pool_class)
+        if not self.deadline:
+            self.deadline = self.exchange.conn.reactor.seconds() + self.timeout
+        pool = self.exchange.conn.pool
+        conn = pool.take(self.origin, self.pool_class)
+        if conn is not None:  # an idle connection: no Deferred
+            self.connected(conn)
+            return
+        acquiring = self.acquiring = pool.acquire(self.origin, self.pool_class)
         acquiring.addCallbacks(self.connected, self.connect_failed)
+
+    @property
+    def waiting(self) -> bool:
+        """No response head or failure yet."""
+        return self.on_head is not None
 
     def connected(self, conn: UpstreamConnection) -> None:
         self.acquiring = None
         ex = self.exchange
-        if self.d is None or ex.gone:
+        if self.on_head is None or ex.gone:
             conn.pool.release(conn)
             return
         self.conn = conn
@@ -468,18 +501,24 @@ class Attempt:
 
     def body_done(self) -> None:
         """The whole request body has been read from the client: the deadline for the answer runs again."""
-        if self.timer is None and self.d is not None and self.conn is not None:
-            self.timer = self.exchange.conn.reactor.callLater(self.timeout, self.timed_out)
+        if not self.deadline and self.on_head is not None and self.conn is not None:
+            self.deadline = self.exchange.conn.reactor.seconds() + self.timeout
 
     def connect_failed(self, reason: Failure) -> None:
         self.acquiring = None
-        if self.d is None or reason.check(CancelledError):
+        if self.on_head is None or reason.check(CancelledError):
             return  # timed out or cancelled: whoever gave up answers the exchange
         err = reason.value
         self.failed(err if isinstance(err, UpstreamError) else UpstreamError("unreachable", reason.getErrorMessage()))
 
+    def expire(self, now: float) -> None:
+        """The sweep: time out if the deadline has passed."""
+        deadline = self.deadline
+        if deadline and now + 1e-6 >= deadline:
+            self.timed_out()
+
     def timed_out(self) -> None:
-        self.timer = None
+        self.deadline = 0.0
         self.give_up()
         conn, self.conn = self.conn, None
         if conn is not None:
@@ -494,28 +533,27 @@ class Attempt:
 
     def cancel(self, err: UpstreamError | None = None) -> None:
         """The exchange no longer wants a response head: stop, cut the connection, errback with `err` if given."""
-        if self.d is None:
+        if self.on_head is None:
             return
         self._stop_timer()
-        d, self.d = self.d, None
+        self.on_head = None
         self.give_up()
         conn = self.conn
         if conn is not None and conn._attempt is self:
             conn.abandon()
         if err is not None:
-            d.errback(err)
+            self.on_error(err)
 
     def _stop_timer(self) -> None:
-        cancel(self.timer)
-        self.timer = None
+        self.deadline = 0.0
 
     def got_head(self, head: Head, conn: UpstreamConnection) -> None:
         self._stop_timer()
-        d, self.d = self.d, None
+        on_head, self.on_head = self.on_head, None
         ex = self.exchange
         ex.upstream_status = head.status
-        if d is not None:
-            d.callback(UpstreamResponse(head, conn, self))
+        if on_head is not None:
+            on_head(UpstreamResponse(head, conn, self))
 
     def lost_before_head(self, conn: UpstreamConnection, got_bytes: bool) -> None:
         ex = self.exchange
@@ -538,9 +576,9 @@ class Attempt:
     def failed(self, err: UpstreamError) -> None:
         self._stop_timer()
         self.exchange.detach_upstream()
-        d, self.d = self.d, None
-        if d is not None:
-            d.errback(err)
+        on_head, self.on_head = self.on_head, None
+        if on_head is not None:
+            self.on_error(err)
 
 
 class UpstreamResponse:
@@ -646,6 +684,9 @@ class UpstreamPool:
     changes the counts. A request's Deferred is fired only by `_answer`, once. Cancelling it
     takes it out of the queue or stops the connect made for it; a connect that completes for a
     request that left goes idle (to the next request) instead.
+
+    Idle connections close `idle_timeout` after they went idle, within +1 s: one sweep every
+    `SWEEP` second while any is idle, not a timer per request.
     """
 
     def __init__(
@@ -674,16 +715,16 @@ class UpstreamPool:
         self.idle_timeout = idle_timeout
         self._hosts: dict[tuple, _Host] = {}
         self._refused = {SHORT: 0, LONG: 0}
+        self._sweep: IDelayedCall | None = None  # runs while any connection is idle
 
     # -- what the data path calls
     def acquire(self, origin: Origin, cls: str = LONG) -> Deferred[UpstreamConnection]:
         """A connection to `origin` for a request of class `cls` (SHORT or LONG): an idle one, a new
         one, or the next one freed within `wait` seconds. Cancel it to give up."""
+        conn = self.take(origin, cls)
+        if conn is not None:
+            return succeed(conn)
         host = self._host(origin.key)
-        if not host.queues[cls] and self._room(host, cls):
-            conn = self._take_idle(host, cls)
-            if conn is not None:
-                return succeed(conn)
         w = _Waiter(origin, cls, lambda d: self._leave(w))
         if host.queues[cls] or not self._room(host, cls):
             w.timer = self.reactor.callLater(self.wait, self._expired, w)
@@ -691,6 +732,14 @@ class UpstreamPool:
         else:
             self._connect(w, host)
         return w.d
+
+    def take(self, origin: Origin, cls: str = LONG) -> UpstreamConnection | None:
+        """An idle connection to `origin` for class `cls` if one may be had at once (the common
+        case, answered without a Deferred), else None: then `acquire`."""
+        host = self._host(origin.key)
+        if not host.queues[cls] and self._room(host, cls):
+            return self._take_idle(host, cls)
+        return None
 
     def release(self, conn: UpstreamConnection) -> None:
         """`conn` finished its request cleanly: to the longest waiter that may take it, or idle."""
@@ -733,9 +782,25 @@ class UpstreamPool:
 
     def close(self) -> None:
         """Close the idle connections (at shutdown)."""
+        cancel(self._sweep)
+        self._sweep = None
         for host in list(self._hosts.values()):
             for conn in list(host.idle):
                 conn.abort()
+
+    def _expire_idle(self) -> None:
+        """Close the connections idle for longer than idle_timeout; again in a second while any is idle."""
+        self._sweep = None
+        now = self.reactor.seconds() + 1e-6  # float sums of sweep periods may land a hair early
+        idle = False
+        for host in list(self._hosts.values()):
+            for conn in list(host.idle):
+                if now >= conn.idle_until:
+                    conn.abort()  # its connectionLost takes it out of the pool (lost)
+                else:
+                    idle = True
+        if idle:
+            self._sweep = self.reactor.callLater(SWEEP, self._expire_idle)
 
     # -- places
     def _host(self, key: tuple) -> _Host:
@@ -758,15 +823,15 @@ class UpstreamPool:
             host.open += 1
         elif was == IDLE:
             del host.idle[conn]
-            cancel(conn.idle_call)
-            conn.idle_call = None
         else:
             host.using[was] -= 1
         if to == GONE:
             host.open -= 1
         elif to == IDLE:
             host.idle[conn] = None
-            conn.idle_call = self.reactor.callLater(self.idle_timeout, conn.abort)
+            conn.idle_until = self.reactor.seconds() + self.idle_timeout
+            if self._sweep is None:
+                self._sweep = self.reactor.callLater(SWEEP, self._expire_idle)
         else:
             host.using[to] += 1
         conn.place = to
