@@ -689,9 +689,22 @@ class RegistryProxy:
         target = ctx.up_target or ctx.decision.target or req.target
         plan = ctx.plan
         method = req.method if plan is None or plan.method is None else plan.method
-        d = ex.forward(ctx.origin, method, target, fields, ctx.timeout, pool_class(ctx.kind, method))
-        d.addCallbacks(self._registry_response, self._upstream_failed, (ex, ctx), {}, (ex, ctx))
-        d.addErrback(self._bug, ex)
+
+        # called directly by the pool when the answer comes (no Deferred on the request path):
+        # they must not raise, so a bug in the handling is answered here
+        def ok(resp: UpstreamResponse) -> None:
+            try:
+                self._registry_response(resp, ex, ctx)
+            except Exception:
+                self._bug(Failure(), ex)
+
+        def err(e: Exception) -> None:
+            try:
+                self._upstream_failed(Failure(e), ex, ctx)
+            except Exception:
+                self._bug(Failure(), ex)
+
+        ex.forward_to(ok, err, ctx.origin, method, target, fields, ctx.timeout, pool_class(ctx.kind, method))
 
     def _registry_response(self, resp: UpstreamResponse, ex: Exchange, ctx: _Ctx) -> None:
         self.metrics.observe_upstream("registry", self.clock.seconds() - ctx.sent_at, self._leg_name(ctx))
