@@ -15,7 +15,6 @@ import datetime
 import json
 import os
 import pathlib
-import shutil
 import subprocess
 import threading
 import time
@@ -42,10 +41,6 @@ from proxy_harness import (
 
 from ecr_twisted.testing.emulator import REGISTRY_BINARY, _parent_death_preexec
 from ecr_twisted.testing.images import make_oci_layout, skopeo_copy
-
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(REGISTRY_BINARY) or shutil.which("skopeo") is None, reason="needs docker-registry and skopeo"
-)
 
 SERVICE = "bearer-test-registry"
 ISSUER = "bearer-test-issuer"
