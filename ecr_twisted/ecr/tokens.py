@@ -363,7 +363,7 @@ class NoTokens:
         return succeed(None)
 
 
-class StaticTokens:
+class StaticTokens(NoTokens):  # start, stop, ready: nothing to fetch, as NoTokens
     """The keeper of a registry that is not ECR (`kind = "registry"`): the same interface the
     handler uses on TokenKeeper, with one token that never changes and never expires.
 
@@ -400,15 +400,6 @@ class StaticTokens:
         return f"<StaticTokens {self.name!r} {self.current.endpoint} {who}>"
 
     __str__ = __repr__
-
-    def start(self) -> Deferred[Any]:
-        return succeed(None)
-
-    def stop(self) -> None:
-        pass
-
-    def ready(self, now: float | None = None) -> bool:
-        return True
 
     def first_token(self) -> Deferred[Token]:
         return succeed(self.current)
